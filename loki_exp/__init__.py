@@ -1,0 +1,3 @@
+"""loki_exp: LoKI (Low-damage Knowledge Implanting) as a Hydra + Lightning experiment framework."""
+
+__version__ = "0.1.0"

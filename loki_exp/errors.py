@@ -1,0 +1,30 @@
+"""One exception type for bad user input, and the CLI wrapper that prints it in one line."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Any, Callable
+
+log = logging.getLogger("loki_exp")
+
+
+class LokiError(Exception):
+    """A problem the user can fix (bad config value, missing file, corrupt cache).
+
+    The CLI prints its message alone, without a traceback, and exits with code 2.
+    """
+
+
+def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a CLI task so a LokiError ends the process with one clear line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LokiError as err:
+            print(f"loki_exp error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return wrapper

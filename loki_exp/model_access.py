@@ -1,0 +1,65 @@
+"""Where each decoder layer's MLP ``down_proj`` lives, for every supported architecture.
+
+LoKI attributes and trains rows of ``down_proj`` (``Linear(d_ff -> d_model)``). HF decoders
+of the Llama family keep it at ``<decoder>.layers[i].mlp.down_proj``; the registry below
+names the decoder attribute per ``model_type`` and a structural fallback covers other
+decoders of the same shape.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from loki_exp.errors import LokiError
+
+# model_type -> attribute path of the decoder layer list, from the *ForCausalLM object.
+LAYER_PATHS: dict[str, str] = {
+    "llama": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "mistral": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "phi3": "model.layers",
+    "olmo": "model.layers",
+    "olmo2": "model.layers",
+}
+
+
+def _resolve(obj: object, dotted: str) -> object | None:
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks, each of which has ``mlp.down_proj``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    layers = _resolve(model, LAYER_PATHS.get(model_type, "model.layers"))
+    if not isinstance(layers, nn.ModuleList):
+        # Structural fallback: the first ModuleList whose blocks all have mlp.down_proj.
+        layers = next(
+            (m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+             and all(isinstance(_resolve(b, "mlp.down_proj"), nn.Linear) for b in m)),
+            None,
+        )
+    if layers is None or not all(isinstance(_resolve(b, "mlp.down_proj"), nn.Linear) for b in layers):
+        raise LokiError(
+            f"model of type {model_type!r} ({type(model).__name__}) has no decoder layers with "
+            "an nn.Linear at mlp.down_proj; LoKI needs a Llama-style gated MLP "
+            f"(supported model types: {sorted(LAYER_PATHS)})"
+        )
+    return layers
+
+
+def down_projs(model: nn.Module) -> list[nn.Linear]:
+    """Each layer's ``down_proj`` in layer order; weight shape [d_model, d_ff]."""
+    return [block.mlp.down_proj for block in decoder_layers(model)]
+
+
+def node_grid(model: nn.Module) -> tuple[int, int]:
+    """(L, D): number of layers and nodes (down_proj output rows) per layer."""
+    projs = down_projs(model)
+    return len(projs), projs[0].out_features

@@ -1,0 +1,30 @@
+"""Entry point: ``python -m loki_exp.train [overrides]`` runs one LoKI study job.
+
+Compose the config (Hydra), run the stages (``loki_exp.pipeline``), return the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from loki_exp.errors import report_user_errors
+from loki_exp.pipeline import run
+
+log = logging.getLogger("loki_exp.train")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@report_user_errors
+def main(cfg: DictConfig) -> dict:
+    state = run(cfg, Path(cfg.paths.output_dir))
+    if state.not_built:
+        log.warning("not built yet: %s", ", ".join(state.not_built))
+    return state.artifacts.get("metrics", {})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Shared fixtures: composed configs, tiny models, an isolated cache, no network, no W&B."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def compose_cfg():
+    """compose_cfg(*overrides) -> DictConfig, composed like the CLI but without a run dir."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    def _compose(*overrides: str):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Both tiny random models (Llama 3 layers, Qwen2 2 layers), loaded once per session."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from loki_exp.models import load_model
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        out = {name: load_model(compose("config", overrides=[f"model={name}"]).model)
+               for name in ("tiny_llama", "tiny_qwen")}
+    GlobalHydra.instance().clear()
+    return out
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """A fresh cache dir holding links to the already verified wheels (no download)."""
+    from loki_exp.data import assets
+
+    real = assets.cache_dir()
+    cache = tmp_path / "cache"
+    (cache / "wheels").mkdir(parents=True)
+    for wheel in assets.WHEELS.values():
+        src = real / "wheels" / wheel.filename
+        if src.exists():
+            shutil.copy2(src, cache / "wheels" / wheel.filename)
+    monkeypatch.setenv("LOKI_EXP_CACHE", str(cache))
+    return cache

@@ -1,0 +1,76 @@
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from loki_exp.errors import LokiError
+from loki_exp.model_access import decoder_layers, down_projs, node_grid
+from loki_exp.models import load_model
+
+
+@pytest.mark.parametrize("name,layers,d_model,d_ff", [("tiny_llama", 3, 64, 96),
+                                                        ("tiny_qwen", 2, 48, 80)])
+def test_tiny_models_load_fast_and_expose_down_proj(compose_cfg, name, layers, d_model, d_ff):
+    cfg = compose_cfg(f"model={name}")
+    load_model(cfg.model)  # warm the tokenizer files
+    start = time.perf_counter()
+    loaded = load_model(cfg.model)
+    assert time.perf_counter() - start < 1.0
+    projs = down_projs(loaded.model)
+    assert len(projs) == layers == loaded.model.config.num_hidden_layers
+    assert all(tuple(p.weight.shape) == (d_model, d_ff) for p in projs)
+    assert node_grid(loaded.model) == (layers, d_model)
+    # A real tokenizer with a chat template.
+    text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_random_init_is_seeded(compose_cfg):
+    a = load_model(compose_cfg("model=tiny_llama").model)
+    b = load_model(compose_cfg("model=tiny_llama").model)
+    c = load_model(compose_cfg("model=tiny_llama", "model.init_seed=1").model)
+    wa, wb, wc = (down_projs(m.model)[0].weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+
+
+def test_qwen_keeps_its_architecture(tiny_models):
+    model = tiny_models["tiny_qwen"].model
+    assert model.config.model_type == "qwen2"
+    assert decoder_layers(model)[0].self_attn.q_proj.bias is not None
+
+
+def test_missing_local_model_path(compose_cfg, tmp_path):
+    cfg = compose_cfg("model=llama", f"model.name_or_path={tmp_path}/missing")
+    with pytest.raises(LokiError, match="is not a model directory: expected a folder with config"):
+        load_model(cfg.model)
+
+
+def test_unreachable_hub_id_says_how_to_point_at_local_weights(compose_cfg):
+    start = time.perf_counter()
+    with pytest.raises(LokiError, match=r"hub cannot be reached.*model.name_or_path=/path"):
+        load_model(compose_cfg("model=llama").model)
+    assert time.perf_counter() - start < 5
+
+
+def test_unknown_source_and_dtype(compose_cfg):
+    with pytest.raises(LokiError, match="model.source='web'"):
+        load_model(compose_cfg("model=tiny_llama", "model.source=web").model)
+    with pytest.raises(LokiError, match="dtype 'fp8' is not supported"):
+        load_model(compose_cfg("model=tiny_llama", "model.dtype=fp8").model)
+
+
+def test_model_without_down_proj_is_a_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(LokiError, match="no decoder layers with an nn.Linear at mlp.down_proj"):
+        down_projs(gpt2)
+
+
+def test_structural_fallback_finds_unregistered_decoders(tiny_models):
+    wrapper = nn.Module()
+    wrapper.inner = tiny_models["tiny_llama"].model
+    assert len(down_projs(wrapper)) == 3
