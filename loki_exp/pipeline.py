@@ -38,8 +38,14 @@ def _not_built(issue: str) -> Callable[[RunState], None]:
     return stage
 
 
+def analyse(state: RunState) -> None:
+    from loki_exp.kva.analyse import run_analyse
+
+    state.artifacts["kva_store"] = run_analyse(state.cfg, state.loaded)
+
+
 STAGES: dict[str, Callable[[RunState], None]] = {
-    "analyse": _not_built("KVA (issue #3)"),
+    "analyse": analyse,
     "select": _not_built("node selection (issue #4)"),
     "implant": _not_built("LoKI training (issue #4)"),
     "evaluate": _not_built("forgetting suite and task metric (issue #5)"),

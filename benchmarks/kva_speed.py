@@ -1,0 +1,85 @@
+"""KVA speed on the real SmolLM2-135M-Instruct: Captum per-layer reference vs the fast paths.
+
+Runs both sides in one process on the same MMLU prompts (fp32) and prints, last line:
+
+    kva_speedup_exact=<x> max_rel_err=<e> last_speedup=<y> last_overlap_q10=<z>
+
+x: Captum reference time / fast exact (scale_positions=all) time; e: max over prompts of
+max|fast - captum| / max|captum|; y: Captum time / fast ``last`` variant time; z: share of
+layer_balanced q=10 positions that the ``last`` variant and the exact path both pick.
+
+    .venv/bin/python benchmarks/kva_speed.py --prompts 4 [--baseline zero|token]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+
+from loki_exp.data.mmlu import load_probe, render_prompt
+from loki_exp.kva.engine import CaptumKVA, FastKVA, KVASettings
+from loki_exp.models import load_model
+from loki_exp.selection import select_layer_balanced
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def timed(engine, prompts):
+    out, start = [], time.perf_counter()
+    for ids in prompts:
+        out.append(engine(ids))
+    return out, time.perf_counter() - start
+
+
+def overlap(a: list[list[int]], b: list[list[int]]) -> float:
+    shared = sum(len(set(x) & set(y)) for x, y in zip(a, b))
+    return shared / sum(len(x) for x in a)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--baseline", default="zero", choices=["zero", "token"])
+    parser.add_argument("--method", default="riemann_trapezoid")
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--skip-captum", action="store_true", help="time the fast paths only")
+    args = parser.parse_args()
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        loaded = load_model(compose("config", overrides=["model=smollm2"]).model)
+    tok = loaded.tokenizer
+    items = load_probe("offline", 50, 42, limit=args.prompts)
+    prompts = [tok(render_prompt(tok, it), return_tensors="pt", add_special_tokens=False).input_ids
+               for it in items]
+    print(f"SmolLM2-135M fp32, {torch.get_num_threads()} threads, {len(prompts)} prompts of "
+          f"{[p.shape[1] for p in prompts]} tokens, {args.method} x {args.steps}, "
+          f"baseline={args.baseline}")
+
+    kw = dict(method=args.method, steps=args.steps, baseline=args.baseline)
+    fast, t_fast = timed(FastKVA(loaded.model, KVASettings(**kw)), prompts)
+    print(f"fast exact : {t_fast / len(prompts):7.2f} s/prompt")
+    last, t_last = timed(FastKVA(loaded.model, KVASettings(scale_positions="last", **kw)), prompts)
+    print(f"fast last  : {t_last / len(prompts):7.2f} s/prompt")
+    exact_scores = np.stack([a.scores.numpy() for a in fast])
+    last_scores = np.stack([a.scores.numpy() for a in last])
+    z = overlap(select_layer_balanced(last_scores, 10), select_layer_balanced(exact_scores, 10))
+    if args.skip_captum:
+        print(f"last_overlap_q10={z:.3f}")
+        return
+    ref, t_ref = timed(CaptumKVA(loaded.model, KVASettings(engine="captum", **kw)), prompts)
+    print(f"captum ref : {t_ref / len(prompts):7.2f} s/prompt")
+    err = max(float((a.scores - b.scores).abs().max() / b.scores.abs().max())
+              for a, b in zip(fast, ref))
+    ref_scores = np.stack([a.scores.numpy() for a in ref])
+    same = overlap(select_layer_balanced(exact_scores, 10), select_layer_balanced(ref_scores, 10))
+    print(f"fast vs captum layer_balanced q=10 overlap: {same:.4f}")
+    print(f"kva_speedup_exact={t_ref / t_fast:.2f} max_rel_err={err:.2e} "
+          f"last_speedup={t_ref / t_last:.2f} last_overlap_q10={z:.3f}")
+
+
+if __name__ == "__main__":
+    main()

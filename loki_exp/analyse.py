@@ -1,0 +1,26 @@
+"""``python -m loki_exp.analyse [overrides]``: run only the KVA stage and print the store path.
+
+Takes the same config as ``loki_exp.train``; the store is shared with every training run
+of the same model, probe data and KVA settings.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from loki_exp.errors import report_user_errors
+from loki_exp.kva.analyse import run_analyse
+from loki_exp.models import load_model
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@report_user_errors
+def main(cfg: DictConfig) -> str:
+    path = run_analyse(cfg, load_model(cfg.model, cfg.paths.cache_dir))
+    print(path)
+    return str(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The analyse stage: build the probe set, find or finish the cached KVA store, return its path.
+
+The store is keyed by a content hash of (weights fingerprint, rendered probe prompts, KVA
+settings, dtypes), so every quota / strategy / method run of a sweep reuses it, and lives
+under ``<cache_dir>/kva/<model name>/<key>.h5``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+
+import loki_exp
+from loki_exp.data import assets
+from loki_exp.data.mmlu import PROMPT_TEMPLATE, load_probe, render_prompt
+from loki_exp.errors import LokiError
+from loki_exp.kva.engine import KVASettings
+from loki_exp.kva.lightning import KVAModule, KVAStoreWriter, ProbeDataModule
+from loki_exp.kva.store import STORE_DTYPES, StoreView, completed_rows, merge_shards
+from loki_exp.model_access import node_grid
+from loki_exp.models import LoadedModel, torch_dtype
+
+log = logging.getLogger(__name__)
+
+
+def kva_settings(kva: DictConfig) -> KVASettings:
+    return KVASettings(method=kva.method, steps=kva.steps, baseline=kva.baseline,
+                       baseline_token_id=int(kva.baseline_token_id),
+                       scale_positions=kva.scale_positions, engine=kva.engine)
+
+
+def probe_rows(kva: DictConfig, tokenizer, cache: Any = None) -> list[dict[str, Any]]:
+    items = load_probe(kva.probe.source, kva.probe.samples_per_subject, int(kva.probe.seed),
+                       kva.limit, cache, kva.probe.hub_id)
+    return [{"index": i, "sample_id": it.sample_id, "prompt": render_prompt(tokenizer, it)}
+            for i, it in enumerate(items)]
+
+
+def store_key(fingerprint: str, rows: list[dict[str, Any]], settings: KVASettings,
+              dtype: str, store_dtype: str) -> str:
+    prompts = hashlib.sha256()
+    for row in rows:
+        prompts.update(f"{row['sample_id']}\x00{row['prompt']}\x00".encode())
+    spec = {"weights": fingerprint, "prompts": prompts.hexdigest(), "settings": asdict(settings),
+            "dtype": dtype, "store_dtype": store_dtype}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def store_path(cache_dir: Any, model_name: str, key: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in model_name)
+    return assets.cache_dir(cache_dir) / "kva" / safe / f"{key}.h5"
+
+
+def _provenance(cfg: DictConfig, loaded: LoadedModel, settings: KVASettings, key: str,
+                grid: tuple[int, int]) -> dict[str, Any]:
+    probe = cfg.kva.probe
+    return {
+        "model": loaded.name, "weights_fingerprint": loaded.fingerprint,
+        "dtype": cfg.kva.dtype, "store_dtype": cfg.kva.store_dtype,
+        **{k: v for k, v in asdict(settings).items()},
+        "prompt_template": PROMPT_TEMPLATE, "probe_source": probe.source,
+        "probe_hub_id": probe.hub_id,
+        "samples_per_subject": -1 if probe.samples_per_subject is None else probe.samples_per_subject,
+        "probe_seed": probe.seed, "limit": -1 if cfg.kva.limit is None else cfg.kva.limit,
+        "n_layers": grid[0], "n_nodes": grid[1], "store_key": key,
+        "loki_exp_version": loki_exp.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def kva_trainer(cfg: DictConfig, callbacks: list) -> L.Trainer:
+    par = cfg.parallelism
+    return L.Trainer(accelerator=par.accelerator, devices=par.devices, num_nodes=par.num_nodes,
+                     strategy=par.strategy, inference_mode=False, logger=False,
+                     enable_checkpointing=False, enable_model_summary=False, callbacks=callbacks)
+
+
+def run_analyse(cfg: DictConfig, loaded: LoadedModel) -> Path:
+    """Return the finished KVA store for this model and config, computing what is missing."""
+    settings = kva_settings(cfg.kva)
+    if cfg.kva.store_dtype not in STORE_DTYPES:
+        raise LokiError(f"kva.store_dtype={cfg.kva.store_dtype!r} is not known; expected one "
+                        f"of {sorted(STORE_DTYPES)}")
+    dtype = torch_dtype(cfg.kva.dtype)
+    rows = probe_rows(cfg.kva, loaded.tokenizer, cfg.paths.cache_dir)
+    grid = node_grid(loaded.model)
+    key = store_key(loaded.fingerprint, rows, settings, cfg.kva.dtype, cfg.kva.store_dtype)
+    path = store_path(cfg.paths.cache_dir, loaded.name, key)
+    if path.exists():
+        with StoreView(path) as view:
+            view.check_grid(*grid)
+            if view.shape[0] != len(rows):
+                raise LokiError(f"KVA store {path} holds {view.shape[0]} samples, expected "
+                                f"{len(rows)}; delete it to recompute")
+        log.info("KVA store found in cache: %s", path)
+        return path
+    done = completed_rows(path)
+    todo = [r for r in rows if r["index"] not in done]
+    log.info("KVA: %d prompts, %d already in partial shards, %d to compute (engine=%s, "
+             "baseline=%s, %s x %d, scale_positions=%s, %s)", len(rows), len(rows) - len(todo),
+             len(todo), settings.engine, settings.baseline, settings.method, settings.steps,
+             settings.scale_positions, cfg.kva.dtype)
+    trainer = None
+    if todo:
+        loaded.model.to(dtype)
+        writer = KVAStoreWriter(path, cfg.kva.store_dtype)
+        trainer = kva_trainer(cfg, [writer])
+        module = KVAModule(loaded.model, loaded.tokenizer, settings)
+        trainer.predict(module, datamodule=ProbeDataModule(todo, int(cfg.kva.batch_size)),
+                        return_predictions=False)
+        trainer.strategy.barrier("kva_predicted")  # every rank's shard is complete
+    if trainer is None or trainer.is_global_zero:
+        merge_shards(path, len(rows), _provenance(cfg, loaded, settings, key, grid))
+    if trainer is not None:
+        trainer.strategy.barrier("kva_merged")
+    log.info("KVA store: %s", path)
+    return path

@@ -1,0 +1,273 @@
+"""Knowledge Vector Attribution: integrated gradients of every down_proj row, per layer.
+
+For one prompt, ``F = softmax(logits_last)[t*]`` with ``t*`` the model's own argmax next
+token. For layer ``l`` the down_proj output ``z_l`` is moved along a straight path from a
+baseline ``z'_l`` while every other layer runs normally, and
+
+    Attr[l, j] = (z_l - z'_l)[last, j] * sum_k w_k * dF(z'_l + a_k (z_l - z'_l)) / dz_l[last, j]
+
+with ``(a_k, w_k)`` from Captum's approximation methods. Two engines compute it:
+
+``FastKVA`` (default) is exact and uses these shortcuts, none of which Captum offers for a
+per-layer path (which is why this part is hand-written):
+
+- the hidden state entering layer ``l+1`` of a scaled run is ``mid_l + z_scaled``, where
+  ``mid_l = h_{l+1} - z_l`` is the clean residual after layer ``l``'s attention, so only
+  layers ``l+1..L`` re-run and no parameter needs a gradient;
+- all ``m`` integration points run as one batch;
+- the gradient w.r.t. ``z_l[last]`` flows only through the last token (causal attention),
+  so the earlier positions of a scaled run are computed once without autograd, only for
+  their keys/values, and the last token runs alone on top of that KV cache;
+- ``lm_head`` runs at the last position only.
+
+``CaptumKVA`` is the reference: one Captum attribution per layer (``LayerIntegratedGradients``
+on ``down_proj`` for the ``token`` baseline, as the original code does;
+``IntegratedGradients`` on the injected down_proj output for ``zero``).
+
+``scale_positions="last"`` is an opt-in variant and a different quantity: only the last
+position's ``z_l`` is scaled, so the earlier positions keep their clean keys/values and
+each layer needs just ``m`` single-token passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from captum.attr._utils.approximation_methods import SUPPORTED_METHODS, approximation_parameters
+from torch import nn
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from loki_exp.errors import LokiError
+from loki_exp.model_access import decoder_layers, down_projs
+
+BASELINES = ("zero", "token")
+SCALE_POSITIONS = ("all", "last")
+ENGINES = ("fast", "captum")
+
+
+@dataclass(frozen=True)
+class KVASettings:
+    method: str = "riemann_trapezoid"
+    steps: int = 7
+    baseline: str = "zero"
+    baseline_token_id: int = 0
+    scale_positions: str = "all"
+    engine: str = "fast"
+
+    def __post_init__(self) -> None:
+        if self.method not in SUPPORTED_METHODS:
+            raise LokiError(f"kva.method={self.method!r} is not known; expected one of "
+                            f"{SUPPORTED_METHODS}")
+        min_steps = 1 if self.method == "gausslegendre" else 2
+        if not isinstance(self.steps, int) or self.steps < min_steps:
+            raise LokiError(f"kva.steps={self.steps!r} must be an integer >= {min_steps} "
+                            f"for {self.method}")
+        if self.baseline not in BASELINES:
+            raise LokiError(f"kva.baseline={self.baseline!r} is not known; expected one of "
+                            f"{list(BASELINES)}")
+        if self.scale_positions not in SCALE_POSITIONS:
+            raise LokiError(f"kva.scale_positions={self.scale_positions!r} is not known; "
+                            f"expected one of {list(SCALE_POSITIONS)}")
+        if self.engine not in ENGINES:
+            raise LokiError(f"kva.engine={self.engine!r} is not known; expected one of "
+                            f"{list(ENGINES)}")
+        if self.engine == "captum" and self.scale_positions != "all":
+            raise LokiError("kva.engine=captum implements only scale_positions=all")
+
+    def quadrature(self) -> tuple[list[float], list[float]]:
+        """Captum's integration points and weights (not re-derived: see LOKI_METHOD.md)."""
+        step_sizes, alphas = approximation_parameters(self.method)
+        return list(alphas(self.steps)), list(step_sizes(self.steps))
+
+
+@dataclass
+class Attribution:
+    scores: torch.Tensor  # [L, D] float32
+    target_token: int
+    target_prob: float
+
+
+def _target(logits_last: torch.Tensor) -> tuple[int, float]:
+    probs = torch.softmax(logits_last.float(), dim=-1)
+    token = int(probs.argmax())
+    return token, float(probs[token])
+
+
+class FastKVA:
+    """Exact KVA with the shortcuts in the module docstring."""
+
+    def __init__(self, model: nn.Module, settings: KVASettings):
+        self.model = model
+        self.settings = settings
+        self.decoder = model.get_decoder()
+        self.layers = decoder_layers(model)
+        self.projs = down_projs(model)
+        self.lm_head = model.get_output_embeddings()
+        alphas, weights = settings.quadrature()
+        param = next(model.parameters())
+        self.alphas = torch.tensor(alphas, dtype=param.dtype, device=param.device)
+        self.weights = torch.tensor(weights, dtype=torch.float32, device=param.device)
+
+    # -- clean passes --------------------------------------------------------------------
+    @torch.no_grad()
+    def _clean(self, input_ids: torch.Tensor):
+        """Each layer's output and down_proj output, the KV cache, the last logits."""
+        layer_out: list[torch.Tensor] = []
+        z_out: list[torch.Tensor] = []
+
+        def keep_layer(module, args, out):
+            layer_out.append(out[0] if isinstance(out, tuple) else out)
+
+        hooks = [p.register_forward_hook(lambda m, i, o: z_out.append(o)) for p in self.projs]
+        hooks += [block.register_forward_hook(keep_layer) for block in self.layers]
+        try:
+            out = self.model(input_ids, use_cache=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        return layer_out, z_out, out.cache, out.logits[0, -1]
+
+    @torch.no_grad()
+    def _token_baseline(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        outputs: list[torch.Tensor] = []
+        hooks = [p.register_forward_hook(lambda m, i, o: outputs.append(o)) for p in self.projs]
+        try:
+            self.model(torch.full_like(input_ids, self.settings.baseline_token_id), use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        return outputs
+
+    # -- running a range of layers -------------------------------------------------------
+    def _masks(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, object]:
+        config = self.model.config
+        kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=None, cache=None,
+                      position_ids=position_ids)
+        masks = {"full_attention": create_causal_mask(**kwargs)}
+        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        return masks
+
+    def _run_from(self, start: int, hidden: torch.Tensor, position_ids: torch.Tensor,
+                  cache: DynamicCache, use_mask: bool) -> torch.Tensor:
+        """Run decoder layers ``start..L-1`` on ``hidden`` (positions ``position_ids``)."""
+        if start >= len(self.layers):
+            return hidden
+        pos_emb = self.decoder.rotary_emb(hidden, position_ids=position_ids)
+        # With a KV cache and a single query token every cached key is visible: no mask.
+        masks = self._masks(hidden, position_ids) if use_mask else {}
+        types = getattr(self.model.config, "layer_types", None)
+        for idx in range(start, len(self.layers)):
+            mask = masks.get(types[idx] if types else "full_attention")
+            hidden = self.layers[idx](hidden, attention_mask=mask, position_embeddings=pos_emb,
+                                      position_ids=position_ids, cache=cache, use_cache=True)
+        return hidden
+
+    def _prob_of_target(self, hidden_last: torch.Tensor, target: int) -> torch.Tensor:
+        logits = self.lm_head(self.decoder.norm(hidden_last))[:, -1].float()
+        return torch.softmax(logits, dim=-1)[:, target]
+
+    # -- attribution ---------------------------------------------------------------------
+    def attribute(self, input_ids: torch.Tensor) -> Attribution:
+        """Attributions [L, D] for one prompt ``input_ids`` [1, S] (no padding)."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError("FastKVA.attribute takes one prompt of shape [1, S]")
+        seq = input_ids.shape[1]
+        layer_out, z_clean, clean_cache, logits_last = self._clean(input_ids)
+        target, prob = _target(logits_last)
+        if self.settings.baseline == "zero":
+            z_base = [torch.zeros_like(z) for z in z_clean]
+        else:
+            z_base = self._token_baseline(input_ids)
+        m = self.alphas.numel()
+        device = input_ids.device
+        prefix_pos = torch.arange(seq - 1, device=device).unsqueeze(0)
+        last_pos = torch.tensor([[seq - 1]], device=device)
+        scores = []
+        for layer in range(len(self.layers)):
+            # Clean residual after layer l's attention; the scaled z is added back onto it.
+            mid = layer_out[layer] - z_clean[layer]
+            delta = z_clean[layer] - z_base[layer]  # [1, S, D]
+            alphas = self.alphas.view(m, 1, 1)
+            cache = DynamicCache(config=self.model.config)
+            if seq > 1:
+                with torch.no_grad():
+                    if self.settings.scale_positions == "all":
+                        scaled_prefix = z_base[layer][:, :-1] + alphas * delta[:, :-1]
+                        self._run_from(layer + 1, mid[:, :-1] + scaled_prefix, prefix_pos, cache,
+                                       use_mask=True)
+                    else:
+                        for idx in range(layer + 1, len(self.layers)):
+                            keys = clean_cache.layers[idx].keys[:, :, :-1].expand(m, -1, -1, -1)
+                            values = clean_cache.layers[idx].values[:, :, :-1].expand(m, -1, -1, -1)
+                            cache.update(keys, values, idx)
+            z_last = (z_base[layer][:, -1:] + alphas * delta[:, -1:]).detach().requires_grad_(True)
+            with torch.enable_grad():
+                hidden = self._run_from(layer + 1, mid[:, -1:] + z_last, last_pos, cache,
+                                        use_mask=False)
+                probs = self._prob_of_target(hidden, target)  # [m]
+                (grad,) = torch.autograd.grad(probs.sum(), z_last)
+            avg_grad = (grad[:, 0].float() * self.weights.view(m, 1)).sum(0)
+            scores.append(delta[0, -1].float() * avg_grad)
+        return Attribution(torch.stack(scores), target, prob)
+
+    def __call__(self, input_ids: torch.Tensor) -> Attribution:
+        return self.attribute(input_ids)
+
+
+class CaptumKVA:
+    """The reference: one Captum attribution per layer, all positions scaled.
+
+    ``token``: ``LayerIntegratedGradients`` on ``down_proj`` with the all-token-id input as
+    baseline (the original code's computation, ``multiply_by_inputs=True``). ``zero``:
+    ``IntegratedGradients`` on the down_proj output injected by a forward hook, baseline 0.
+    """
+
+    def __init__(self, model: nn.Module, settings: KVASettings):
+        self.model = model
+        self.settings = settings
+        self.projs = down_projs(model)
+
+    def _prob(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(input_ids, use_cache=False).logits[:, -1].float(), dim=-1)
+
+    def attribute(self, input_ids: torch.Tensor) -> Attribution:
+        from captum.attr import IntegratedGradients, LayerIntegratedGradients
+
+        s = self.settings
+        outputs: list[torch.Tensor] = []
+        hooks = [p.register_forward_hook(lambda m, i, o: outputs.append(o)) for p in self.projs]
+        try:
+            with torch.no_grad():
+                target, prob = _target(self.model(input_ids, use_cache=False).logits[0, -1])
+        finally:
+            for h in hooks:
+                h.remove()
+        scores = []
+        for layer, proj in enumerate(self.projs):
+            if s.baseline == "token":
+                lig = LayerIntegratedGradients(self._prob, proj, multiply_by_inputs=True)
+                attr = lig.attribute(input_ids, baselines=torch.full_like(input_ids, s.baseline_token_id),
+                                     target=target, n_steps=s.steps, method=s.method)
+            else:
+                def injected(z: torch.Tensor, proj=proj) -> torch.Tensor:
+                    handle = proj.register_forward_hook(lambda m, i, o: z)
+                    try:
+                        return self._prob(input_ids.expand(z.shape[0], -1))
+                    finally:
+                        handle.remove()
+
+                attr = IntegratedGradients(injected, multiply_by_inputs=True).attribute(
+                    outputs[layer].detach(), baselines=0.0, target=target, n_steps=s.steps,
+                    method=s.method)
+            scores.append(attr[0, -1].detach().float())
+        return Attribution(torch.stack(scores), target, prob)
+
+    def __call__(self, input_ids: torch.Tensor) -> Attribution:
+        return self.attribute(input_ids)
+
+
+def build_engine(model: nn.Module, settings: KVASettings) -> FastKVA | CaptumKVA:
+    return FastKVA(model, settings) if settings.engine == "fast" else CaptumKVA(model, settings)

@@ -1,0 +1,105 @@
+"""KVA under Lightning: the probe DataModule, the attribution module run by
+``trainer.predict``, and the callback that writes each finished sample to the store.
+
+Under DDP every rank predicts a disjoint shard of the remaining probe indices and writes its
+own shard file; duplicates that a distributed sampler may pad in are dropped by index when
+the shards are merged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
+
+from loki_exp.kva.engine import KVASettings, build_engine
+from loki_exp.kva.store import ShardWriter, partial_dir
+from loki_exp.model_access import node_grid
+
+log = logging.getLogger(__name__)
+
+
+def _as_list(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return rows  # prompts are tokenised one by one in predict_step: no padding, no collation
+
+
+class ProbeDataModule(L.LightningDataModule):
+    """Rendered probe prompts still to attribute: dicts of index, sample_id, prompt."""
+
+    def __init__(self, items: list[dict[str, Any]], batch_size: int = 1):
+        super().__init__()
+        self.items = items
+        self.batch_size = batch_size
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.items, batch_size=self.batch_size, shuffle=False,
+                          collate_fn=_as_list)
+
+
+class KVAModule(L.LightningModule):
+    """Attributes each prompt of a batch, one at a time (batching is over the m steps)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, settings: KVASettings):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.engine = build_engine(model, settings)
+
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
+        results = []
+        for row in batch:
+            start = time.perf_counter()
+            ids = self.tokenizer(row["prompt"], return_tensors="pt",
+                                 add_special_tokens=False).input_ids.to(self.device)
+            with torch.enable_grad():
+                attr = self.engine(ids)
+            results.append({**row, "scores": attr.scores.cpu().numpy(),
+                            "target_token": attr.target_token, "target_prob": attr.target_prob,
+                            "seconds": time.perf_counter() - start})
+        return results
+
+
+class KVAStoreWriter(BasePredictionWriter):
+    """Appends every finished sample to this rank's shard of the store, as it finishes."""
+
+    def __init__(self, final_path: Path, store_dtype: str = "float32"):
+        super().__init__(write_interval="batch")
+        self.final_path = final_path
+        self.store_dtype = store_dtype
+        self.shard: ShardWriter | None = None
+        self.seconds: list[float] = []
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: KVAModule) -> None:
+        n_layers, n_nodes = node_grid(pl_module.model)
+        tag = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-rank{trainer.global_rank}"
+        self.shard = ShardWriter(partial_dir(self.final_path) / f"{tag}.h5", n_layers, n_nodes,
+                                 self.store_dtype)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch,
+                           batch_idx, dataloader_idx=0) -> None:
+        for row in prediction:
+            self.shard.append(row["index"], row["sample_id"], row["prompt"], row["scores"],
+                              row["target_token"], row["target_prob"])
+            self.seconds.append(row["seconds"])
+        if len(self.seconds) % 10 == 0:
+            log.info("KVA rank %d: %d samples, %.2f s/sample", trainer.global_rank,
+                     len(self.seconds), sum(self.seconds) / len(self.seconds))
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if self.shard is not None:
+            self.shard.close()
+        if self.seconds:
+            log.info("KVA rank %d done: %d samples, %.2f s/sample", trainer.global_rank,
+                     len(self.seconds), sum(self.seconds) / len(self.seconds))
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self.shard is not None:
+            self.shard.close()

@@ -1,0 +1,223 @@
+"""KVA: the fast exact engine against Captum's per-layer reference, and the cached store."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from loki_exp.data.mmlu import load_probe, render_prompt
+from loki_exp.errors import LokiError
+from loki_exp.kva.analyse import run_analyse
+from loki_exp.kva.engine import CaptumKVA, FastKVA, KVASettings
+from loki_exp.kva.lightning import KVAStoreWriter
+from loki_exp.kva.store import StoreView, partial_dir
+from loki_exp.selection import select_layer_balanced
+
+
+def _prompts(tokenizer, n=3):
+    return [tokenizer(render_prompt(tokenizer, it), return_tensors="pt",
+                      add_special_tokens=False).input_ids
+            for it in load_probe("offline", 1, 0, limit=n)]
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen"])
+@pytest.mark.parametrize("baseline", ["zero", "token"])
+@pytest.mark.parametrize("method", ["riemann_trapezoid", "gausslegendre"])
+def test_fast_equals_captum_reference(tiny_models, model, baseline, method):
+    loaded = tiny_models[model]
+    kw = dict(method=method, baseline=baseline, steps=5)
+    fast = FastKVA(loaded.model, KVASettings(**kw))
+    ref = CaptumKVA(loaded.model, KVASettings(engine="captum", **kw))
+    fast_scores, ref_scores = [], []
+    for ids in _prompts(loaded.tokenizer):
+        a, b = fast(ids), ref(ids)
+        assert a.target_token == b.target_token
+        assert a.target_prob == pytest.approx(b.target_prob, rel=1e-6)
+        assert b.scores.abs().max() > 0
+        assert (a.scores - b.scores).abs().max() <= 1e-3 * b.scores.abs().max()
+        fast_scores.append(a.scores.numpy())
+        ref_scores.append(b.scores.numpy())
+    assert select_layer_balanced(np.stack(fast_scores), 30) == \
+        select_layer_balanced(np.stack(ref_scores), 30)
+
+
+def test_zero_and_token_baselines_differ(tiny_models):
+    loaded = tiny_models["tiny_llama"]
+    ids = _prompts(loaded.tokenizer, 1)[0]
+    zero = FastKVA(loaded.model, KVASettings(baseline="zero"))(ids).scores
+    token = FastKVA(loaded.model, KVASettings(baseline="token"))(ids).scores
+    assert not torch.allclose(zero, token)
+
+
+def test_last_position_variant_matches_an_independent_computation(tiny_models):
+    """scale_positions=last == IG on the last position's down_proj output only (Captum)."""
+    from captum.attr import IntegratedGradients
+
+    from loki_exp.model_access import down_projs
+
+    loaded = tiny_models["tiny_qwen"]
+    model = loaded.model
+    ids = _prompts(loaded.tokenizer, 1)[0]
+    fast = FastKVA(model, KVASettings(scale_positions="last", steps=6)).attribute(ids)
+    for layer, proj in enumerate(down_projs(model)):
+        with torch.no_grad():
+            clean = []
+            h = proj.register_forward_hook(lambda m, i, o: clean.append(o))
+            model(ids)
+            h.remove()
+        z = clean[0]
+
+        def injected(last: torch.Tensor, proj=proj, z=z) -> torch.Tensor:
+            full = torch.cat([z.expand(last.shape[0], -1, -1)[:, :-1], last], dim=1)
+            handle = proj.register_forward_hook(lambda m, i, o: full)
+            try:
+                out = model(ids.expand(last.shape[0], -1)).logits[:, -1].float()
+            finally:
+                handle.remove()
+            return torch.softmax(out, -1)
+
+        ref = IntegratedGradients(injected).attribute(z[:, -1:].detach(), baselines=0.0,
+                                                      target=fast.target_token, n_steps=6,
+                                                      method="riemann_trapezoid")
+        ref = ref[0, 0]
+        assert (fast.scores[layer] - ref).abs().max() <= 1e-3 * ref.abs().max()
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(steps=0), "kva.steps=0 must be an integer >= 2"),
+    (dict(method="simpson"), "kva.method='simpson' is not known"),
+    (dict(baseline="mean"), "kva.baseline='mean' is not known"),
+    (dict(scale_positions="first"), "kva.scale_positions='first' is not known"),
+    (dict(engine="jax"), "kva.engine='jax' is not known"),
+])
+def test_bad_settings(bad, match):
+    with pytest.raises(LokiError, match=match):
+        KVASettings(**bad)
+
+
+# -- the stage, the store and its cache --------------------------------------------------
+
+
+def _cfg(compose_cfg, cache, *extra):
+    return compose_cfg("model=tiny_llama", "kva.limit=5", f"paths.cache_dir={cache}",
+                       "paths.output_dir=unused", *extra)
+
+
+def _read(path):
+    with h5py.File(path, "r") as f:
+        return {k: f[k][()] for k in f}, dict(f.attrs)
+
+
+def test_store_layout_provenance_and_cache_reuse(compose_cfg, tiny_models, tmp_path):
+    cfg = _cfg(compose_cfg, tmp_path)
+    loaded = tiny_models["tiny_llama"]
+    path = run_analyse(cfg, loaded)
+    data, attrs = _read(path)
+    assert data["attributions"].shape == (5, 3, 64) and data["attributions"].dtype == np.float32
+    assert len(set(data["sample_id"])) == 5 and data["prompt"][0].decode().startswith("<|im_start|>")
+    for key in ("model", "weights_fingerprint", "dtype", "steps", "method", "baseline",
+                "scale_positions", "engine", "prompt_template", "probe_source", "probe_seed",
+                "loki_exp_version", "created"):
+        assert key in attrs, key
+    assert attrs["baseline"] == "zero" and attrs["steps"] == 7 and attrs["dtype"] == "float32"
+    # The same numbers as the engine run directly on the stored prompt.
+    ids = loaded.tokenizer(data["prompt"][2].decode(), return_tensors="pt",
+                           add_special_tokens=False).input_ids
+    direct = FastKVA(loaded.model, KVASettings()).attribute(ids)
+    np.testing.assert_array_equal(data["attributions"][2], direct.scores.numpy())
+    assert data["target_token"][2] == direct.target_token
+    # A second call (another quota, strategy or method) reuses the store untouched.
+    mtime = path.stat().st_mtime_ns
+    assert run_analyse(_cfg(compose_cfg, tmp_path, "quota=30", "method=full"), loaded) == path
+    assert path.stat().st_mtime_ns == mtime
+    # A KVA setting changes the key.
+    assert run_analyse(_cfg(compose_cfg, tmp_path, "kva.steps=3"), loaded) != path
+
+
+def test_batch_4_equals_batch_1(compose_cfg, tiny_models, tmp_path):
+    one = run_analyse(_cfg(compose_cfg, tmp_path / "a"), tiny_models["tiny_llama"])
+    four = run_analyse(_cfg(compose_cfg, tmp_path / "b", "kva.batch_size=4"),
+                       tiny_models["tiny_llama"])
+    np.testing.assert_array_equal(_read(one)[0]["attributions"], _read(four)[0]["attributions"])
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_killed_after_k_samples_then_rerun_is_bit_identical(compose_cfg, tiny_models, tmp_path,
+                                                            monkeypatch):
+    loaded = tiny_models["tiny_llama"]
+    reference = run_analyse(_cfg(compose_cfg, tmp_path / "ref"), loaded)
+
+    original = KVAStoreWriter.write_on_batch_end
+    written = []
+
+    def crash_after_two(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        written.append(1)
+        if len(written) == 2:
+            raise _Crash("killed")
+
+    monkeypatch.setattr(KVAStoreWriter, "write_on_batch_end", crash_after_two)
+    cfg = _cfg(compose_cfg, tmp_path / "resumed")
+    with pytest.raises(_Crash):
+        run_analyse(cfg, loaded)
+    monkeypatch.setattr(KVAStoreWriter, "write_on_batch_end", original)
+    target = tmp_path / "resumed" / "kva" / "tiny-llama" / reference.name
+    assert not target.exists()
+    (shard,) = partial_dir(target).glob("*.h5")
+    with h5py.File(shard, "r") as f:
+        assert f.attrs["n_complete"] == 2
+    computed = []
+    monkeypatch.setattr(FastKVA, "attribute",
+                        lambda self, ids, f=FastKVA.attribute: computed.append(1) or f(self, ids))
+    resumed = run_analyse(cfg, loaded)
+    assert len(computed) == 3  # only the samples the crash lost
+    ref_data, _ = _read(reference)
+    res_data, _ = _read(resumed)
+    for key in ("attributions", "sample_id", "prompt", "target_token", "target_prob"):
+        np.testing.assert_array_equal(ref_data[key], res_data[key])
+    assert not partial_dir(resumed).exists()
+
+
+def test_a_corrupt_shard_is_recomputed(compose_cfg, tiny_models, tmp_path):
+    cfg = _cfg(compose_cfg, tmp_path)
+    path = run_analyse(cfg, tiny_models["tiny_llama"])
+    expected = _read(path)[0]["attributions"]
+    path.unlink()
+    pdir = partial_dir(path)
+    pdir.mkdir()
+    (pdir / "dead-rank0.h5").write_bytes(b"\x89HDF\r\n\x1a\n truncated")
+    again = run_analyse(cfg, tiny_models["tiny_llama"])
+    np.testing.assert_array_equal(_read(again)[0]["attributions"], expected)
+
+
+def test_original_layout_reads(tmp_path):
+    path = tmp_path / "kva_mmlu.h5"
+    scores = np.random.default_rng(0).normal(size=(4, 3, 64)).astype(np.float16)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("dataset", data=scores, maxshape=(None, 3, 64))
+        f.attrs["metadata_model"] = "Llama-3.1-8B-Instruct"
+    with StoreView(path) as view:
+        assert view.layout == "original" and view.shape == (4, 3, 64)
+        assert view.attrs["model"] == "Llama-3.1-8B-Instruct"
+        np.testing.assert_array_equal(np.concatenate(list(view.chunks(3))), scores.astype(np.float32))
+        view.check_grid(3, 64)
+
+
+def test_store_grid_mismatch_and_corrupt_store_are_clear_errors(compose_cfg, tiny_models,
+                                                                tmp_path):
+    cfg = _cfg(compose_cfg, tmp_path)
+    path = run_analyse(cfg, tiny_models["tiny_llama"])
+    with StoreView(path) as view, pytest.raises(LokiError, match=r"holds \[L, D\] = \[3, 64\], "
+                                                               r"but the model has \[2, 48\]"):
+        view.check_grid(2, 48)
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 3])  # truncated
+    with pytest.raises(LokiError, match="not a readable HDF5 file.*truncated or corrupt"):
+        run_analyse(cfg, tiny_models["tiny_llama"])
+    assert path.read_bytes() == good[: len(good) // 3]  # left for the user to inspect
+    assert not partial_dir(path).exists()
