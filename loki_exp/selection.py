@@ -149,7 +149,7 @@ def save_positions(positions: list[list[int]], path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(positions))
+    tmp.write_text(json.dumps([sorted(int(i) for i in rows) for rows in positions]))
     tmp.replace(path)
     return path
 
