@@ -34,6 +34,18 @@ def _resolve(obj: object, dotted: str) -> object | None:
     return obj
 
 
+def base_linear(module: object) -> nn.Linear | None:
+    """The nn.Linear itself, or the one a tuner wrapper (LoKI, peft) keeps as base_layer."""
+    if isinstance(module, nn.Linear):
+        return module
+    base = getattr(module, "base_layer", None)
+    return base if isinstance(base, nn.Linear) else None
+
+
+def _has_down_proj(block: object) -> bool:
+    return base_linear(_resolve(block, "mlp.down_proj")) is not None
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks, each of which has ``mlp.down_proj``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -42,10 +54,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         # Structural fallback: the first ModuleList whose blocks all have mlp.down_proj.
         layers = next(
             (m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
-             and all(isinstance(_resolve(b, "mlp.down_proj"), nn.Linear) for b in m)),
+             and all(_has_down_proj(b) for b in m)),
             None,
         )
-    if layers is None or not all(isinstance(_resolve(b, "mlp.down_proj"), nn.Linear) for b in layers):
+    if layers is None or not all(_has_down_proj(b) for b in layers):
         raise LokiError(
             f"model of type {model_type!r} ({type(model).__name__}) has no decoder layers with "
             "an nn.Linear at mlp.down_proj; LoKI needs a Llama-style gated MLP "
@@ -55,8 +67,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def down_projs(model: nn.Module) -> list[nn.Linear]:
-    """Each layer's ``down_proj`` in layer order; weight shape [d_model, d_ff]."""
-    return [block.mlp.down_proj for block in decoder_layers(model)]
+    """Each layer's ``down_proj`` Linear in layer order (unwrapped); weight [d_model, d_ff]."""
+    return [base_linear(block.mlp.down_proj) for block in decoder_layers(model)]
 
 
 def node_grid(model: nn.Module) -> tuple[int, int]:

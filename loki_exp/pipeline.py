@@ -6,6 +6,7 @@ not built yet say so instead of pretending to run.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,17 +40,63 @@ def _not_built(issue: str) -> Callable[[RunState], None]:
 
 
 def analyse(state: RunState) -> None:
+    from loki_exp.implant.methods import LOKI_METHODS
     from loki_exp.kva.analyse import run_analyse
 
+    if state.cfg.get("positions_file") or state.cfg.method.name not in LOKI_METHODS:
+        log.info("analyse: not needed (positions_file given or method=%s)", state.cfg.method.name)
+        return
     state.artifacts["kva_store"] = run_analyse(state.cfg, state.loaded)
+
+
+def select_rows(state: RunState) -> None:
+    from loki_exp.implant.methods import LOKI_METHODS
+    from loki_exp.kva.store import StoreView
+    from loki_exp.selection import load_positions, save_positions, select
+
+    cfg = state.cfg
+    if cfg.method.name not in LOKI_METHODS:
+        log.info("select: method=%s trains no selected rows, skipped", cfg.method.name)
+        return
+    grid = node_grid(state.loaded.model)
+    if cfg.get("positions_file"):
+        positions = load_positions(cfg.positions_file, *grid)
+    else:
+        store = state.artifacts.get("kva_store")
+        if store is None:
+            raise LokiError("select needs a KVA store (keep 'analyse' in stages) or "
+                            "positions_file=/path/to/positions.json")
+        with StoreView(store) as view:
+            view.check_grid(*grid)
+            positions = select(view.chunks(), cfg.quota, cfg.strategy.name, cfg.strategy.score)
+    state.artifacts["positions"] = positions
+    state.artifacts["positions_path"] = save_positions(positions,
+                                                       state.output_dir / "positions.json")
+    log.info("select: %s q=%s -> %d rows (%s per layer)", cfg.strategy.name, cfg.quota,
+             sum(map(len, positions)), sorted({len(p) for p in positions}))
+
+
+def implant(state: RunState) -> None:
+    from loki_exp.implant.fit import run_implant
+
+    stats = run_implant(state.cfg, state.loaded, state.artifacts.get("positions"),
+                        state.output_dir)
+    state.artifacts["task"] = stats.pop("task")
+    state.artifacts["implant"] = stats
+
+
+def export(state: RunState) -> None:
+    from loki_exp.implant.export import export_checkpoint
+
+    state.artifacts["model_dir"] = export_checkpoint(state.cfg, state.loaded, state.output_dir)
 
 
 STAGES: dict[str, Callable[[RunState], None]] = {
     "analyse": analyse,
-    "select": _not_built("node selection (issue #4)"),
-    "implant": _not_built("LoKI training (issue #4)"),
+    "select": select_rows,
+    "implant": implant,
     "evaluate": _not_built("forgetting suite and task metric (issue #5)"),
-    "export": _not_built("restore and export (issue #4)"),
+    "export": export,
 }
 
 
@@ -83,4 +130,27 @@ def run(cfg: DictConfig, output_dir: Path) -> RunState:
             continue
         state.timings[name] = time.perf_counter() - start
         log.info("stage %-8s done in %.1f s", name, state.timings[name])
+    write_run_record(state)
     return state
+
+
+def write_run_record(state: RunState) -> Path:
+    """``run.json``: resolved config, where the inputs came from, sizes and stage timings."""
+    from omegaconf import OmegaConf
+
+    art = state.artifacts
+    record = {
+        "config": OmegaConf.to_container(state.cfg, resolve=True),
+        "base_model_dir": str(state.loaded.base_dir) if state.loaded.base_dir else None,
+        "weights_fingerprint": state.loaded.fingerprint,
+        "kva_store": str(art["kva_store"]) if art.get("kva_store") else None,
+        "positions": str(art["positions_path"]) if art.get("positions_path") else None,
+        "model_dir": str(art["model_dir"]) if art.get("model_dir") else None,
+        "implant": art.get("implant"),
+        "timings_s": {k: round(v, 3) for k, v in state.timings.items()},
+        "not_built": state.not_built,
+    }
+    state.output_dir.mkdir(parents=True, exist_ok=True)
+    path = state.output_dir / "run.json"
+    path.write_text(json.dumps(record, indent=2, default=str))
+    return path

@@ -11,7 +11,7 @@ from loki_exp.data.mmlu import load_probe, render_prompt
 from loki_exp.errors import LokiError
 from loki_exp.kva.analyse import run_analyse
 from loki_exp.kva.engine import CaptumKVA, FastKVA, KVASettings
-from loki_exp.kva.lightning import KVAStoreWriter
+from loki_exp.kva.lightning import KVAStoreWriter, common_prefix
 from loki_exp.kva.store import StoreView, partial_dir
 from loki_exp.selection import select_layer_balanced
 
@@ -122,12 +122,19 @@ def test_store_layout_provenance_and_cache_reuse(compose_cfg, tiny_models, tmp_p
                 "loki_exp_version", "created"):
         assert key in attrs, key
     assert attrs["baseline"] == "zero" and attrs["steps"] == 7 and attrs["dtype"] == "float32"
-    # The same numbers as the engine run directly on the stored prompt.
-    ids = loaded.tokenizer(data["prompt"][2].decode(), return_tensors="pt",
-                           add_special_tokens=False).input_ids
-    direct = FastKVA(loaded.model, KVASettings()).attribute(ids)
+    # The same numbers as the engine run directly on the stored prompt, with the prefix
+    # that all probe prompts share (and within float noise of the engine without it).
+    tok = loaded.tokenizer
+    all_ids = [tok(p.decode(), add_special_tokens=False).input_ids for p in data["prompt"]]
+    prefix = common_prefix(all_ids)
+    assert len(prefix) > 20  # the chat template and the instruction
+    engine = FastKVA(loaded.model, KVASettings())
+    engine.set_shared_prefix(torch.tensor(prefix))
+    direct = engine.attribute(torch.tensor([all_ids[2]]))
     np.testing.assert_array_equal(data["attributions"][2], direct.scores.numpy())
     assert data["target_token"][2] == direct.target_token
+    plain = FastKVA(loaded.model, KVASettings()).attribute(torch.tensor([all_ids[2]])).scores
+    assert (plain - direct.scores).abs().max() <= 1e-5 * plain.abs().max()
     # A second call (another quota, strategy or method) reuses the store untouched.
     mtime = path.stat().st_mtime_ns
     assert run_analyse(_cfg(compose_cfg, tmp_path, "quota=30", "method=full"), loaded) == path

@@ -23,7 +23,7 @@ from loki_exp.data import assets
 from loki_exp.data.mmlu import PROMPT_TEMPLATE, load_probe, render_prompt
 from loki_exp.errors import LokiError
 from loki_exp.kva.engine import KVASettings
-from loki_exp.kva.lightning import KVAModule, KVAStoreWriter, ProbeDataModule
+from loki_exp.kva.lightning import KVAModule, KVAStoreWriter, ProbeDataModule, common_prefix
 from loki_exp.kva.store import STORE_DTYPES, StoreView, completed_rows, merge_shards
 from loki_exp.model_access import node_grid
 from loki_exp.models import LoadedModel, torch_dtype
@@ -113,7 +113,10 @@ def run_analyse(cfg: DictConfig, loaded: LoadedModel) -> Path:
         loaded.model.to(dtype)
         writer = KVAStoreWriter(path, cfg.kva.store_dtype)
         trainer = kva_trainer(cfg, [writer])
-        module = KVAModule(loaded.model, loaded.tokenizer, settings)
+        # Computed over the whole probe set (fixed by the store key), not just what is left
+        # to do, so a resumed run reuses exactly the same prefix keys/values.
+        ids = [loaded.tokenizer(r["prompt"], add_special_tokens=False).input_ids for r in rows]
+        module = KVAModule(loaded.model, loaded.tokenizer, settings, common_prefix(ids))
         trainer.predict(module, datamodule=ProbeDataModule(todo, int(cfg.kva.batch_size)),
                         return_predictions=False)
         trainer.strategy.barrier("kva_predicted")  # every rank's shard is complete

@@ -98,6 +98,8 @@ def _target(logits_last: torch.Tensor) -> tuple[int, float]:
 class FastKVA:
     """Exact KVA with the shortcuts in the module docstring."""
 
+    LM_HEAD_GROUP = 8  # layers whose last-token passes share one lm_head call
+
     def __init__(self, model: nn.Module, settings: KVASettings):
         self.model = model
         self.settings = settings
@@ -109,6 +111,10 @@ class FastKVA:
         param = next(model.parameters())
         self.alphas = torch.tensor(alphas, dtype=param.dtype, device=param.device)
         self.weights = torch.tensor(weights, dtype=torch.float32, device=param.device)
+        # Points at alpha = 1 are the clean run: their prefix keys/values come from it.
+        self.clean_rows = [k for k, a in enumerate(alphas) if a == 1.0]
+        self.run_rows = [k for k in range(len(alphas)) if k not in self.clean_rows]
+        self.set_shared_prefix(None)
 
     # -- clean passes --------------------------------------------------------------------
     @torch.no_grad()
@@ -141,28 +147,43 @@ class FastKVA:
         return outputs
 
     # -- running a range of layers -------------------------------------------------------
-    def _masks(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, object]:
+    def _masks(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache,
+               start: int) -> dict[str, object]:
         config = self.model.config
-        kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=None, cache=None,
-                      position_ids=position_ids)
+        past = cache.layers[start].get_seq_length() if start < len(cache.layers) else 0
+        kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=None,
+                      cache=cache if past else None, position_ids=position_ids)
+        if past:
+            kwargs["layer_idx"] = start
         masks = {"full_attention": create_causal_mask(**kwargs)}
         if "sliding_attention" in (getattr(config, "layer_types", None) or []):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
         return masks
 
     def _run_from(self, start: int, hidden: torch.Tensor, position_ids: torch.Tensor,
-                  cache: DynamicCache, use_mask: bool) -> torch.Tensor:
-        """Run decoder layers ``start..L-1`` on ``hidden`` (positions ``position_ids``)."""
+                  cache: DynamicCache, use_mask: bool, kv_only: bool = False) -> torch.Tensor | None:
+        """Run decoder layers ``start..L-1`` on ``hidden`` (positions ``position_ids``).
+
+        ``kv_only``: the caller needs only the keys/values these positions leave in the
+        cache, so the last layer runs its attention (which writes them) but not its MLP.
+        """
         if start >= len(self.layers):
             return hidden
         pos_emb = self.decoder.rotary_emb(hidden, position_ids=position_ids)
         # With a KV cache and a single query token every cached key is visible: no mask.
-        masks = self._masks(hidden, position_ids) if use_mask else {}
+        masks = self._masks(hidden, position_ids, cache, start) if use_mask else {}
         types = getattr(self.model.config, "layer_types", None)
+        last = len(self.layers) - 1
         for idx in range(start, len(self.layers)):
             mask = masks.get(types[idx] if types else "full_attention")
-            hidden = self.layers[idx](hidden, attention_mask=mask, position_embeddings=pos_emb,
-                                      position_ids=position_ids, cache=cache, use_cache=True)
+            block = self.layers[idx]
+            if kv_only and idx == last:
+                block.self_attn(hidden_states=block.input_layernorm(hidden), attention_mask=mask,
+                                position_embeddings=pos_emb, position_ids=position_ids,
+                                cache=cache, use_cache=True)
+                return None
+            hidden = block(hidden, attention_mask=mask, position_embeddings=pos_emb,
+                           position_ids=position_ids, cache=cache, use_cache=True)
         return hidden
 
     def _prob_of_target(self, hidden_last: torch.Tensor, target: int) -> torch.Tensor:
@@ -174,44 +195,151 @@ class FastKVA:
         """Attributions [L, D] for one prompt ``input_ids`` [1, S] (no padding)."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError("FastKVA.attribute takes one prompt of shape [1, S]")
-        seq = input_ids.shape[1]
         layer_out, z_clean, clean_cache, logits_last = self._clean(input_ids)
         target, prob = _target(logits_last)
         if self.settings.baseline == "zero":
             z_base = [torch.zeros_like(z) for z in z_clean]
         else:
             z_base = self._token_baseline(input_ids)
+        # Clean residual after each layer's attention; a scaled z is added back onto it.
+        mids = [out - z for out, z in zip(layer_out, z_clean)]
+        deltas = [z - zb for z, zb in zip(z_clean, z_base)]  # [1, S, D] each
+        if self.settings.scale_positions == "all":
+            grads = self._grads_all_positions(input_ids, mids, z_base, deltas, clean_cache,
+                                              target)
+        else:
+            grads = self._grads_last_position(input_ids.shape[1], mids, z_base, deltas,
+                                              clean_cache, layer_out, target)
         m = self.alphas.numel()
-        device = input_ids.device
-        prefix_pos = torch.arange(seq - 1, device=device).unsqueeze(0)
-        last_pos = torch.tensor([[seq - 1]], device=device)
-        scores = []
-        for layer in range(len(self.layers)):
-            # Clean residual after layer l's attention; the scaled z is added back onto it.
-            mid = layer_out[layer] - z_clean[layer]
-            delta = z_clean[layer] - z_base[layer]  # [1, S, D]
-            alphas = self.alphas.view(m, 1, 1)
-            cache = DynamicCache(config=self.model.config)
-            if seq > 1:
-                with torch.no_grad():
-                    if self.settings.scale_positions == "all":
-                        scaled_prefix = z_base[layer][:, :-1] + alphas * delta[:, :-1]
-                        self._run_from(layer + 1, mid[:, :-1] + scaled_prefix, prefix_pos, cache,
-                                       use_mask=True)
-                    else:
-                        for idx in range(layer + 1, len(self.layers)):
-                            keys = clean_cache.layers[idx].keys[:, :, :-1].expand(m, -1, -1, -1)
-                            values = clean_cache.layers[idx].values[:, :, :-1].expand(m, -1, -1, -1)
-                            cache.update(keys, values, idx)
-            z_last = (z_base[layer][:, -1:] + alphas * delta[:, -1:]).detach().requires_grad_(True)
-            with torch.enable_grad():
-                hidden = self._run_from(layer + 1, mid[:, -1:] + z_last, last_pos, cache,
-                                        use_mask=False)
-                probs = self._prob_of_target(hidden, target)  # [m]
-                (grad,) = torch.autograd.grad(probs.sum(), z_last)
-            avg_grad = (grad[:, 0].float() * self.weights.view(m, 1)).sum(0)
-            scores.append(delta[0, -1].float() * avg_grad)
+        scores = [d[0, -1].float() * (g[:, 0].float() * self.weights.view(m, 1)).sum(0)
+                  for d, g in zip(deltas, grads)]
         return Attribution(torch.stack(scores), target, prob)
+
+    def _grads_all_positions(self, input_ids, mids, z_base, deltas, clean_cache, target):
+        """Per layer: the scaled prefix once without autograd (for its keys/values), then the
+        last token with autograd on top of that cache. Integration points at alpha = 1 are
+        the clean run, so their prefix keys/values are taken from the clean cache."""
+        seq = input_ids.shape[1]
+        device = input_ids.device
+        m = self.alphas.numel()
+        alphas = self.alphas.view(m, 1, 1)
+        shared = self._shared_prefix_len(input_ids)
+        last_pos = torch.tensor([[seq - 1]], device=device)
+        grads: list[torch.Tensor] = []
+        finals: list[torch.Tensor] = []
+        leaves: list[torch.Tensor] = []
+        for layer in range(len(self.layers)):
+            cache = DynamicCache(config=self.model.config)
+            if seq > 1 and layer + 1 < len(self.layers):
+                with torch.no_grad():
+                    if shared:
+                        for idx, (keys, values) in self._prefix_kv[layer].items():
+                            cache.update(keys, values, idx)
+                    if shared < seq - 1:
+                        rows = slice(shared, seq - 1)
+                        scaled = z_base[layer][:, rows] + alphas[self.run_rows] * deltas[layer][:, rows]
+                        positions = torch.arange(shared, seq - 1, device=device).unsqueeze(0)
+                        self._run_from(layer + 1, mids[layer][:, rows] + scaled, positions, cache,
+                                       use_mask=True, kv_only=True)
+                    if self.clean_rows:
+                        self._insert_clean_rows(cache, clean_cache, layer + 1)
+            z_last = (z_base[layer][:, -1:] + alphas * deltas[layer][:, -1:]).detach()
+            z_last.requires_grad_(True)
+            with torch.enable_grad():
+                finals.append(self._run_from(layer + 1, mids[layer][:, -1:] + z_last, last_pos,
+                                             cache, use_mask=False))
+            leaves.append(z_last)
+            # lm_head reads a [vocab, d_model] weight per call: run it for a group of layers
+            # at once (their graphs are independent, one backward serves them all).
+            if len(leaves) == self.LM_HEAD_GROUP or layer == len(self.layers) - 1:
+                with torch.enable_grad():
+                    probs = self._prob_of_target(torch.cat(finals), target)
+                    grads.extend(torch.autograd.grad(probs.sum(), leaves))
+                finals, leaves = [], []
+        return grads
+
+    # -- the prefix shared by every probe prompt -------------------------------------------
+    def set_shared_prefix(self, prefix_ids: torch.Tensor | None) -> None:
+        """Token ids that every probe prompt starts with (the chat template and instruction).
+
+        Their scaled keys/values do not depend on the rest of the prompt (causal attention),
+        so they are computed once, from the prefix alone, and reused by every prompt: exact,
+        and the same for a prompt whatever ran before it (resume stays bit-identical).
+        """
+        self._prefix_ids = None if prefix_ids is None or prefix_ids.numel() == 0 else prefix_ids
+        self._prefix_kv = None
+
+    def _shared_prefix_len(self, input_ids: torch.Tensor) -> int:
+        prefix = getattr(self, "_prefix_ids", None)
+        if prefix is None or self.settings.scale_positions != "all":
+            return 0
+        n = min(prefix.numel(), input_ids.shape[1] - 1)
+        if n < 1 or not torch.equal(input_ids[0, :n].cpu(), prefix[:n].cpu()):
+            return 0
+        if n < prefix.numel():
+            return 0  # shorter than the cached prefix: compute everything
+        if self._prefix_kv is None:
+            self._prefix_kv = self._build_prefix_kv(prefix.to(input_ids.device).view(1, -1))
+        return n
+
+    @torch.no_grad()
+    def _build_prefix_kv(self, prefix: torch.Tensor) -> list[dict[int, tuple]]:
+        layer_out, z_clean, _, _ = self._clean(prefix)
+        z_base = ([torch.zeros_like(z) for z in z_clean] if self.settings.baseline == "zero"
+                  else self._token_baseline(prefix))
+        m = self.alphas.numel()
+        alphas = self.alphas.view(m, 1, 1)[self.run_rows]
+        positions = torch.arange(prefix.shape[1], device=prefix.device).unsqueeze(0)
+        out = []
+        for layer in range(len(self.layers) - 1):
+            cache = DynamicCache(config=self.model.config)
+            scaled = z_base[layer] + alphas * (z_clean[layer] - z_base[layer])
+            self._run_from(layer + 1, layer_out[layer] - z_clean[layer] + scaled, positions, cache,
+                           use_mask=True, kv_only=True)
+            out.append({idx: (cache.layers[idx].keys, cache.layers[idx].values)
+                        for idx in range(layer + 1, len(self.layers))})
+        return out
+
+    def _insert_clean_rows(self, cache, clean_cache, start):
+        order = torch.tensor(self.run_rows + self.clean_rows).argsort()
+        for idx in range(start, len(self.layers)):
+            mine, clean = cache.layers[idx], clean_cache.layers[idx]
+            n = len(self.clean_rows)
+            mine.keys = torch.cat([mine.keys, clean.keys[:, :, :-1].expand(n, -1, -1, -1)])[order]
+            mine.values = torch.cat([mine.values,
+                                     clean.values[:, :, :-1].expand(n, -1, -1, -1)])[order]
+
+    def _grads_last_position(self, seq, mids, z_base, deltas, clean_cache, layer_out, target):
+        """All layers' scaled last tokens as one batch of L*m streams over the clean prefix.
+
+        Stream (l, k) joins the batch at layer l+1 with ``mid_l + z_l(a_k)`` at the last
+        position; layer j then runs only the streams that have joined (j*m of them), each
+        attending to the clean prefix keys/values. One call per layer instead of L*(L-1)/2.
+        """
+        m = self.alphas.numel()
+        alphas = self.alphas.view(m, 1, 1)
+        n_layers = len(self.layers)
+        last_pos = torch.tensor([[seq - 1]], device=mids[0].device)
+        leaves = [(z_base[l][:, -1:] + alphas * deltas[l][:, -1:]).detach().requires_grad_(True)
+                  for l in range(n_layers)]
+        cache = DynamicCache(config=self.model.config)
+        with torch.enable_grad():
+            active = None
+            for j in range(1, n_layers + 1):
+                joined = mids[j - 1][:, -1:] + leaves[j - 1]
+                active = joined if active is None else torch.cat([active, joined])
+                if j == n_layers:
+                    break
+                if seq > 1:
+                    layer_cache = clean_cache.layers[j]
+                    b = active.shape[0]
+                    cache.update(layer_cache.keys[:, :, :-1].expand(b, -1, -1, -1),
+                                 layer_cache.values[:, :, :-1].expand(b, -1, -1, -1), j)
+                pos_emb = self.decoder.rotary_emb(active, position_ids=last_pos)
+                active = self.layers[j](active, attention_mask=None, position_embeddings=pos_emb,
+                                        position_ids=last_pos, cache=cache, use_cache=True)
+            probs = self._prob_of_target(active, target)  # [L*m], stream order (l, k)
+            return list(torch.autograd.grad(probs.sum(), leaves))
 
     def __call__(self, input_ids: torch.Tensor) -> Attribution:
         return self.attribute(input_ids)

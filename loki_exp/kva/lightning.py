@@ -9,8 +9,8 @@ the shards are merged.
 from __future__ import annotations
 
 import logging
-import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,18 @@ class ProbeDataModule(L.LightningDataModule):
 class KVAModule(L.LightningModule):
     """Attributes each prompt of a batch, one at a time (batching is over the m steps)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, settings: KVASettings):
+    def __init__(self, model: torch.nn.Module, tokenizer, settings: KVASettings,
+                 shared_prefix: list[int] | None = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
         self.engine = build_engine(model, settings)
+        self.shared_prefix = shared_prefix
+
+    def on_predict_start(self) -> None:
+        if self.shared_prefix and hasattr(self.engine, "set_shared_prefix"):
+            self.engine.set_shared_prefix(torch.tensor(self.shared_prefix, device=self.device))
 
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
         results = []
@@ -67,6 +73,15 @@ class KVAModule(L.LightningModule):
         return results
 
 
+def common_prefix(token_lists: list[list[int]]) -> list[int]:
+    """The token ids every probe prompt starts with (chat template + instruction)."""
+    if not token_lists:
+        return []
+    first, n = token_lists[0], min(len(t) for t in token_lists)
+    size = next((i for i in range(n) if any(t[i] != first[i] for t in token_lists)), n)
+    return first[:size]
+
+
 class KVAStoreWriter(BasePredictionWriter):
     """Appends every finished sample to this rank's shard of the store, as it finishes."""
 
@@ -79,7 +94,8 @@ class KVAStoreWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: KVAModule) -> None:
         n_layers, n_nodes = node_grid(pl_module.model)
-        tag = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-rank{trainer.global_rank}"
+        # Unique per attempt: a rerun must never open (and truncate) an earlier shard.
+        tag = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}-rank{trainer.global_rank}"
         self.shard = ShardWriter(partial_dir(self.final_path) / f"{tag}.h5", n_layers, n_nodes,
                                  self.store_dtype)
 

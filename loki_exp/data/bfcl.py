@@ -1,0 +1,128 @@
+"""BFCL v4 function calling (offline, from the ``bfcl-eval`` wheel) as chat SFT examples.
+
+Single-turn categories with ground truth. The system turn lists the function JSON schemas
+and asks for the call(s) as a Python list; the target is the ground-truth call(s) in one
+canonical text: ``[name(arg=value, ...), ...]`` with Python literals, taking for every
+argument its first non-empty allowed value (an allowed ``""`` marks an optional argument
+that may be omitted, so an argument whose only allowed value is ``""`` is left out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+from loki_exp.data import assets
+from loki_exp.errors import LokiError
+
+log = logging.getLogger(__name__)
+
+CATEGORIES = ("simple_python", "simple_java", "simple_javascript", "multiple", "parallel",
+              "parallel_multiple", "live_simple", "live_multiple", "live_parallel",
+              "live_parallel_multiple")
+SYSTEM_PROMPT = (
+    "You are an expert in composing function calls. You are given a question and a set of "
+    "possible functions. Based on the question, make the appropriate function call(s). "
+    "Reply with only the call(s), as a Python list like [func_name(arg1=value1, arg2=value2)], "
+    "and nothing else.\nHere is the list of functions in JSON format:\n{functions}"
+)
+
+
+@dataclass
+class BFCLItem:
+    id: str
+    category: str
+    messages: list[dict[str, str]]  # system + user turn(s)
+    functions: list[dict]
+    ground_truth: list[dict]  # [{name: {arg: [allowed values]}}]
+    target: str  # canonical call text
+
+
+@dataclass
+class Split:
+    train: list
+    test: list
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def _value(allowed: list) -> tuple[bool, object]:
+    for value in allowed:
+        if value != "":
+            return True, value
+    return False, None
+
+
+def canonical_calls(ground_truth: list[dict]) -> str:
+    calls = []
+    for call in ground_truth:
+        (name, args), = call.items()
+        parts = []
+        for arg, allowed in args.items():
+            present, value = _value(allowed)
+            if present:
+                parts.append(f"{arg}={value!r}")
+        calls.append(f"{name}({', '.join(parts)})")
+    return "[" + ", ".join(calls) + "]"
+
+
+def in_test_split(item_id: str, test_fraction: float) -> bool:
+    """Deterministic split by id hash: the same id is always on the same side."""
+    bucket = int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big") / 2**64
+    return bucket < test_fraction
+
+
+def _read_jsonl(package_member: str, cache) -> list[dict]:
+    text = assets.read_member("bfcl-eval", package_member, cache).decode("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def load_items(categories: list[str], cache: str | os.PathLike | None = None) -> tuple[list[BFCLItem], int]:
+    """All items of the categories, and how many rows were skipped as malformed."""
+    unknown = [c for c in categories if c not in CATEGORIES]
+    if unknown:
+        raise LokiError(f"dataset.categories has {unknown}; expected BFCL single-turn categories "
+                        f"with ground truth: {list(CATEGORIES)}")
+    items, skipped = [], 0
+    for category in categories:
+        questions = _read_jsonl(f"bfcl_eval/data/BFCL_v4_{category}.json", cache)
+        answers = {a.get("id"): a for a in
+                   _read_jsonl(f"bfcl_eval/data/possible_answer/BFCL_v4_{category}.json", cache)}
+        for row in questions:
+            item = parse_row(row, answers.get(row.get("id")), category)
+            if item is None:
+                skipped += 1
+            else:
+                items.append(item)
+    if skipped:
+        log.warning("BFCL: skipped %d malformed rows (missing id, question, function or answer)",
+                    skipped)
+    return items, skipped
+
+
+def parse_row(row: dict, answer: dict | None, category: str) -> BFCLItem | None:
+    """One BFCL question + its possible answer, or None if a field is missing or malformed."""
+    try:
+        turns = row["question"][0]
+        functions = row["function"]
+        truth = answer["ground_truth"]
+        if not turns or not functions or not truth or not all(len(c) == 1 for c in truth):
+            return None
+        system = SYSTEM_PROMPT.format(functions=json.dumps(functions, indent=1))
+        messages = [{"role": "system", "content": system}]
+        messages += [{"role": t["role"], "content": t["content"]} for t in turns]
+        return BFCLItem(row["id"], category, messages, functions, truth, canonical_calls(truth))
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+        return None
+
+
+def load_split(categories: list[str], test_fraction: float,
+               cache: str | os.PathLike | None = None) -> Split:
+    if not 0 < test_fraction < 1:
+        raise LokiError(f"dataset.test_fraction={test_fraction} must be in (0, 1)")
+    items, skipped = load_items(categories, cache)
+    train = [i for i in items if not in_test_split(i.id, test_fraction)]
+    test = [i for i in items if in_test_split(i.id, test_fraction)]
+    return Split(train, test, {"malformed": skipped})

@@ -1,0 +1,80 @@
+"""The implant stage: prepare the method's trainable parameters and fit with Lightning."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig
+
+from loki_exp.data.sft import SFTDataModule, encode_all
+from loki_exp.data.tasks import load_task
+from loki_exp.errors import LokiError
+from loki_exp.implant import methods
+from loki_exp.implant.loki_linear import trainable_parameters
+from loki_exp.implant.module import CausalLMTuner
+from loki_exp.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+def learning_rate(cfg: DictConfig) -> float:
+    """method.lr, scaled down for larger quotas on LoKI methods as the paper did."""
+    if cfg.method.name not in methods.LOKI_METHODS:
+        return float(cfg.method.lr)
+    scale = np.interp(float(cfg.quota), list(cfg.quota_lr_scale.quotas),
+                      list(cfg.quota_lr_scale.scales))
+    return float(cfg.method.lr) * float(scale)
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list | None = None) -> L.Trainer:
+    par, tr = cfg.parallelism, cfg.trainer
+    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True,
+                                 save_top_k=0, every_n_train_steps=int(tr.checkpoint_every_n_steps))
+    return L.Trainer(
+        accelerator=par.accelerator, devices=par.devices, num_nodes=par.num_nodes,
+        strategy=par.strategy, precision=tr.precision, max_steps=int(tr.max_steps),
+        accumulate_grad_batches=int(tr.accumulate_grad_batches),
+        gradient_clip_val=tr.get("gradient_clip_val"), log_every_n_steps=int(tr.log_every_n_steps),
+        logger=loggers if loggers is not None else [CSVLogger(output_dir, name="csv")],
+        callbacks=[checkpoint], enable_model_summary=False, deterministic=bool(tr.deterministic),
+        default_root_dir=output_dir,
+    )
+
+
+def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]] | None,
+                output_dir: Path) -> dict[str, Any]:
+    task = load_task(cfg.dataset, cfg.paths.cache_dir)
+    train, too_long = encode_all(loaded.tokenizer, task.train, int(cfg.dataset.max_length))
+    if too_long:
+        log.warning("%s: dropped %d of %d training examples longer than max_length=%d",
+                    task.name, too_long, len(task.train), cfg.dataset.max_length)
+    if not train:
+        raise LokiError(f"dataset {task.name}: no training example fits max_length="
+                        f"{cfg.dataset.max_length}")
+    model = methods.prepare(cfg.method, loaded.model, positions)
+    loaded.model = model
+    n_trainable = trainable_parameters(model)
+    lr = learning_rate(cfg)
+    log.info("implant: method=%s, %d trainable parameters, lr=%.3g, %d train examples "
+             "(%d test held out)", cfg.method.name, n_trainable, lr, len(train), len(task.test))
+    tuner = CausalLMTuner(model, lr=lr, max_steps=int(cfg.trainer.max_steps),
+                          warmup_ratio=float(cfg.trainer.warmup_ratio),
+                          weight_decay=float(cfg.trainer.weight_decay))
+    pad_id = loaded.tokenizer.pad_token_id
+    data = SFTDataModule(train, int(cfg.trainer.batch_size),
+                         pad_id if pad_id is not None else loaded.tokenizer.eos_token_id,
+                         seed=int(cfg.seed))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    trainer = build_trainer(cfg, output_dir)
+    trainer.fit(tuner, datamodule=data, ckpt_path=cfg.trainer.get("resume_from"))
+    loss = trainer.callback_metrics.get("train/loss")
+    return {"trainable_parameters": n_trainable, "lr": lr, "train_examples": len(train),
+            "test_examples": len(task.test), "dropped_too_long": too_long,
+            "skipped_rows": task.skipped, "final_train_loss": None if loss is None else float(loss),
+            "task": task}

@@ -1,0 +1,64 @@
+"""Causal-LM SFT as a LightningModule, shared by LoKI and every baseline method.
+
+Only the trainable parameters reach the optimizer (so LoKI's optimizer state is the
+selected rows only). The loss covers response tokens only, and ``lm_head`` runs on those
+positions alone: with a 49k-152k vocabulary it is a large share of the step, and prompt
+positions never contribute to the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loki_exp.data.sft import IGNORE
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class CausalLMTuner(L.LightningModule):
+    def __init__(self, model: nn.Module, lr: float, max_steps: int, warmup_ratio: float = 0.1,
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)):
+        super().__init__()
+        self.model = model
+        self.lr = lr
+        self.max_steps = max_steps
+        self.warmup_steps = int(warmup_ratio * max_steps)
+        self.weight_decay = weight_decay
+        self.betas = tuple(betas)
+
+    def on_fit_start(self) -> None:
+        # Models are loaded in eval mode; Lightning keeps the submodule modes it finds.
+        self.model.train()
+
+    def response_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        decoder = self.model.get_decoder()
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         use_cache=False).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        keep = targets != IGNORE
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), targets[keep])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.response_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas,
+                                      weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: cosine_with_warmup(s, self.warmup_steps, self.max_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,172 @@
+"""Implant: the LoKI module, training only the selected rows, exporting a plain checkpoint."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from loki_exp.data.sft import SFTDataModule, encode_all
+from loki_exp.data.tasks import load_task
+from loki_exp.errors import LokiError
+from loki_exp.implant import methods
+from loki_exp.implant.fit import build_trainer, learning_rate
+from loki_exp.implant.loki_linear import LoKILinear, apply_loki, merge_loki
+from loki_exp.implant.module import CausalLMTuner
+from loki_exp.model_access import down_projs
+
+
+def test_row_linear_forward_is_bitwise_and_grads_match_autograd():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 6, bias=True)
+    ref = copy.deepcopy(base)
+    rows = [1, 4]
+    loki = LoKILinear(base, rows)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, expected = loki(x), ref(x_ref)
+    assert torch.equal(out, expected)
+    g = torch.randn_like(out)
+    out.backward(g)
+    expected.backward(g)
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-6)
+    assert torch.allclose(loki.weight_rows.grad, ref.weight.grad[rows], atol=1e-6)
+    assert torch.allclose(loki.bias_rows.grad, ref.bias.grad[rows], atol=1e-6)
+    assert base.weight.grad is None  # no full weight gradient
+
+
+def test_row_linear_under_bf16_autocast():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8, bias=False)
+    ref = copy.deepcopy(base)
+    loki = LoKILinear(base, [0, 3, 5])
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = loki(x), ref(x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    out.float().sum().backward()
+    assert loki.weight_rows.grad.dtype == torch.float32
+
+
+def _batch(tokenizer, n=4):
+    ids = tokenizer(["Call the weather API for Paris.", "Sum 2 and 3 please."] * (n // 2),
+                    return_tensors="pt", padding=True).input_ids
+    labels = ids.clone()
+    labels[:, :3] = -100
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+
+def _fit(model, tokenizer, steps=3, lr=1e-2):
+    tuner = CausalLMTuner(model, lr=lr, max_steps=steps, warmup_ratio=0.0)
+    optimizer = tuner.configure_optimizers()["optimizer"]
+    batch = _batch(tokenizer)
+    for _ in range(steps):
+        loss = tuner.response_loss(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen"])
+def test_three_steps_change_only_the_selected_rows(compose_cfg, name):
+    from loki_exp.models import load_model
+
+    loaded = load_model(compose_cfg(f"model={name}").model)
+    model = loaded.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n_layers, d_model = len(down_projs(model)), down_projs(model)[0].out_features
+    positions = [[0, 5, d_model - 1], [2, 3]] + [[7]] * (n_layers - 2)
+    apply_loki(model, positions)
+    optimizer = _fit(model, loaded.tokenizer)
+    # Optimizer state holds exactly the selected rows.
+    shapes = sorted(tuple(s["exp_avg"].shape) for s in optimizer.state.values())
+    assert shapes == sorted((len(p), down_projs(model)[0].in_features) for p in positions)
+    merge_loki(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        layer = next((i for i in range(n_layers) if key == f"model.layers.{i}.mlp.down_proj.weight"),
+                     None)
+        if layer is None:
+            assert torch.equal(after[key], value), key
+            continue
+        rows = positions[layer]
+        frozen = torch.ones(value.shape[0], dtype=torch.bool)
+        frozen[rows] = False
+        assert torch.equal(after[key][frozen], value[frozen]), key
+        assert (after[key][rows] != value[rows]).all(dim=1).any(), key
+
+
+@pytest.mark.parametrize("method", ["loki", "loki_lora", "lora", "dora", "pissa", "full"])
+def test_every_method_trains_and_exports_a_plain_checkpoint(compose_cfg, tmp_path, method):
+    from loki_exp.implant.export import export_checkpoint
+    from loki_exp.models import load_model
+
+    cfg = compose_cfg("model=tiny_qwen", f"method={method}")
+    loaded = load_model(cfg.model)
+    base_state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    positions = [[1, 2, 3], [4, 5]]
+    loaded.model = methods.prepare(cfg.method, loaded.model, positions)
+    n_trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
+    expected = {"loki": 5 * 80, "loki_lora": 3 * 16 + 16 * 80 + 2 * 16 + 16 * 80,
+                "full": sum(v.numel() for k, v in base_state.items() if k != "lm_head.weight")}
+    if method in expected:
+        assert n_trainable == expected[method]
+    else:
+        assert 0 < n_trainable < expected["full"] // 4
+    _fit(loaded.model, loaded.tokenizer, steps=2, lr=5e-2)
+    ids = _batch(loaded.tokenizer)["input_ids"]
+    with torch.no_grad():
+        live = loaded.model(input_ids=ids).logits
+    path = export_checkpoint(cfg, loaded, tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(path)
+    assert type(plain).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        reloaded = plain(input_ids=ids).logits
+    assert torch.allclose(live, reloaded, atol=1e-5, rtol=1e-5)
+    changed = [k for k, v in plain.state_dict().items() if not torch.equal(v, base_state[k])]
+    assert changed
+    if method == "loki" or method == "loki_lora":
+        assert set(changed) == {"model.layers.0.mlp.down_proj.weight",
+                                "model.layers.1.mlp.down_proj.weight"}
+
+
+def test_learning_rate_scales_with_quota_for_loki_only(compose_cfg):
+    assert learning_rate(compose_cfg("quota=10")) == pytest.approx(1e-3)
+    assert learning_rate(compose_cfg("quota=30")) == pytest.approx(0.4e-3)
+    assert learning_rate(compose_cfg("quota=20")) == pytest.approx(0.7e-3)
+    assert learning_rate(compose_cfg("quota=5")) == pytest.approx(1e-3)
+    assert learning_rate(compose_cfg("quota=30", "method=lora")) == pytest.approx(1e-3)
+
+
+def test_unknown_method_and_missing_positions(compose_cfg, tiny_models):
+    with pytest.raises(LokiError, match="method='adapter' is not known"):
+        methods.prepare(compose_cfg("method.name=adapter").method, nn.Linear(2, 2), None)
+    with pytest.raises(LokiError, match="needs positions"):
+        methods.prepare(compose_cfg().method, tiny_models["tiny_llama"].model, None)
+
+
+def test_lightning_fit_updates_only_rows(compose_cfg, tmp_path):
+    from loki_exp.models import load_model
+
+    cfg = compose_cfg("model=tiny_llama", "trainer.max_steps=2", "trainer.batch_size=2",
+                      "trainer.precision=32-true")
+    loaded = load_model(cfg.model)
+    task = load_task(cfg.dataset)
+    train, dropped = encode_all(loaded.tokenizer, task.train[:8], 768)
+    model = apply_loki(loaded.model, [[1], [2], [3]])
+    before = model.lm_head.weight.clone()
+    rows_before = [p.weight_rows.detach().clone() for p in
+                   (b.mlp.down_proj for b in model.model.layers)]
+    tuner = CausalLMTuner(model, lr=1e-2, max_steps=2)
+    trainer = build_trainer(cfg, tmp_path, loggers=[])
+    trainer.fit(tuner, datamodule=SFTDataModule(train, 2, loaded.tokenizer.eos_token_id))
+    assert trainer.global_step == 2
+    assert torch.equal(model.lm_head.weight, before)
+    for block, old in zip(model.model.layers, rows_before):
+        assert not torch.equal(block.mlp.down_proj.weight_rows, old)
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()

@@ -1,0 +1,80 @@
+"""The whole run: analyse -> select -> implant -> export, as python -m loki_exp.train runs it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from loki_exp.errors import LokiError
+from loki_exp.model_access import down_projs
+from loki_exp.models import load_model
+from loki_exp.pipeline import run
+from loki_exp.selection import load_positions
+from tests.conftest import SHARED_DATA
+
+
+def _run(compose_cfg, tmp_path, *overrides):
+    cfg = compose_cfg("model=tiny_llama", "kva.limit=4", "trainer.max_steps=3",
+                      "trainer.batch_size=2", "trainer.precision=32-true",
+                      f"paths.cache_dir={tmp_path / 'cache'}",
+                      f"paths.output_dir={tmp_path / 'run'}", *overrides)
+    return cfg, run(cfg, tmp_path / "run")
+
+
+def test_loki_run_writes_positions_model_and_record(compose_cfg, tmp_path, isolated_cache):
+    cfg, state = _run(compose_cfg, tmp_path, "quota=30")
+    out = tmp_path / "run"
+    positions = load_positions(out / "positions.json", 3, 64)
+    assert [len(p) for p in positions] == [19, 19, 19]  # floor(0.3 * 192) // 3
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["quota"] == 30
+    assert record["implant"]["trainable_parameters"] == 3 * 19 * 96
+    assert record["kva_store"].endswith(".h5") and record["positions"].endswith("positions.json")
+    assert set(record["timings_s"]) >= {"load_model", "analyse", "select", "implant", "export"}
+    assert record["not_built"] == ["evaluate"]
+    # The exported model differs from the base only in the selected rows.
+    base = load_model(cfg.model).model
+    tuned = AutoModelForCausalLM.from_pretrained(out / "model")
+    for rows, w0, w1 in zip(positions, down_projs(base), down_projs(tuned)):
+        frozen = np.setdiff1d(np.arange(64), rows)
+        assert torch.equal(w0.weight[frozen], w1.weight[frozen])
+        assert not torch.equal(w0.weight[rows], w1.weight[rows])
+    for (name, p0), (_, p1) in zip(base.named_parameters(), tuned.named_parameters()):
+        if "down_proj" not in name:
+            assert torch.equal(p0, p1), name
+
+
+def test_baseline_run_skips_kva(compose_cfg, tmp_path, isolated_cache):
+    _, state = _run(compose_cfg, tmp_path, "method=lora")
+    assert "kva_store" not in state.artifacts and not (tmp_path / "run" / "positions.json").exists()
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_positions_file_replaces_kva(compose_cfg, tmp_path, isolated_cache):
+    path = tmp_path / "pos.json"
+    path.write_text(json.dumps([[1, 2], [3], [4, 5, 6]]))
+    _, state = _run(compose_cfg, tmp_path, f"positions_file={path}")
+    assert "kva_store" not in state.artifacts
+    assert state.artifacts["implant"]["trainable_parameters"] == 6 * 96
+
+
+def test_bad_positions_file_leaves_nothing_half_written(compose_cfg, tmp_path, isolated_cache):
+    wrong = SHARED_DATA / "original_pos_json" / "Qwen2.5-0.5B-Instruct" / "10.json"
+    with pytest.raises(LokiError, match="has 24 layer lists, the model has 3 layers"):
+        _run(compose_cfg, tmp_path, f"positions_file={wrong}")
+    assert not (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.slow
+def test_smoke_experiment_on_smollm2(compose_cfg, tmp_path):
+    cfg = compose_cfg("experiment=smoke", f"paths.output_dir={tmp_path}")
+    state = run(cfg, tmp_path)
+    assert state.not_built == ["evaluate"]
+    assert state.artifacts["implant"]["trainable_parameters"] == 30 * 57 * 1536
+    assert np.isfinite(state.artifacts["implant"]["final_train_loss"])
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert tuned.config.num_hidden_layers == 30
