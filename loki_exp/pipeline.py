@@ -1,7 +1,6 @@
 """The stage sequence of one run: analyse -> select -> implant -> evaluate -> export.
 
-Each stage is a function of the composed config and a shared ``RunState``; stages that are
-not built yet say so instead of pretending to run.
+Each stage is a function of the composed config and a shared ``RunState``.
 """
 
 from __future__ import annotations
@@ -29,14 +28,7 @@ class RunState:
     loaded: LoadedModel | None = None
     artifacts: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    not_built: list[str] = field(default_factory=list)
-
-
-def _not_built(issue: str) -> Callable[[RunState], None]:
-    def stage(state: RunState) -> None:
-        raise NotImplementedError(issue)
-
-    return stage
+    loggers: list = field(default_factory=list)
 
 
 def analyse(state: RunState) -> None:
@@ -80,9 +72,20 @@ def implant(state: RunState) -> None:
     from loki_exp.implant.fit import run_implant
 
     stats = run_implant(state.cfg, state.loaded, state.artifacts.get("positions"),
-                        state.output_dir)
+                        state.output_dir, state.loggers)
     state.artifacts["task"] = stats.pop("task")
     state.artifacts["implant"] = stats
+
+
+def evaluate(state: RunState) -> None:
+    from loki_exp.data.tasks import load_task
+    from loki_exp.evaluation.evaluate import run_evaluate
+    from loki_exp.loggers import log_final_metrics
+
+    task = state.artifacts.get("task") or load_task(state.cfg.dataset, state.cfg.paths.cache_dir)
+    metrics = run_evaluate(state.cfg, state.loaded, task, state.output_dir)
+    state.artifacts["metrics"] = metrics
+    log_final_metrics(state.loggers, metrics)
 
 
 def export(state: RunState) -> None:
@@ -95,8 +98,8 @@ STAGES: dict[str, Callable[[RunState], None]] = {
     "analyse": analyse,
     "select": select_rows,
     "implant": implant,
-    "evaluate": _not_built("forgetting suite and task metric (issue #5)"),
     "export": export,
+    "evaluate": evaluate,
 }
 
 
@@ -112,8 +115,21 @@ def validate(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig, output_dir: Path) -> RunState:
     """Run the configured stages in order and return what they produced."""
+    from loki_exp.loggers import build_loggers, close_loggers
+
     validate(cfg)
-    state = RunState(cfg, output_dir)
+    state = RunState(cfg, output_dir, loggers=build_loggers(cfg, output_dir))
+    status = "failed"
+    try:
+        _run_stages(state)
+        status = "success"
+    finally:
+        close_loggers(state.loggers, status)
+    return state
+
+
+def _run_stages(state: RunState) -> None:
+    cfg = state.cfg
     start = time.perf_counter()
     state.loaded = load_model(cfg.model, cfg.paths.cache_dir)
     n_layers, n_nodes = node_grid(state.loaded.model)
@@ -122,16 +138,10 @@ def run(cfg: DictConfig, output_dir: Path) -> RunState:
              n_nodes, state.loaded.base_dir)
     for name in cfg.stages:
         start = time.perf_counter()
-        try:
-            STAGES[name](state)
-        except NotImplementedError as missing:
-            state.not_built.append(name)
-            log.warning("stage %-8s not built yet: %s", name, missing)
-            continue
+        STAGES[name](state)
         state.timings[name] = time.perf_counter() - start
         log.info("stage %-8s done in %.1f s", name, state.timings[name])
     write_run_record(state)
-    return state
 
 
 def write_run_record(state: RunState) -> Path:
@@ -147,8 +157,8 @@ def write_run_record(state: RunState) -> Path:
         "positions": str(art["positions_path"]) if art.get("positions_path") else None,
         "model_dir": str(art["model_dir"]) if art.get("model_dir") else None,
         "implant": art.get("implant"),
+        "metrics": art.get("metrics"),
         "timings_s": {k: round(v, 3) for k, v in state.timings.items()},
-        "not_built": state.not_built,
     }
     state.output_dir.mkdir(parents=True, exist_ok=True)
     path = state.output_dir / "run.json"

@@ -21,8 +21,6 @@ log = logging.getLogger("loki_exp.train")
 @report_user_errors
 def main(cfg: DictConfig) -> dict:
     state = run(cfg, Path(cfg.paths.output_dir))
-    if state.not_built:
-        log.warning("not built yet: %s", ", ".join(state.not_built))
     return state.artifacts.get("metrics", {})
 
 

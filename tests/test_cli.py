@@ -41,3 +41,30 @@ def test_quota_out_of_range(tmp_path, quota):
     proc = run_cli("model=tiny_llama", f"quota={quota}", f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode == 2
     assert f"quota={quota} is out of range; expected a number in (0, 100]" in proc.stderr
+
+
+def _store(stdout: str) -> str:
+    return stdout.strip().splitlines()[-1]
+
+
+def test_analyse_alone_prints_the_store_path_and_ddp_stores_each_sample_once(tmp_path):
+    """Two gloo processes split the probe set; the merged store equals one process's."""
+    import h5py
+    import numpy as np
+
+    common = ["model=tiny_llama", "kva.limit=5", "kva.steps=3"]
+    one = run_cli(*common, f"paths.cache_dir={tmp_path}/one", f"hydra.run.dir={tmp_path}/r1",
+                  module="loki_exp.analyse")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run_cli(*common, "parallelism=ddp", "parallelism.accelerator=cpu",
+                  f"paths.cache_dir={tmp_path}/two", f"hydra.run.dir={tmp_path}/r2",
+                  module="loki_exp.analyse")
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = _store(one.stdout), _store(two.stdout)
+    assert a.endswith(".h5") and b.endswith(".h5") and a.split("/")[-1] == b.split("/")[-1]
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        assert list(fa["sample_id"]) == list(fb["sample_id"]) and len(fb["sample_id"]) == 5
+        np.testing.assert_allclose(fa["attributions"][()], fb["attributions"][()],
+                                   rtol=1e-5, atol=1e-7 * np.abs(fa["attributions"][()]).max())
+    # No shard files are left behind.
+    assert not list((tmp_path / "two").rglob("*.partial"))

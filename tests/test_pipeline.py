@@ -17,9 +17,14 @@ from loki_exp.selection import load_positions
 from tests.conftest import SHARED_DATA
 
 
+NO_EVAL = "stages=[analyse,select,implant,export]"
+
+
 def _run(compose_cfg, tmp_path, *overrides):
     cfg = compose_cfg("model=tiny_llama", "kva.limit=4", "trainer.max_steps=3",
                       "trainer.batch_size=2", "trainer.precision=32-true",
+                      "eval.benchmarks=[arc_easy]", "eval.limit=4", "eval.task_limit=3",
+                      "eval.max_new_tokens=8", "trainer.log_every_n_steps=1",
                       f"paths.cache_dir={tmp_path / 'cache'}",
                       f"paths.output_dir={tmp_path / 'run'}", *overrides)
     return cfg, run(cfg, tmp_path / "run")
@@ -34,8 +39,19 @@ def test_loki_run_writes_positions_model_and_record(compose_cfg, tmp_path, isola
     assert record["config"]["quota"] == 30
     assert record["implant"]["trainable_parameters"] == 3 * 19 * 96
     assert record["kva_store"].endswith(".h5") and record["positions"].endswith("positions.json")
-    assert set(record["timings_s"]) >= {"load_model", "analyse", "select", "implant", "export"}
-    assert record["not_built"] == ["evaluate"]
+    assert set(record["timings_s"]) >= {"load_model", "analyse", "select", "implant", "export",
+                                        "evaluate"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert record["metrics"] == metrics
+    assert metrics["task/bfcl/accuracy/before"] == 0.0  # a random model writes no valid call
+    for when in ("before", "after"):
+        assert 0.0 <= metrics[f"bench/arc_easy/acc_norm/{when}"] <= 1.0
+    assert metrics["bench/arc_easy/acc/delta"] == pytest.approx(
+        metrics["bench/arc_easy/acc/after"] - metrics["bench/arc_easy/acc/before"])
+    assert "forgetting/avg" in metrics
+    # The CSV logger got the training loss and the final metrics.
+    csv_text = (out / "csv" / "metrics.csv").read_text()
+    assert "train/loss" in csv_text and "forgetting/avg" in csv_text
     # The exported model differs from the base only in the selected rows.
     base = load_model(cfg.model).model
     tuned = AutoModelForCausalLM.from_pretrained(out / "model")
@@ -49,7 +65,7 @@ def test_loki_run_writes_positions_model_and_record(compose_cfg, tmp_path, isola
 
 
 def test_baseline_run_skips_kva(compose_cfg, tmp_path, isolated_cache):
-    _, state = _run(compose_cfg, tmp_path, "method=lora")
+    _, state = _run(compose_cfg, tmp_path, "method=lora", NO_EVAL)
     assert "kva_store" not in state.artifacts and not (tmp_path / "run" / "positions.json").exists()
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
 
@@ -57,7 +73,7 @@ def test_baseline_run_skips_kva(compose_cfg, tmp_path, isolated_cache):
 def test_positions_file_replaces_kva(compose_cfg, tmp_path, isolated_cache):
     path = tmp_path / "pos.json"
     path.write_text(json.dumps([[1, 2], [3], [4, 5, 6]]))
-    _, state = _run(compose_cfg, tmp_path, f"positions_file={path}")
+    _, state = _run(compose_cfg, tmp_path, f"positions_file={path}", NO_EVAL)
     assert "kva_store" not in state.artifacts
     assert state.artifacts["implant"]["trainable_parameters"] == 6 * 96
 
@@ -65,15 +81,15 @@ def test_positions_file_replaces_kva(compose_cfg, tmp_path, isolated_cache):
 def test_bad_positions_file_leaves_nothing_half_written(compose_cfg, tmp_path, isolated_cache):
     wrong = SHARED_DATA / "original_pos_json" / "Qwen2.5-0.5B-Instruct" / "10.json"
     with pytest.raises(LokiError, match="has 24 layer lists, the model has 3 layers"):
-        _run(compose_cfg, tmp_path, f"positions_file={wrong}")
+        _run(compose_cfg, tmp_path, f"positions_file={wrong}", NO_EVAL)
     assert not (tmp_path / "run" / "model").exists()
 
 
 @pytest.mark.slow
 def test_smoke_experiment_on_smollm2(compose_cfg, tmp_path):
     cfg = compose_cfg("experiment=smoke", f"paths.output_dir={tmp_path}")
+    assert set(cfg.stages) >= {"analyse", "select", "implant", "export"}
     state = run(cfg, tmp_path)
-    assert state.not_built == ["evaluate"]
     assert state.artifacts["implant"]["trainable_parameters"] == 30 * 57 * 1536
     assert np.isfinite(state.artifacts["implant"]["final_train_loss"])
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "model")

@@ -41,14 +41,14 @@ def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list | None = None
         strategy=par.strategy, precision=tr.precision, max_steps=int(tr.max_steps),
         accumulate_grad_batches=int(tr.accumulate_grad_batches),
         gradient_clip_val=tr.get("gradient_clip_val"), log_every_n_steps=int(tr.log_every_n_steps),
-        logger=loggers if loggers is not None else [CSVLogger(output_dir, name="csv")],
+        logger=loggers if loggers is not None else [CSVLogger(output_dir, name="csv", version="")],
         callbacks=[checkpoint], enable_model_summary=False, deterministic=bool(tr.deterministic),
         default_root_dir=output_dir,
     )
 
 
 def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]] | None,
-                output_dir: Path) -> dict[str, Any]:
+                output_dir: Path, loggers: list | None = None) -> dict[str, Any]:
     task = load_task(cfg.dataset, cfg.paths.cache_dir)
     train, too_long = encode_all(loaded.tokenizer, task.train, int(cfg.dataset.max_length))
     if too_long:
@@ -71,7 +71,7 @@ def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]]
                          pad_id if pad_id is not None else loaded.tokenizer.eos_token_id,
                          seed=int(cfg.seed))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    trainer = build_trainer(cfg, output_dir)
+    trainer = build_trainer(cfg, output_dir, loggers)
     trainer.fit(tuner, datamodule=data, ckpt_path=cfg.trainer.get("resume_from"))
     loss = trainer.callback_metrics.get("train/loss")
     return {"trainable_parameters": n_trainable, "lr": lr, "train_examples": len(train),

@@ -98,7 +98,9 @@ def _target(logits_last: torch.Tensor) -> tuple[int, float]:
 class FastKVA:
     """Exact KVA with the shortcuts in the module docstring."""
 
-    LM_HEAD_GROUP = 8  # layers whose last-token passes share one lm_head call
+    # Layers whose scaled last tokens run as one batch (one call per decoder layer, one
+    # lm_head call, one backward); bounds the keys/values held at once.
+    STREAM_GROUP = 8
 
     def __init__(self, model: nn.Module, settings: KVASettings):
         self.model = model
@@ -209,28 +211,30 @@ class FastKVA:
                                               target)
         else:
             grads = self._grads_last_position(input_ids.shape[1], mids, z_base, deltas,
-                                              clean_cache, layer_out, target)
+                                              clean_cache, target)
         m = self.alphas.numel()
         scores = [d[0, -1].float() * (g[:, 0].float() * self.weights.view(m, 1)).sum(0)
                   for d, g in zip(deltas, grads)]
         return Attribution(torch.stack(scores), target, prob)
 
     def _grads_all_positions(self, input_ids, mids, z_base, deltas, clean_cache, target):
-        """Per layer: the scaled prefix once without autograd (for its keys/values), then the
-        last token with autograd on top of that cache. Integration points at alpha = 1 are
-        the clean run, so their prefix keys/values are taken from the clean cache."""
+        """Per layer l: the scaled prefix once without autograd, for the keys/values it leaves
+        in layers l+1..L (points at alpha = 1 are the clean run: their keys/values come from
+        the clean cache). Then the last tokens of a group of layers run together."""
         seq = input_ids.shape[1]
         device = input_ids.device
         m = self.alphas.numel()
         alphas = self.alphas.view(m, 1, 1)
         shared = self._shared_prefix_len(input_ids)
-        last_pos = torch.tensor([[seq - 1]], device=device)
+        n_layers = len(self.layers)
         grads: list[torch.Tensor] = []
-        finals: list[torch.Tensor] = []
-        leaves: list[torch.Tensor] = []
-        for layer in range(len(self.layers)):
-            cache = DynamicCache(config=self.model.config)
-            if seq > 1 and layer + 1 < len(self.layers):
+        for group_start in range(0, n_layers, self.STREAM_GROUP):
+            group = list(range(group_start, min(group_start + self.STREAM_GROUP, n_layers)))
+            caches: dict[int, DynamicCache] = {}
+            for layer in group:
+                if seq == 1 or layer + 1 == n_layers:
+                    continue
+                cache = caches[layer] = DynamicCache(config=self.model.config)
                 with torch.no_grad():
                     if shared:
                         for idx, (keys, values) in self._prefix_kv[layer].items():
@@ -243,20 +247,45 @@ class FastKVA:
                                        use_mask=True, kv_only=True)
                     if self.clean_rows:
                         self._insert_clean_rows(cache, clean_cache, layer + 1)
-            z_last = (z_base[layer][:, -1:] + alphas * deltas[layer][:, -1:]).detach()
-            z_last.requires_grad_(True)
-            with torch.enable_grad():
-                finals.append(self._run_from(layer + 1, mids[layer][:, -1:] + z_last, last_pos,
-                                             cache, use_mask=False))
-            leaves.append(z_last)
-            # lm_head reads a [vocab, d_model] weight per call: run it for a group of layers
-            # at once (their graphs are independent, one backward serves them all).
-            if len(leaves) == self.LM_HEAD_GROUP or layer == len(self.layers) - 1:
-                with torch.enable_grad():
-                    probs = self._prob_of_target(torch.cat(finals), target)
-                    grads.extend(torch.autograd.grad(probs.sum(), leaves))
-                finals, leaves = [], []
+
+            def prefix_kv(layer: int, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+                return caches[layer].layers[idx].keys, caches[layer].layers[idx].values
+
+            grads += self._stream_last_tokens(group, prefix_kv, seq, mids, z_base, deltas, target)
         return grads
+
+    def _stream_last_tokens(self, group, prefix_kv, seq, mids, z_base, deltas, target):
+        """Scaled last tokens of the layers in ``group`` as one batch of streams.
+
+        Stream (l, k) joins at layer l+1 with ``mid_l + z_l(a_k)`` at the last position and
+        attends to its own prefix keys/values ``prefix_kv(l, j)``; layer j runs all streams
+        that have joined in one call, and one lm_head call and one backward serve them all
+        (their graphs are independent). Returns d prob / d z_l(a_k) per layer, [m, 1, D].
+        """
+        m = self.alphas.numel()
+        alphas = self.alphas.view(m, 1, 1)
+        n_layers = len(self.layers)
+        last_pos = torch.tensor([[seq - 1]], device=mids[0].device)
+        leaves = {l: (z_base[l][:, -1:] + alphas * deltas[l][:, -1:]).detach().requires_grad_(True)
+                  for l in group}
+        cache = DynamicCache(config=self.model.config)
+        with torch.enable_grad():
+            active, joined = None, []
+            for j in range(group[0] + 1, n_layers + 1):
+                if j - 1 in leaves:
+                    stream = mids[j - 1][:, -1:] + leaves[j - 1]
+                    active = stream if active is None else torch.cat([active, stream])
+                    joined.append(j - 1)
+                if j == n_layers:
+                    break
+                if seq > 1:
+                    keys, values = zip(*(prefix_kv(l, j) for l in joined))
+                    cache.update(torch.cat(keys), torch.cat(values), j)
+                pos_emb = self.decoder.rotary_emb(active, position_ids=last_pos)
+                active = self.layers[j](active, attention_mask=None, position_embeddings=pos_emb,
+                                        position_ids=last_pos, cache=cache, use_cache=True)
+            probs = self._prob_of_target(active, target)  # [len(group) * m], stream order
+            return list(torch.autograd.grad(probs.sum(), [leaves[l] for l in group]))
 
     # -- the prefix shared by every probe prompt -------------------------------------------
     def set_shared_prefix(self, prefix_ids: torch.Tensor | None) -> None:
@@ -309,37 +338,21 @@ class FastKVA:
             mine.values = torch.cat([mine.values,
                                      clean.values[:, :, :-1].expand(n, -1, -1, -1)])[order]
 
-    def _grads_last_position(self, seq, mids, z_base, deltas, clean_cache, layer_out, target):
-        """All layers' scaled last tokens as one batch of L*m streams over the clean prefix.
-
-        Stream (l, k) joins the batch at layer l+1 with ``mid_l + z_l(a_k)`` at the last
-        position; layer j then runs only the streams that have joined (j*m of them), each
-        attending to the clean prefix keys/values. One call per layer instead of L*(L-1)/2.
-        """
+    def _grads_last_position(self, seq, mids, z_base, deltas, clean_cache, target):
+        """Only the last position is scaled: every stream attends to the clean prefix."""
         m = self.alphas.numel()
-        alphas = self.alphas.view(m, 1, 1)
+
+        def prefix_kv(layer: int, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+            clean = clean_cache.layers[idx]
+            return (clean.keys[:, :, :-1].expand(m, -1, -1, -1),
+                    clean.values[:, :, :-1].expand(m, -1, -1, -1))
+
         n_layers = len(self.layers)
-        last_pos = torch.tensor([[seq - 1]], device=mids[0].device)
-        leaves = [(z_base[l][:, -1:] + alphas * deltas[l][:, -1:]).detach().requires_grad_(True)
-                  for l in range(n_layers)]
-        cache = DynamicCache(config=self.model.config)
-        with torch.enable_grad():
-            active = None
-            for j in range(1, n_layers + 1):
-                joined = mids[j - 1][:, -1:] + leaves[j - 1]
-                active = joined if active is None else torch.cat([active, joined])
-                if j == n_layers:
-                    break
-                if seq > 1:
-                    layer_cache = clean_cache.layers[j]
-                    b = active.shape[0]
-                    cache.update(layer_cache.keys[:, :, :-1].expand(b, -1, -1, -1),
-                                 layer_cache.values[:, :, :-1].expand(b, -1, -1, -1), j)
-                pos_emb = self.decoder.rotary_emb(active, position_ids=last_pos)
-                active = self.layers[j](active, attention_mask=None, position_embeddings=pos_emb,
-                                        position_ids=last_pos, cache=cache, use_cache=True)
-            probs = self._prob_of_target(active, target)  # [L*m], stream order (l, k)
-            return list(torch.autograd.grad(probs.sum(), leaves))
+        grads: list[torch.Tensor] = []
+        for start in range(0, n_layers, self.STREAM_GROUP):
+            group = list(range(start, min(start + self.STREAM_GROUP, n_layers)))
+            grads += self._stream_last_tokens(group, prefix_kv, seq, mids, z_base, deltas, target)
+        return grads
 
     def __call__(self, input_ids: torch.Tensor) -> Attribution:
         return self.attribute(input_ids)

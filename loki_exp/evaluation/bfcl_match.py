@@ -1,0 +1,81 @@
+"""BFCL task metric: AST-style match of generated call(s) against the possible answers.
+
+A generation is parsed with ``ast`` (never evaluated): a Python list of calls
+``[name(arg=value, ...), ...]`` or one bare call, values read with ``ast.literal_eval``.
+It matches when the calls pair one-to-one (in any order) with the ground-truth calls:
+same function name; every argument given is known and its value is in the allowed list
+(strings compared after the BFCL normalisation: lower case, no spaces or ``,./-_*^``);
+every argument left out is optional (its allowed list holds ``""``).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from typing import Any
+
+_STRIP = re.compile(r"[ ,./\-_*^]")
+
+
+def parse_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
+    """[(dotted name, {arg: value})] or None when the text is not a call list."""
+    text = text.strip()
+    if text.startswith("```"):
+        text = text.strip("`").removeprefix("python").strip()
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        return None
+    nodes = tree.elts if isinstance(tree, (ast.List, ast.Tuple)) else [tree]
+    calls = []
+    for node in nodes:
+        if not isinstance(node, ast.Call) or node.args:
+            return None  # positional arguments cannot be matched to names
+        try:
+            kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+        except (ValueError, SyntaxError, TypeError):
+            return None
+        if None in kwargs:  # **kwargs
+            return None
+        calls.append((ast.unparse(node.func), kwargs))
+    return calls
+
+
+def _norm(value: Any) -> Any:
+    if isinstance(value, str):
+        return _STRIP.sub("", value).lower()
+    if isinstance(value, (list, tuple)):
+        return [_norm(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _norm(v) for k, v in value.items()}
+    return value
+
+
+def _value_allowed(value: Any, allowed: list) -> bool:
+    target = _norm(value)
+    return any(a != "" and _norm(a) == target for a in allowed)
+
+
+def call_matches(call: tuple[str, dict[str, Any]], truth: dict[str, dict[str, list]]) -> bool:
+    (name, args), = truth.items()
+    got_name, got_args = call
+    if got_name != name:
+        return False
+    for arg, value in got_args.items():
+        if arg not in args or not _value_allowed(value, args[arg]):
+            return False
+    return all("" in allowed for arg, allowed in args.items() if arg not in got_args)
+
+
+def _pairs(calls: list, truths: list) -> bool:
+    """A perfect one-to-one matching of calls to truths exists (order-free, backtracking)."""
+    if not truths:
+        return True
+    first = truths[0]
+    return any(call_matches(call, first) and _pairs(calls[:i] + calls[i + 1:], truths[1:])
+               for i, call in enumerate(calls))
+
+
+def matches(generated: str, ground_truth: list[dict[str, dict[str, list]]]) -> bool:
+    calls = parse_calls(generated)
+    return calls is not None and len(calls) == len(ground_truth) and _pairs(calls, ground_truth)
