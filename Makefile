@@ -7,6 +7,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 ARGS   ?=
+# The main job's study: a CPU-sized run of the offline default (conf/experiment/cpu_demo.yaml).
+# On a GPU use EXPERIMENT=null for the paper's probe size.
+EXPERIMENT ?= cpu_demo
 PYTEST_ARGS ?=
 
 PY    := $(VENV)/bin/python
@@ -15,7 +18,7 @@ STAMP := $(VENV)/.loki_exp-installed
 .PHONY: run test setup assets benchmarks clean-venv
 
 run: assets
-	$(PY) -m loki_exp.train $(ARGS)
+	$(PY) -m loki_exp.train experiment=$(EXPERIMENT) $(ARGS)
 
 test: assets
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -170,3 +170,28 @@ def test_lightning_fit_updates_only_rows(compose_cfg, tmp_path):
     for block, old in zip(model.model.layers, rows_before):
         assert not torch.equal(block.mlp.down_proj.weight_rows, old)
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def test_frozen_linear_keeps_no_autocast_copy_and_gives_the_same_gradients():
+    from loki_exp.implant.loki_linear import FrozenLinear
+
+    torch.manual_seed(0)
+    plain = nn.Linear(16, 8).requires_grad_(False)
+    lean = copy.deepcopy(plain)
+    lean.__class__ = FrozenLinear
+    x1 = torch.randn(3, 16, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y1, y2 = plain(x1), lean(x2)
+    assert torch.equal(y1, y2)
+    y1.float().pow(2).sum().backward()
+    y2.float().pow(2).sum().backward()
+    assert torch.equal(x1.grad, x2.grad)
+    assert lean.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_merge_restores_plain_linear_classes(tiny_models):
+    model = copy.deepcopy(tiny_models["tiny_llama"].model)
+    apply_loki(model, [[1], [2], [3]])
+    merge_loki(model)
+    assert {type(m).__name__ for m in model.modules() if isinstance(m, nn.Linear)} == {"Linear"}

@@ -228,3 +228,16 @@ def test_store_grid_mismatch_and_corrupt_store_are_clear_errors(compose_cfg, tin
         run_analyse(cfg, tiny_models["tiny_llama"])
     assert path.read_bytes() == good[: len(good) // 3]  # left for the user to inspect
     assert not partial_dir(path).exists()
+
+
+def test_a_given_store_is_used_and_checked_against_the_model(compose_cfg, tiny_models, tmp_path):
+    path = tmp_path / "kva_mmlu.h5"
+    with h5py.File(path, "w") as f:  # the original code's layout
+        f.create_dataset("dataset", data=np.zeros((2, 3, 64), np.float16))
+    cfg = _cfg(compose_cfg, tmp_path, f"kva.store={path}")
+    assert run_analyse(cfg, tiny_models["tiny_llama"]) == path
+    with pytest.raises(LokiError, match=r"holds \[L, D\] = \[3, 64\], but the model has \[2, 48\]"):
+        run_analyse(cfg, tiny_models["tiny_qwen"])
+    with pytest.raises(LokiError, match="does not exist"):
+        run_analyse(_cfg(compose_cfg, tmp_path, f"kva.store={tmp_path}/nope.h5"),
+                    tiny_models["tiny_llama"])

@@ -44,6 +44,38 @@ class _RowLinear(torch.autograd.Function):
         return grad_x, None, None, None, grad_rows, grad_bias_rows
 
 
+class _FrozenLinearFn(torch.autograd.Function):
+    """y = x W^T + b for a frozen W, keeping W itself (not an autocast copy) for backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        ctx.x_dtype = x.dtype
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (weight,) = ctx.saved_tensors
+        grad_x = (grad_out @ weight.to(grad_out.dtype)).to(ctx.x_dtype)
+        return grad_x, None, None
+
+
+class FrozenLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight never trains (same parameters and state-dict keys).
+
+    Under bf16 autocast a plain Linear keeps the bf16 copy of its weight alive for the
+    backward pass (autocast caches casts only of weights that require grad); with every
+    weight but a few rows frozen that is a second, half-size copy of the model. This one
+    keeps the stored weight and casts again in backward. The class is swapped in place by
+    ``apply_loki`` and back by ``merge_loki``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return F.linear(x, self.weight, self.bias)
+        return _FrozenLinearFn.apply(x, self.weight, self.bias)
+
+
 class LoKILinear(nn.Module):
     """A frozen ``nn.Linear`` whose output rows ``rows`` are trainable."""
 
@@ -106,6 +138,9 @@ def apply_loki(model: nn.Module, positions: list[list[int]], lora_rank: int = 0,
         raise LokiError(f"positions have {len(positions)} layer lists, the model has "
                         f"{len(layers)} layers")
     model.requires_grad_(False)
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = FrozenLinear
     for block, rows in zip(layers, positions):
         if rows:
             block.mlp.down_proj = LoKILinear(block.mlp.down_proj, rows, lora_rank, lora_alpha)
@@ -119,6 +154,9 @@ def merge_loki(model: nn.Module) -> nn.Module:
         if isinstance(proj, LoKILinear):
             proj.sync_rows()
             block.mlp.down_proj = proj.base_layer
+    for module in model.modules():
+        if type(module) is FrozenLinear:
+            module.__class__ = nn.Linear
     return model
 
 

@@ -85,6 +85,10 @@ def kva_trainer(cfg: DictConfig, callbacks: list) -> L.Trainer:
 
 def run_analyse(cfg: DictConfig, loaded: LoadedModel) -> Path:
     """Return the finished KVA store for this model and config, computing what is missing."""
+    if cfg.kva.get("store"):  # a given store, e.g. one the original LoKI code wrote
+        with StoreView(cfg.kva.store) as view:
+            view.check_grid(*node_grid(loaded.model))
+        return Path(cfg.kva.store)
     settings = kva_settings(cfg.kva)
     if cfg.kva.store_dtype not in STORE_DTYPES:
         raise LokiError(f"kva.store_dtype={cfg.kva.store_dtype!r} is not known; expected one "

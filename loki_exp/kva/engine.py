@@ -17,8 +17,13 @@ per-layer path (which is why this part is hand-written):
 - all ``m`` integration points run as one batch;
 - the gradient w.r.t. ``z_l[last]`` flows only through the last token (causal attention),
   so the earlier positions of a scaled run are computed once without autograd, only for
-  their keys/values, and the last token runs alone on top of that KV cache;
-- ``lm_head`` runs at the last position only.
+  their keys/values (the last layer runs its attention alone: its MLP output is unused);
+- points at ``alpha = 1`` are the clean run: their keys/values come from the clean pass;
+- the template prefix every probe prompt shares has the same scaled keys/values in every
+  prompt, so they are computed once (``set_shared_prefix``);
+- the scaled last tokens of a group of layers run as one batch of streams over their own
+  prefix caches: one call per decoder layer, one ``lm_head`` call (last position only)
+  and one backward per group instead of one per layer.
 
 ``CaptumKVA`` is the reference: one Captum attribution per layer (``LayerIntegratedGradients``
 on ``down_proj`` for the ``token`` baseline, as the original code does;
@@ -197,6 +202,9 @@ class FastKVA:
         """Attributions [L, D] for one prompt ``input_ids`` [1, S] (no padding)."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError("FastKVA.attribute takes one prompt of shape [1, S]")
+        if self.alphas.device != input_ids.device:  # Lightning moved the model
+            self.alphas = self.alphas.to(input_ids.device)
+            self.weights = self.weights.to(input_ids.device)
         layer_out, z_clean, clean_cache, logits_last = self._clean(input_ids)
         target, prob = _target(logits_last)
         if self.settings.baseline == "zero":
