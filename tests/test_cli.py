@@ -64,7 +64,9 @@ def test_analyse_alone_prints_the_store_path_and_ddp_stores_each_sample_once(tmp
     assert a.endswith(".h5") and b.endswith(".h5") and a.split("/")[-1] == b.split("/")[-1]
     with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
         assert list(fa["sample_id"]) == list(fb["sample_id"]) and len(fb["sample_id"]) == 5
-        np.testing.assert_allclose(fa["attributions"][()], fb["attributions"][()],
-                                   rtol=1e-5, atol=1e-7 * np.abs(fa["attributions"][()]).max())
+        # Each DDP process runs one thread (other BLAS blocking): equal up to float noise.
+        ref, got = fa["attributions"][()], fb["attributions"][()]
+        assert np.abs(ref - got).max() <= 1e-5 * np.abs(ref).max()
+        np.testing.assert_array_equal(fa["target_token"][()], fb["target_token"][()])
     # No shard files are left behind.
     assert not list((tmp_path / "two").rglob("*.partial"))

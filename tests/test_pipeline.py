@@ -94,3 +94,7 @@ def test_smoke_experiment_on_smollm2(compose_cfg, tmp_path):
     assert np.isfinite(state.artifacts["implant"]["final_train_loss"])
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert tuned.config.num_hidden_layers == 30
+    metrics = state.artifacts["metrics"]
+    assert 0.25 <= metrics["bench/arc_easy/acc/before"] <= 0.8  # SmolLM2 is far above chance
+    assert metrics["task/bfcl/accuracy/before"] <= 0.25  # the base model answers in prose
+    assert np.isfinite(metrics["forgetting/avg"])
