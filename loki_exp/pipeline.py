@@ -1,4 +1,4 @@
-"""The stage sequence of one run: analyse -> select -> implant -> evaluate -> export.
+"""The stage sequence of one run: analyse -> select -> implant -> export -> evaluate.
 
 Each stage is a function of the composed config and a shared ``RunState``.
 """
@@ -8,15 +8,25 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from loki_exp.data.tasks import load_task
 from loki_exp.errors import LokiError
+from loki_exp.evaluation.evaluate import run_evaluate
+from loki_exp.implant.export import export_checkpoint
+from loki_exp.implant.fit import run_implant
+from loki_exp.implant.methods import LOKI_METHODS
+from loki_exp.kva.analyse import run_analyse
+from loki_exp.kva.store import StoreView
+from loki_exp.loggers import build_loggers, close_loggers, log_final_metrics
 from loki_exp.model_access import node_grid
 from loki_exp.models import LoadedModel, load_model
+from loki_exp.selection import check_quota, load_positions, save_positions, select
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +42,6 @@ class RunState:
 
 
 def analyse(state: RunState) -> None:
-    from loki_exp.implant.methods import LOKI_METHODS
-    from loki_exp.kva.analyse import run_analyse
-
     if state.cfg.get("positions_file") or state.cfg.method.name not in LOKI_METHODS:
         log.info("analyse: not needed (positions_file given or method=%s)", state.cfg.method.name)
         return
@@ -42,10 +49,6 @@ def analyse(state: RunState) -> None:
 
 
 def select_rows(state: RunState) -> None:
-    from loki_exp.implant.methods import LOKI_METHODS
-    from loki_exp.kva.store import StoreView
-    from loki_exp.selection import load_positions, save_positions, select
-
     cfg = state.cfg
     if cfg.method.name not in LOKI_METHODS:
         log.info("select: method=%s trains no selected rows, skipped", cfg.method.name)
@@ -69,8 +72,6 @@ def select_rows(state: RunState) -> None:
 
 
 def implant(state: RunState) -> None:
-    from loki_exp.implant.fit import run_implant
-
     stats = run_implant(state.cfg, state.loaded, state.artifacts.get("positions"),
                         state.output_dir, state.loggers)
     state.artifacts["task"] = stats.pop("task")
@@ -78,10 +79,6 @@ def implant(state: RunState) -> None:
 
 
 def evaluate(state: RunState) -> None:
-    from loki_exp.data.tasks import load_task
-    from loki_exp.evaluation.evaluate import run_evaluate
-    from loki_exp.loggers import log_final_metrics
-
     task = state.artifacts.get("task") or load_task(state.cfg.dataset, state.cfg.paths.cache_dir)
     metrics = run_evaluate(state.cfg, state.loaded, task, state.output_dir)
     state.artifacts["metrics"] = metrics
@@ -89,8 +86,6 @@ def evaluate(state: RunState) -> None:
 
 
 def export(state: RunState) -> None:
-    from loki_exp.implant.export import export_checkpoint
-
     state.artifacts["model_dir"] = export_checkpoint(state.cfg, state.loaded, state.output_dir)
 
 
@@ -108,14 +103,11 @@ def validate(cfg: DictConfig) -> None:
     if unknown:
         raise LokiError(f"stages={list(cfg.stages)} has unknown entries {unknown}; "
                         f"expected a subset of {list(STAGES)}")
-    q = cfg.quota
-    if not isinstance(q, (int, float)) or isinstance(q, bool) or not 0 < q <= 100:
-        raise LokiError(f"quota={q!r} is out of range; expected a number in (0, 100]")
+    check_quota(cfg.quota)
 
 
 def run(cfg: DictConfig, output_dir: Path) -> RunState:
     """Run the configured stages in order and return what they produced."""
-    from loki_exp.loggers import build_loggers, close_loggers
 
     validate(cfg)
     state = RunState(cfg, output_dir, loggers=build_loggers(cfg, output_dir))
@@ -146,8 +138,6 @@ def _run_stages(state: RunState) -> None:
 
 def write_run_record(state: RunState) -> Path:
     """``run.json``: resolved config, where the inputs came from, sizes and stage timings."""
-    from omegaconf import OmegaConf
-
     art = state.artifacts
     record = {
         "config": OmegaConf.to_container(state.cfg, resolve=True),

@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -32,10 +32,14 @@ STRATEGIES = ("layer_balanced", "global_lowest", "global_highest")
 SCORES = ("signed", "abs")
 
 
-def node_budget(quota: float, n_layers: int, n_nodes: int) -> int:
-    """``T = floor(q/100 * L * D)``."""
+def check_quota(quota: object) -> None:
     if isinstance(quota, bool) or not isinstance(quota, (int, float)) or not 0 < quota <= 100:
         raise LokiError(f"quota={quota!r} is out of range; expected a number in (0, 100]")
+
+
+def node_budget(quota: float, n_layers: int, n_nodes: int) -> int:
+    """``T = floor(q/100 * L * D)``."""
+    check_quota(quota)
     # Rounded to 9 digits first so that e.g. 10% of 24*896 is 2150, not 2150.3999...
     return math.floor(round(quota / 100 * n_layers * n_nodes, 9))
 

@@ -64,7 +64,7 @@ def test_last_position_variant_matches_an_independent_computation(tiny_models):
     for layer, proj in enumerate(down_projs(model)):
         with torch.no_grad():
             clean = []
-            h = proj.register_forward_hook(lambda m, i, o: clean.append(o))
+            h = proj.register_forward_hook(lambda m, i, o, clean=clean: clean.append(o))
             model(ids)
             h.remove()
         z = clean[0]

@@ -1,6 +1,12 @@
 import pytest
 
-from loki_exp.data.mmlu import load_offline, load_probe, render_prompt, sample_per_subject, user_message
+from loki_exp.data.mmlu import (
+    load_offline,
+    load_probe,
+    render_prompt,
+    sample_per_subject,
+    user_message,
+)
 from loki_exp.errors import LokiError
 
 

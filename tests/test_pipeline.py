@@ -16,7 +16,6 @@ from loki_exp.pipeline import run
 from loki_exp.selection import load_positions
 from tests.conftest import SHARED_DATA
 
-
 NO_EVAL = "stages=[analyse,select,implant,export]"
 
 

@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 
 from loki_exp.errors import LokiError
-from loki_exp.selection import (load_positions, node_budget, save_positions, select,
-                                validate_positions)
+from loki_exp.selection import (
+    load_positions,
+    node_budget,
+    save_positions,
+    select,
+    validate_positions,
+)
 from tests.conftest import SHARED_DATA
 
 

@@ -256,7 +256,7 @@ class FastKVA:
                     if self.clean_rows:
                         self._insert_clean_rows(cache, clean_cache, layer + 1)
 
-            def prefix_kv(layer: int, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+            def prefix_kv(layer: int, idx: int, caches=caches) -> tuple[torch.Tensor, torch.Tensor]:
                 return caches[layer].layers[idx].keys, caches[layer].layers[idx].values
 
             grads += self._stream_last_tokens(group, prefix_kv, seq, mids, z_base, deltas, target)
@@ -274,8 +274,8 @@ class FastKVA:
         alphas = self.alphas.view(m, 1, 1)
         n_layers = len(self.layers)
         last_pos = torch.tensor([[seq - 1]], device=mids[0].device)
-        leaves = {l: (z_base[l][:, -1:] + alphas * deltas[l][:, -1:]).detach().requires_grad_(True)
-                  for l in group}
+        leaves = {layer: (z_base[layer][:, -1:] + alphas * deltas[layer][:, -1:]).detach()
+                  .requires_grad_(True) for layer in group}
         cache = DynamicCache(config=self.model.config)
         with torch.enable_grad():
             active, joined = None, []
@@ -287,13 +287,13 @@ class FastKVA:
                 if j == n_layers:
                     break
                 if seq > 1:
-                    keys, values = zip(*(prefix_kv(l, j) for l in joined))
+                    keys, values = zip(*(prefix_kv(layer, j) for layer in joined))
                     cache.update(torch.cat(keys), torch.cat(values), j)
                 pos_emb = self.decoder.rotary_emb(active, position_ids=last_pos)
                 active = self.layers[j](active, attention_mask=None, position_embeddings=pos_emb,
                                         position_ids=last_pos, cache=cache, use_cache=True)
             probs = self._prob_of_target(active, target)  # [len(group) * m], stream order
-            return list(torch.autograd.grad(probs.sum(), [leaves[l] for l in group]))
+            return list(torch.autograd.grad(probs.sum(), [leaves[layer] for layer in group]))
 
     # -- the prefix shared by every probe prompt -------------------------------------------
     def set_shared_prefix(self, prefix_ids: torch.Tensor | None) -> None:

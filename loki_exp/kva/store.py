@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -189,7 +189,7 @@ class StoreView:
         if self.file.id.valid:
             self.file.close()
 
-    def __enter__(self) -> "StoreView":
+    def __enter__(self) -> StoreView:
         return self
 
     def __exit__(self, *exc) -> None:
