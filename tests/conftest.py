@@ -56,6 +56,21 @@ def tiny_models():
     return out
 
 
+def linked_cache(path: Path) -> Path:
+    """A cache dir whose wheels and converted models link to the real, verified ones.
+
+    For code that only reads them (never for tests that corrupt a wheel: use isolated_cache).
+    """
+    from loki_exp.data import assets
+
+    real = assets.cache_dir()
+    (path / "wheels").mkdir(parents=True)
+    for wheel in assets.WHEELS.values():
+        (path / "wheels" / wheel.filename).symlink_to(real / "wheels" / wheel.filename)
+    (path / "models").symlink_to(real / "models", target_is_directory=True)
+    return path
+
+
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
     """A fresh cache dir holding copies of the verified wheels and a link to the converted

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, linked_cache
 
 
 def run_cli(*args, module="loki_exp.train", env=None, timeout=300):
@@ -53,6 +53,8 @@ def test_analyse_alone_prints_the_store_path_and_ddp_stores_each_sample_once(tmp
     import numpy as np
 
     common = ["model=tiny_llama", "kva.limit=5", "kva.steps=3"]
+    linked_cache(tmp_path / "one")
+    linked_cache(tmp_path / "two")
     one = run_cli(*common, f"paths.cache_dir={tmp_path}/one", f"hydra.run.dir={tmp_path}/r1",
                   module="loki_exp.analyse")
     assert one.returncode == 0, one.stderr[-2000:]

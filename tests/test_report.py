@@ -1,0 +1,51 @@
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from loki_exp.errors import LokiError
+from loki_exp.report import kva_extremes_per_layer, make_report
+
+
+def _fake_run(root, name, method, quota, task_after, forgetting, store=None):
+    run = root / name
+    run.mkdir(parents=True)
+    metrics = {"task/bfcl/accuracy/before": 0.0, "task/bfcl/accuracy/after": task_after,
+               "bench/arc_easy/acc_norm/before": 0.5, "bench/arc_easy/acc_norm/after": 0.45,
+               "forgetting/avg": forgetting}
+    record = {"config": {"method": {"name": method}, "strategy": {"name": "layer_balanced"},
+                         "quota": quota},
+              "implant": {"trainable_parameters": 1000 * quota}, "metrics": metrics,
+              "kva_store": str(store) if store else None}
+    (run / "run.json").write_text(json.dumps(record))
+
+
+def test_report_writes_table_and_both_plots(tmp_path):
+    store = tmp_path / "kva.h5"
+    scores = np.random.default_rng(0).normal(size=(6, 4, 10)).astype(np.float32)
+    scores[:, 3] += 5.0  # the last layer holds the highest attributions
+    with h5py.File(store, "w") as f:
+        f.create_dataset("attributions", data=scores)
+    root = tmp_path / "multirun"
+    for i, (method, q, task, forget) in enumerate([("loki", 5, 0.2, 0.5), ("loki", 10, 0.3, 1.0),
+                                                   ("lora", 10, 0.4, 4.0), ("full", 10, 0.5, 9.0)]):
+        _fake_run(root, str(i), method, q, task, forget, store)
+    out = make_report(root)
+    assert len(out["rows"]) == 4
+    csv_text = (root / "report.csv").read_text().splitlines()
+    assert csv_text[0].startswith("run,method,strategy,quota,trainable_parameters")
+    assert len(csv_text) == 5 and csv_text[0].endswith("forgetting/avg")
+    md = (root / "report.md").read_text()
+    assert "| loki | layer_balanced | 10 | 10000 |" in md and "| full |" in md
+    assert (root / "forgetting_vs_task.png").stat().st_size > 10_000
+    assert (root / "kva_heatmap.png").stat().st_size > 5_000
+    high, low = kva_extremes_per_layer(str(store), 10)
+    assert high.tolist() == [0, 0, 0, 4] and low.sum() == 4 and low[3] == 0
+
+
+def test_report_on_a_dir_without_runs(tmp_path):
+    with pytest.raises(LokiError, match="holds no run.json"):
+        make_report(tmp_path)
+    with pytest.raises(LokiError, match="is not a directory"):
+        make_report(tmp_path / "nope")
