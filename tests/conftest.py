@@ -14,7 +14,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# The original LoKI position files live in the workspace's shared/ folder beside the clone.
+SHARED_DATA = Path(os.environ.get("LOKI_EXP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+needs_shared_data = pytest.mark.skipif(
+    not (SHARED_DATA / "original_pos_json").is_dir(),
+    reason=f"original pos_json files not found in {SHARED_DATA} (set LOKI_EXP_SHARED_DATA)")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,7 +14,7 @@ from loki_exp.model_access import down_projs
 from loki_exp.models import load_model
 from loki_exp.pipeline import run
 from loki_exp.selection import load_positions
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, needs_shared_data
 
 NO_EVAL = "stages=[analyse,select,implant,export]"
 
@@ -77,6 +77,7 @@ def test_positions_file_replaces_kva(compose_cfg, tmp_path, isolated_cache):
     assert state.artifacts["implant"]["trainable_parameters"] == 6 * 96
 
 
+@needs_shared_data
 def test_bad_positions_file_leaves_nothing_half_written(compose_cfg, tmp_path, isolated_cache):
     wrong = SHARED_DATA / "original_pos_json" / "Qwen2.5-0.5B-Instruct" / "10.json"
     with pytest.raises(LokiError, match="has 24 layer lists, the model has 3 layers"):

@@ -16,7 +16,7 @@ from loki_exp.selection import (
     select,
     validate_positions,
 )
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, needs_shared_data
 
 
 def brute_force(scores, quota, strategy, score="signed"):
@@ -102,6 +102,7 @@ def test_bad_strategy_and_score():
         select(iter([]), 10)
 
 
+@needs_shared_data
 @pytest.mark.parametrize("model,layers,d_model,quotas", [
     ("Qwen2.5-0.5B-Instruct", 24, 896, (5, 10, 20, 30)),
     ("Llama-3.1-8B-Instruct", 32, 4096, (10, 20, 30)),
