@@ -169,7 +169,15 @@ def test_lightning_fit_updates_only_rows(compose_cfg, tmp_path):
     assert torch.equal(model.lm_head.weight, before)
     for block, old in zip(model.model.layers, rows_before):
         assert not torch.equal(block.mlp.down_proj.weight_rows, old)
-    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert sorted(ckpt["state_dict"]) == [f"model.model.layers.{i}.mlp.down_proj.weight_rows"
+                                          for i in range(3)]
+    # Resuming restores the rows into a fresh LoKI model.
+    fresh = apply_loki(load_model(cfg.model).model, [[1], [2], [3]])
+    resumed = CausalLMTuner(fresh, lr=1e-2, max_steps=2)
+    resumed.load_state_dict(ckpt["state_dict"], strict=False)
+    for a, b in zip(fresh.model.layers, model.model.layers):
+        assert torch.equal(a.mlp.down_proj.weight_rows, b.mlp.down_proj.weight_rows)
 
 
 def test_frozen_linear_keeps_no_autocast_copy_and_gives_the_same_gradients():

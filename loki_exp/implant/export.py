@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -16,11 +17,10 @@ def export_checkpoint(cfg: DictConfig, loaded: LoadedModel, output_dir: Path) ->
     loaded.model = model
     target = output_dir / "model"
     tmp = output_dir / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export
     model.save_pretrained(tmp, safe_serialization=True)
     loaded.tokenizer.save_pretrained(tmp)
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     tmp.rename(target)
     return target

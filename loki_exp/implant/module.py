@@ -36,6 +36,15 @@ class CausalLMTuner(L.LightningModule):
         self.warmup_steps = int(warmup_ratio * max_steps)
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
+        # Checkpoints hold only the trained tensors (see on_save_checkpoint).
+        self.strict_loading = False
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the trainable tensors only: for LoKI a few MB instead of the whole model
+        (the frozen weights are the base checkpoint's); full fine-tuning keeps everything."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k in trainable}
 
     def on_fit_start(self) -> None:
         # Models are loaded in eval mode; Lightning keeps the submodule modes it finds.
