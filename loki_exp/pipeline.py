@@ -20,7 +20,7 @@ from loki_exp.errors import LokiError
 from loki_exp.evaluation.evaluate import run_evaluate
 from loki_exp.implant.export import export_checkpoint
 from loki_exp.implant.fit import run_implant
-from loki_exp.implant.methods import LOKI_METHODS
+from loki_exp.implant.methods import SELECTING_METHODS
 from loki_exp.kva.analyse import run_analyse
 from loki_exp.kva.store import StoreView
 from loki_exp.loggers import build_loggers, close_loggers, log_final_metrics
@@ -42,7 +42,7 @@ class RunState:
 
 
 def analyse(state: RunState) -> None:
-    if state.cfg.get("positions_file") or state.cfg.method.name not in LOKI_METHODS:
+    if state.cfg.get("positions_file") or state.cfg.method.name not in SELECTING_METHODS:
         log.info("analyse: not needed (positions_file given or method=%s)", state.cfg.method.name)
         return
     state.artifacts["kva_store"] = run_analyse(state.cfg, state.loaded)
@@ -50,7 +50,7 @@ def analyse(state: RunState) -> None:
 
 def select_rows(state: RunState) -> None:
     cfg = state.cfg
-    if cfg.method.name not in LOKI_METHODS:
+    if cfg.method.name not in SELECTING_METHODS:
         log.info("select: method=%s trains no selected rows, skipped", cfg.method.name)
         return
     grid = node_grid(state.loaded.model)

@@ -203,3 +203,13 @@ def test_merge_restores_plain_linear_classes(tiny_models):
     apply_loki(model, [[1], [2], [3]])
     merge_loki(model)
     assert {type(m).__name__ for m in model.modules() if isinstance(m, nn.Linear)} == {"Linear"}
+
+
+def test_suppress_zeroes_exactly_the_selected_rows(compose_cfg, tiny_models):
+    model = copy.deepcopy(tiny_models["tiny_llama"].model)
+    before = [p.weight.clone() for p in down_projs(model)]
+    methods.prepare(compose_cfg("method=suppress").method, model, [[0, 3], [], [63]])
+    after = [p.weight for p in down_projs(model)]
+    assert (after[0][[0, 3]] == 0).all() and torch.equal(after[0][1:3], before[0][1:3])
+    assert torch.equal(after[1], before[1]) and (after[2][63] == 0).all()
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 0

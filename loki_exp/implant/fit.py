@@ -50,6 +50,10 @@ def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list | None = None
 def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]] | None,
                 output_dir: Path, loggers: list | None = None) -> dict[str, Any]:
     task = load_task(cfg.dataset, cfg.paths.cache_dir)
+    if cfg.method.name not in methods.TRAINING_METHODS:  # suppress: an edit, no training
+        loaded.model = methods.prepare(cfg.method, loaded.model, positions)
+        return {"trainable_parameters": 0, "edited_rows": sum(map(len, positions or [])),
+                "task": task}
     train, too_long = encode_all(loaded.tokenizer, task.train, int(cfg.dataset.max_length))
     if too_long:
         log.warning("%s: dropped %d of %d training examples longer than max_length=%d",

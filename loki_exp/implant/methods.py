@@ -2,18 +2,23 @@
 
 ``loki`` / ``loki_lora``: the selected down_proj rows (``LoKILinear``). ``lora`` / ``dora``
 / ``pissa``: peft adapters on all linear layers, merged on export. ``full``: everything.
+``suppress`` (the paper's S-H / S-L ablation): no training; the selected rows are zeroed.
 """
 
 from __future__ import annotations
 
+import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from loki_exp.errors import LokiError
 from loki_exp.implant.loki_linear import apply_loki, merge_loki
+from loki_exp.model_access import down_projs
 
-METHODS = ("loki", "loki_lora", "lora", "dora", "pissa", "full")
+METHODS = ("loki", "loki_lora", "lora", "dora", "pissa", "full", "suppress")
 LOKI_METHODS = ("loki", "loki_lora")
+SELECTING_METHODS = (*LOKI_METHODS, "suppress")  # methods that need KVA + selected rows
+TRAINING_METHODS = tuple(m for m in METHODS if m != "suppress")
 
 
 def check_method(cfg: DictConfig) -> None:
@@ -24,9 +29,11 @@ def check_method(cfg: DictConfig) -> None:
 def prepare(cfg: DictConfig, model: nn.Module, positions: list[list[int]] | None) -> nn.Module:
     """Return the model with exactly this method's parameters trainable."""
     check_method(cfg)
+    if cfg.name in SELECTING_METHODS and positions is None:
+        raise LokiError(f"method={cfg.name} needs positions (run the select stage)")
+    if cfg.name == "suppress":
+        return suppress_rows(model, positions)
     if cfg.name in LOKI_METHODS:
-        if positions is None:
-            raise LokiError(f"method={cfg.name} needs positions (run the select stage)")
         rank = int(cfg.rank) if cfg.name == "loki_lora" else 0
         return apply_loki(model, positions, lora_rank=rank, lora_alpha=cfg.get("alpha"))
     if cfg.name == "full":
@@ -45,10 +52,23 @@ def prepare(cfg: DictConfig, model: nn.Module, positions: list[list[int]] | None
     return get_peft_model(model, peft_cfg)
 
 
+@torch.no_grad()
+def suppress_rows(model: nn.Module, positions: list[list[int]]) -> nn.Module:
+    """Zero the selected down_proj rows (and their bias entries); nothing trains."""
+    model.requires_grad_(False)
+    for proj, rows in zip(down_projs(model), positions):
+        if rows:
+            index = torch.tensor(rows, device=proj.weight.device)
+            proj.weight.index_fill_(0, index, 0.0)
+            if proj.bias is not None:
+                proj.bias.index_fill_(0, index, 0.0)
+    return model
+
+
 def export(cfg: DictConfig, model: nn.Module) -> nn.Module:
     """A plain transformers model with the trained changes folded in."""
     if cfg.name in LOKI_METHODS:
         return merge_loki(model)
-    if cfg.name == "full":
+    if cfg.name in ("full", "suppress"):
         return model
     return model.merge_and_unload()
