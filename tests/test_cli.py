@@ -19,7 +19,7 @@ def test_cfg_job_shows_the_three_choices():
     out = proc.stdout
     assert "name: Llama-3.1-8B-Instruct" in out
     assert "name: global_lowest" in out
-    assert "\nquota: 30\n" in out
+    assert "quota: 30\n" in out.splitlines(keepends=True)
 
 
 def test_unknown_model_option_is_one_clear_error():
