@@ -104,6 +104,22 @@ def validate(cfg: DictConfig) -> None:
         raise LokiError(f"stages={list(cfg.stages)} has unknown entries {unknown}; "
                         f"expected a subset of {list(STAGES)}")
     check_quota(cfg.quota)
+    check_parallelism(cfg)
+
+
+def check_parallelism(cfg: DictConfig) -> None:
+    """Refuse the combinations that are not built yet rather than run them wrongly."""
+    if cfg.parallelism.strategy == "fsdp2":
+        raise LokiError("parallelism=fsdp (FSDP2 through ModelParallelStrategy) is not built yet "
+                        "(issue #6); use parallelism=single or parallelism=ddp")
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if multirun and str(cfg.parallelism.strategy).startswith("ddp"):
+        raise LokiError("parallelism=ddp inside --multirun is not supported yet (issue #6): "
+                        "Lightning's DDP re-launches the script, which re-runs the whole sweep "
+                        "in every rank. Run the jobs one by one, or sweep with parallelism=single")
 
 
 def run(cfg: DictConfig, output_dir: Path) -> RunState:
