@@ -143,12 +143,31 @@ def make_report(root: str | Path) -> dict[str, Any]:
     return {"rows": rows, "table": table, "plot": plot, "heatmap": heatmap}
 
 
+def log_to_wandb(out: dict[str, Any], project: str, group: str) -> None:
+    """The table and both images as one W&B run of the sweep's group."""
+    import wandb
+
+    rows = out["rows"]
+    columns = sorted({k for r in rows for k in r})
+    run = wandb.init(project=project, group=group, job_type="report", name=f"{group}-report")
+    run.log({"report/table": wandb.Table(columns=columns,
+                                         data=[[r.get(c) for c in columns] for r in rows])})
+    for key in ("plot", "heatmap"):
+        if out[key]:
+            run.log({f"report/{Path(out[key]).stem}": wandb.Image(str(out[key]))})
+    run.finish()
+
+
 @report_user_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("multirun_dir")
+    parser.add_argument("--wandb-project", default=None,
+                        help="also log the table and images to W&B (mode from WANDB_MODE)")
     args = parser.parse_args(argv)
     out = make_report(args.multirun_dir)
+    if args.wandb_project:
+        log_to_wandb(out, args.wandb_project, Path(args.multirun_dir).name)
     print("\n".join(out["table"]))
     for key in ("plot", "heatmap"):
         if out[key]:

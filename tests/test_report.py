@@ -44,6 +44,18 @@ def test_report_writes_table_and_both_plots(tmp_path):
     assert high.tolist() == [0, 0, 0, 4] and low.sum() == 4 and low[3] == 0
 
 
+def test_report_cli_logs_to_wandb_offline(tmp_path, monkeypatch, capsys):
+    from loki_exp.report import main
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    root = tmp_path / "multirun"
+    _fake_run(root, "0", "loki", 10, 0.3, 1.0)
+    _fake_run(root, "1", "lora", 10, 0.4, 4.0)
+    main([str(root), "--wandb-project", "loki_exp_test"])
+    printed = capsys.readouterr().out
+    assert "| lora | layer_balanced | 10 |" in printed and "forgetting_vs_task.png" in printed
+
+
 def test_report_on_a_dir_without_runs(tmp_path):
     with pytest.raises(LokiError, match="holds no run.json"):
         make_report(tmp_path)
