@@ -12,11 +12,13 @@ from omegaconf import DictConfig
 from loki_exp.errors import report_user_errors
 from loki_exp.kva.analyse import run_analyse
 from loki_exp.models import load_model
+from loki_exp.pipeline import check_parallelism
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @report_user_errors
 def main(cfg: DictConfig) -> str:
+    check_parallelism(cfg)
     path = run_analyse(cfg, load_model(cfg.model, cfg.paths.cache_dir))
     print(path)
     return str(path)
