@@ -7,6 +7,7 @@ of the same model, probe data and KVA settings.
 from __future__ import annotations
 
 import hydra
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from loki_exp.errors import report_user_errors
@@ -20,7 +21,8 @@ from loki_exp.pipeline import check_parallelism
 def main(cfg: DictConfig) -> str:
     check_parallelism(cfg)
     path = run_analyse(cfg, load_model(cfg.model, cfg.paths.cache_dir))
-    print(path)
+    if rank_zero_only.rank == 0:  # under DDP every rank runs this; print the path once
+        print(path)
     return str(path)
 
 
