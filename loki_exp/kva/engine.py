@@ -36,6 +36,8 @@ each layer needs just ``m`` single-token passes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +96,22 @@ class Attribution:
     target_prob: float
 
 
+@contextmanager
+def capture_outputs(modules: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """Collect each module's output (first element of a tuple) during the block, in call order."""
+    outputs: list[torch.Tensor] = []
+
+    def keep(module, args, out):
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+
+    hooks = [m.register_forward_hook(keep) for m in modules]
+    try:
+        yield outputs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _target(logits_last: torch.Tensor) -> tuple[int, float]:
     probs = torch.softmax(logits_last.float(), dim=-1)
     token = int(probs.argmax())
@@ -127,30 +145,14 @@ class FastKVA:
     @torch.no_grad()
     def _clean(self, input_ids: torch.Tensor):
         """Each layer's output and down_proj output, the KV cache, the last logits."""
-        layer_out: list[torch.Tensor] = []
-        z_out: list[torch.Tensor] = []
-
-        def keep_layer(module, args, out):
-            layer_out.append(out[0] if isinstance(out, tuple) else out)
-
-        hooks = [p.register_forward_hook(lambda m, i, o: z_out.append(o)) for p in self.projs]
-        hooks += [block.register_forward_hook(keep_layer) for block in self.layers]
-        try:
+        with capture_outputs(self.projs) as z_out, capture_outputs(list(self.layers)) as layer_out:
             out = self.model(input_ids, use_cache=True)
-        finally:
-            for h in hooks:
-                h.remove()
         return layer_out, z_out, out.cache, out.logits[0, -1]
 
     @torch.no_grad()
     def _token_baseline(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        outputs: list[torch.Tensor] = []
-        hooks = [p.register_forward_hook(lambda m, i, o: outputs.append(o)) for p in self.projs]
-        try:
+        with capture_outputs(self.projs) as outputs:
             self.model(torch.full_like(input_ids, self.settings.baseline_token_id), use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
         return outputs
 
     # -- running a range of layers -------------------------------------------------------
@@ -386,14 +388,8 @@ class CaptumKVA:
         from captum.attr import IntegratedGradients, LayerIntegratedGradients
 
         s = self.settings
-        outputs: list[torch.Tensor] = []
-        hooks = [p.register_forward_hook(lambda m, i, o: outputs.append(o)) for p in self.projs]
-        try:
-            with torch.no_grad():
-                target, prob = _target(self.model(input_ids, use_cache=False).logits[0, -1])
-        finally:
-            for h in hooks:
-                h.remove()
+        with torch.no_grad(), capture_outputs(self.projs) as outputs:
+            target, prob = _target(self.model(input_ids, use_cache=False).logits[0, -1])
         scores = []
         for layer, proj in enumerate(self.projs):
             if s.baseline == "token":
