@@ -44,7 +44,8 @@ def test_quota_out_of_range(tmp_path, quota):
 
 
 def _store(stdout: str) -> str:
-    return stdout.strip().splitlines()[-1]
+    """The printed store path (other ranks' log lines may follow it on stdout)."""
+    return [line for line in stdout.splitlines() if line.startswith("/")][-1]
 
 
 def test_analyse_alone_prints_the_store_path_and_ddp_stores_each_sample_once(tmp_path):
