@@ -7,21 +7,20 @@ of the same model, probe data and KVA settings.
 from __future__ import annotations
 
 import hydra
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from loki_exp.errors import report_user_errors
 from loki_exp.kva.analyse import run_analyse
 from loki_exp.models import load_model
-from loki_exp.pipeline import check_parallelism
+from loki_exp.parallel import check_parallelism, is_global_zero
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @report_user_errors
 def main(cfg: DictConfig) -> str:
-    check_parallelism(cfg)
+    check_parallelism(cfg.parallelism)
     path = run_analyse(cfg, load_model(cfg.model, cfg.paths.cache_dir))
-    if rank_zero_only.rank == 0:  # under DDP every rank runs this; print the path once
+    if is_global_zero():  # under DDP every rank runs this; print the path once
         print(path)
     return str(path)
 

@@ -14,7 +14,8 @@ log = logging.getLogger("loki_exp")
 class LokiError(Exception):
     """A problem the user can fix (bad config value, missing file, corrupt cache).
 
-    The CLI prints its message alone, without a traceback, and exits with code 2.
+    The CLI prints its message alone, without a traceback, and exits with code 2; in a
+    ``--multirun`` the failed job is recorded and the sweep goes on with the next job.
     """
 
 
@@ -26,6 +27,12 @@ def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except LokiError as err:
+            from loki_exp.sweep_job import in_multirun
+
             print(f"loki_exp error: {err}", file=sys.stderr)
+            if in_multirun():
+                # Hydra records an Exception as this job's failure and runs the other jobs,
+                # then reports the first failure; SystemExit would end the whole sweep here.
+                raise
             raise SystemExit(2) from None
     return wrapper

@@ -26,6 +26,7 @@ from loki_exp.kva.store import StoreView
 from loki_exp.loggers import build_loggers, close_loggers, log_final_metrics
 from loki_exp.model_access import node_grid
 from loki_exp.models import LoadedModel, load_model
+from loki_exp.parallel import check_parallelism, is_global_zero
 from loki_exp.selection import check_quota, load_positions, save_positions, select
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,9 @@ def export(state: RunState) -> None:
     state.artifacts["model_dir"] = export_checkpoint(state.cfg, state.loaded, state.output_dir)
 
 
+# Under DDP/FSDP every rank runs analyse, select and implant together; the rest runs once.
+RANK_ZERO_STAGES = ("export", "evaluate")
+
 STAGES: dict[str, Callable[[RunState], None]] = {
     "analyse": analyse,
     "select": select_rows,
@@ -104,22 +108,7 @@ def validate(cfg: DictConfig) -> None:
         raise LokiError(f"stages={list(cfg.stages)} has unknown entries {unknown}; "
                         f"expected a subset of {list(STAGES)}")
     check_quota(cfg.quota)
-    check_parallelism(cfg)
-
-
-def check_parallelism(cfg: DictConfig) -> None:
-    """Refuse the combinations that are not built yet rather than run them wrongly."""
-    if cfg.parallelism.strategy == "fsdp2":
-        raise LokiError("parallelism=fsdp (FSDP2 through ModelParallelStrategy) is not built yet "
-                        "(issue #6); use parallelism=single or parallelism=ddp")
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    if multirun and str(cfg.parallelism.strategy).startswith("ddp"):
-        raise LokiError("parallelism=ddp inside --multirun is not supported yet (issue #6): "
-                        "Lightning's DDP re-launches the script, which re-runs the whole sweep "
-                        "in every rank. Run the jobs one by one, or sweep with parallelism=single")
+    check_parallelism(cfg.parallelism)
 
 
 def run(cfg: DictConfig, output_dir: Path) -> RunState:
@@ -145,11 +134,14 @@ def _run_stages(state: RunState) -> None:
     log.info("model %s: %d layers x %d nodes (base weights: %s)", state.loaded.name, n_layers,
              n_nodes, state.loaded.base_dir)
     for name in cfg.stages:
+        if name in RANK_ZERO_STAGES and not is_global_zero():
+            continue
         start = time.perf_counter()
         STAGES[name](state)
         state.timings[name] = time.perf_counter() - start
         log.info("stage %-8s done in %.1f s", name, state.timings[name])
-    write_run_record(state)
+    if is_global_zero():
+        write_run_record(state)
 
 
 def write_run_record(state: RunState) -> Path:

@@ -73,12 +73,3 @@ def test_analyse_alone_prints_the_store_path_and_ddp_stores_each_sample_once(tmp
         np.testing.assert_array_equal(fa["target_token"][()], fb["target_token"][()])
     # No shard files are left behind.
     assert not list((tmp_path / "two").rglob("*.partial"))
-
-
-def test_unbuilt_parallelism_is_refused_clearly(tmp_path):
-    proc = run_cli("model=tiny_llama", "parallelism=fsdp", f"hydra.run.dir={tmp_path}/run")
-    assert proc.returncode == 2 and "parallelism=fsdp" in proc.stderr
-    assert "is not built yet" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("--multirun", "model=tiny_llama", "parallelism=ddp",
-                   f"hydra.sweep.dir={tmp_path}/sweep")
-    assert proc.returncode == 2 and "inside --multirun is not supported yet" in proc.stderr

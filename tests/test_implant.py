@@ -170,7 +170,7 @@ def test_lightning_fit_updates_only_rows(compose_cfg, tmp_path):
     for block, old in zip(model.model.layers, rows_before):
         assert not torch.equal(block.mlp.down_proj.weight_rows, old)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert sorted(ckpt["state_dict"]) == [f"model.model.layers.{i}.mlp.down_proj.weight_rows"
+    assert sorted(ckpt["state_dict"]) == [f"lm.model.model.layers.{i}.mlp.down_proj.weight_rows"
                                           for i in range(3)]
     # Resuming restores the rows into a fresh LoKI model.
     fresh = apply_loki(load_model(cfg.model).model, [[1], [2], [3]])

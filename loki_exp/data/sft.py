@@ -8,12 +8,17 @@ and counted, never truncated (cutting the target would teach a broken answer).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
+
+from loki_exp.errors import LokiError
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100
 
@@ -61,7 +66,62 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Shuffled global batches of ``batch_size`` examples; each rank takes its contiguous slice.
+
+    Written by hand because torch's DistributedSampler interleaves ranks (rank r takes every
+    world-th index) and pads the epoch, so under DDP step k would see other examples than
+    one process does. Here step k trains on the same examples at any world size, and DDP
+    training equals single-process training. An incomplete last batch is dropped, so every
+    step has the same global batch. ``skip`` starts the epoch after the batches a resumed
+    run already trained on.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        if batch_size % world_size:
+            raise LokiError(f"trainer.batch_size={batch_size} is the global batch and must split "
+                            f"evenly over {world_size} processes")
+        if n < batch_size:
+            raise LokiError(f"{n} training examples are fewer than trainer.batch_size={batch_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        local = self.batch_size // self.world_size
+        for k in range(self.skip, len(self)):
+            start = k * self.batch_size + self.rank * local
+            yield order[start:start + local].tolist()
+        self.skip = 0  # only the first epoch after a resume is partial
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning checkpoints: its state names the data (examples, global
+    batch, seed), so a resume on other data fails clearly instead of training on a mix. The
+    position within the epoch is the fit loop's own progress (``GlobalBatchSampler.skip``)."""
+
+    def state_dict(self) -> dict[str, int]:
+        s = self.batch_sampler
+        return {"examples": s.n, "global_batch_size": s.batch_size, "seed": s.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state != self.state_dict():
+            raise LokiError(f"the checkpoint was trained on data {state}, this run has "
+                            f"{self.state_dict()}: resume with the same dataset, batch size and seed")
+
+
 class SFTDataModule(L.LightningDataModule):
+    """Training batches for ``trainer.fit``; build the Trainer with ``use_distributed_sampler=False``
+    (the sampler here does the rank split)."""
+
     def __init__(self, train: list[dict[str, Any]], batch_size: int, pad_id: int, seed: int = 0):
         super().__init__()
         self.train = train
@@ -70,6 +130,15 @@ class SFTDataModule(L.LightningDataModule):
         self.seed = seed
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True,
-                          collate_fn=self.collate, generator=generator, drop_last=False)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        sampler = GlobalBatchSampler(len(self.train), self.batch_size, rank, world, self.seed)
+        if trainer is not None:  # resumed mid-epoch: continue after the batches already trained
+            # processed, not completed: a step-end checkpoint is written before "completed"
+            # counts its batch.
+            sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            sampler.epoch = trainer.current_epoch
+            if sampler.skip:
+                log.info("resumed in epoch %d: skipping its %d batches already trained",
+                         sampler.epoch, sampler.skip)
+        return ResumableLoader(self.train, batch_sampler=sampler, collate_fn=self.collate)

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
 from loki_exp.data import assets
-from loki_exp.data.sft import SFTDataModule, encode_all
+from loki_exp.data.sft import PadCollator, encode_all
 from loki_exp.data.tasks import TaskData
 from loki_exp.evaluation.benchmarks import run_suite
 from loki_exp.evaluation.scores import forgetting_avg
@@ -41,7 +42,7 @@ def _heldout_loss(model, tokenizer, examples, max_length: int) -> float:
     if not encoded:
         return float("nan")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loader = SFTDataModule(encoded, 4, pad).train_dataloader()
+    loader = DataLoader(encoded, batch_size=4, collate_fn=PadCollator(pad))
     tuner = CausalLMTuner(model, lr=0.0, max_steps=1)
     losses = [float(tuner.response_loss(b)) for b in loader]
     return sum(losses) / len(losses)

@@ -11,14 +11,18 @@ import numpy as np
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
+from torch import nn
+from torch.distributed.tensor import DTensor
 
+from loki_exp.callbacks import user_callbacks
 from loki_exp.data.sft import SFTDataModule, encode_all
 from loki_exp.data.tasks import load_task
 from loki_exp.errors import LokiError
 from loki_exp.implant import methods
 from loki_exp.implant.loki_linear import trainable_parameters
-from loki_exp.implant.module import CausalLMTuner
-from loki_exp.models import LoadedModel
+from loki_exp.implant.module import CausalLMTuner, is_fsdp_sharded
+from loki_exp.models import LoadedModel, load_model
+from loki_exp.parallel import lightning_strategy
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +42,48 @@ def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list | None = None
                                  save_top_k=0, every_n_train_steps=int(tr.checkpoint_every_n_steps))
     return L.Trainer(
         accelerator=par.accelerator, devices=par.devices, num_nodes=par.num_nodes,
-        strategy=par.strategy, precision=tr.precision, max_steps=int(tr.max_steps),
+        strategy=lightning_strategy(par), use_distributed_sampler=False,  # SFTDataModule splits
+        precision=tr.precision, max_steps=int(tr.max_steps),
         accumulate_grad_batches=int(tr.accumulate_grad_batches),
         gradient_clip_val=tr.get("gradient_clip_val"), log_every_n_steps=int(tr.log_every_n_steps),
         logger=loggers if loggers is not None else [CSVLogger(output_dir, name="csv", version="")],
-        callbacks=[checkpoint], enable_model_summary=False, deterministic=bool(tr.deterministic),
+        callbacks=[checkpoint, *user_callbacks(tr.get("callbacks"))], enable_model_summary=False,
+        deterministic=bool(tr.deterministic),
         default_root_dir=output_dir,
     )
+
+
+def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
+    """``trainer.resume_from``: null (start fresh), "last" (this run dir's last checkpoint,
+    e.g. after the job was killed; rerun with the same ``hydra.run.dir``) or a path."""
+    resume = cfg.trainer.get("resume_from")
+    if resume is None:
+        return None
+    if resume == "last":
+        last = output_dir / "checkpoints" / "last.ckpt"
+        if not last.exists():
+            raise LokiError(f"trainer.resume_from=last: no checkpoint at {last}; rerun with the "
+                            "killed run's hydra.run.dir, or pass a checkpoint path")
+        return str(last)
+    if not Path(resume).exists():
+        raise LokiError(f"trainer.resume_from={resume!r}: no such checkpoint file")
+    return str(resume)
+
+
+def unsharded_copy(cfg: DictConfig, sharded: nn.Module, positions: list[list[int]] | None) -> nn.Module:
+    """After FSDP2 training the model holds DTensor shards; export and evaluation want a
+    plain model. Gather every trained tensor (all ranks take part) into a fresh copy of the
+    base model prepared the same way."""
+    trained = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+               for name, p in sharded.named_parameters() if p.requires_grad}
+    dtype = next(iter(trained.values())).dtype
+    fresh = load_model(cfg.model, cfg.paths.cache_dir).model.to(dtype)
+    model = methods.prepare(cfg.method, fresh, positions)
+    missing = set(trained) - {name for name, _ in model.named_parameters()}
+    if missing:
+        raise RuntimeError(f"trained tensors without a place in the fresh model: {sorted(missing)[:5]}")
+    model.load_state_dict(trained, strict=False)
+    return model
 
 
 def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]] | None,
@@ -76,7 +115,10 @@ def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]]
                          seed=int(cfg.seed))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     trainer = build_trainer(cfg, output_dir, loggers)
-    trainer.fit(tuner, datamodule=data, ckpt_path=cfg.trainer.get("resume_from"))
+    trainer.fit(tuner, datamodule=data, ckpt_path=resume_checkpoint(cfg, output_dir),
+                weights_only=True)  # a checkpoint never needs arbitrary unpickling
+    if is_fsdp_sharded(tuner.lm):
+        loaded.model = unsharded_copy(cfg, tuner.model, positions)
     loss = trainer.callback_metrics.get("train/loss")
     return {"trainable_parameters": n_trainable, "lr": lr, "train_examples": len(train),
             "test_examples": len(task.test), "dropped_too_long": too_long,

@@ -29,13 +29,18 @@ class _RowLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, rows, rows_value, bias_rows_value):
-        ctx.save_for_backward(x, weight, rows)
+        ctx.save_for_backward(x, weight, rows, rows_value)
         ctx.has_bias_rows = bias_rows_value is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, rows = ctx.saved_tensors
+        x, weight, rows, rows_value = ctx.saved_tensors
+        # FSDP2 frees the gathered weight after forward and gathers it again from the shards
+        # for backward, which hold the stored rows, not the current ones: write them again
+        # (a no-op rewrite without sharding).
+        with torch.no_grad():
+            weight.index_copy_(0, rows, rows_value.detach().to(weight.dtype))
         dtype = grad_out.dtype  # bf16 under autocast, as a plain Linear's backward would be
         grad_x = (grad_out @ weight.to(dtype)).to(x.dtype)
         g_rows = grad_out.index_select(-1, rows).reshape(-1, rows.numel())

@@ -14,9 +14,16 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from loki_exp.data.sft import IGNORE
+from loki_exp.model_access import decoder_layers
+
+
+def is_fsdp_sharded(module: nn.Module) -> bool:
+    return isinstance(module, FSDPModule)
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
@@ -26,11 +33,33 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+class ResponseLM(nn.Module):
+    """A causal LM whose forward returns the summed response-token loss and the token count.
+
+    The loss is one forward of this module, not calls into the model's submodules from
+    outside, so that FSDP2's root hooks gather the embeddings, final norm and lm_head.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                          use_cache=False).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
+        total = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return total, keep.sum()
+
+
 class CausalLMTuner(L.LightningModule):
     def __init__(self, model: nn.Module, lr: float, max_steps: int, warmup_ratio: float = 0.1,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)):
         super().__init__()
-        self.model = model
+        self.lm = ResponseLM(model)
         self.lr = lr
         self.max_steps = max_steps
         self.warmup_steps = int(warmup_ratio * max_steps)
@@ -38,6 +67,20 @@ class CausalLMTuner(L.LightningModule):
         self.betas = tuple(betas)
         # Checkpoints hold only the trained tensors (see on_save_checkpoint).
         self.strict_loading = False
+
+    @property
+    def model(self) -> nn.Module:
+        return self.lm.model
+
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ModelParallelStrategy: shard each decoder layer, then the
+        rest (embeddings, norm, lm_head) as the root unit; other strategies need nothing."""
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy) or is_fsdp_sharded(self.lm):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in decoder_layers(self.model):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.lm, mesh=mesh)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the trainable tensors only: for LoKI a few MB instead of the whole model
@@ -51,17 +94,20 @@ class CausalLMTuner(L.LightningModule):
         self.model.train()
 
     def response_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        decoder = self.model.get_decoder()
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         use_cache=False).last_hidden_state
-        targets = batch["labels"][:, 1:]
-        keep = targets != IGNORE
-        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep])
+        """Mean cross-entropy over this batch's response tokens."""
+        total, count = self.lm(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return total / count.clamp(min=1)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.response_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        total, count = self.lm(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        # Normalise by the response tokens of the whole global batch (all ranks), times the
+        # world size that DDP/FSDP's gradient averaging divides by again: the step's gradient
+        # is then the token mean over the global batch, the same as one process computes.
+        world = self.trainer.world_size
+        tokens = self.trainer.strategy.reduce(count.float(), reduce_op="sum") if world > 1 else count
+        loss = total * world / tokens.clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=world > 1,
+                 batch_size=batch["input_ids"].shape[0])
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 import loki_exp
+from loki_exp.callbacks import user_callbacks
 from loki_exp.data import assets
 from loki_exp.data.mmlu import PROMPT_TEMPLATE, load_probe, render_prompt
 from loki_exp.errors import LokiError
@@ -27,6 +28,7 @@ from loki_exp.kva.lightning import KVAModule, KVAStoreWriter, ProbeDataModule, c
 from loki_exp.kva.store import STORE_DTYPES, StoreView, completed_rows, merge_shards
 from loki_exp.model_access import node_grid
 from loki_exp.models import LoadedModel, torch_dtype
+from loki_exp.parallel import kva_strategy
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,9 @@ def _provenance(cfg: DictConfig, loaded: LoadedModel, settings: KVASettings, key
 def kva_trainer(cfg: DictConfig, callbacks: list) -> L.Trainer:
     par = cfg.parallelism
     return L.Trainer(accelerator=par.accelerator, devices=par.devices, num_nodes=par.num_nodes,
-                     strategy=par.strategy, inference_mode=False, logger=False,
-                     enable_checkpointing=False, enable_model_summary=False, callbacks=callbacks)
+                     strategy=kva_strategy(par), inference_mode=False, logger=False,
+                     enable_checkpointing=False, enable_model_summary=False,
+                     callbacks=[*callbacks, *user_callbacks(cfg.kva.get("callbacks"))])
 
 
 def run_analyse(cfg: DictConfig, loaded: LoadedModel) -> Path:

@@ -1,0 +1,48 @@
+"""The ``parallelism`` group -> a Lightning strategy, and the checks on it.
+
+``single`` and ``ddp`` are Lightning strategy names as they are. ``fsdp2`` is FSDP2
+(``fully_shard``) through Lightning's ModelParallelStrategy, which also runs on CPU (gloo),
+where Lightning's FSDPStrategy refuses a CPU accelerator. The sharding itself is applied by
+``CausalLMTuner.configure_model``.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+from loki_exp.errors import LokiError
+
+STRATEGIES = ("auto", "ddp", "fsdp2")
+
+
+def check_parallelism(par: DictConfig) -> None:
+    if par.strategy not in STRATEGIES:
+        raise LokiError(f"parallelism.strategy={par.strategy!r} is not known; expected one of "
+                        f"{list(STRATEGIES)} (parallelism=single|ddp|fsdp)")
+    for key in ("devices", "num_nodes"):
+        value = par.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise LokiError(f"parallelism.{key}={value!r} must be a positive integer")
+
+
+def lightning_strategy(par: DictConfig) -> str | Strategy:
+    if par.strategy == "fsdp2":
+        return ModelParallelStrategy(
+            data_parallel_size=int(par.devices) * int(par.num_nodes), tensor_parallel_size=1,
+            save_distributed_checkpoint=bool(par.get("save_distributed_checkpoint", False)))
+    return par.strategy
+
+
+def kva_strategy(par: DictConfig) -> str | Strategy:
+    """KVA splits the probe prompts over the ranks, each holding the whole model; under
+    ``fsdp2`` that is DDP (sharding would only add gathers: the attribution is a forward and
+    backward per prompt, and the paper ran it for the 8B model on one GPU)."""
+    return "ddp" if par.strategy == "fsdp2" else lightning_strategy(par)
+
+
+def is_global_zero() -> bool:
+    """Rank 0 of a distributed run, or the only process (Lightning sets the rank from the
+    environment it launches ranks with: LOCAL_RANK/NODE_RANK, SLURM_PROCID, RANK)."""
+    return rank_zero_only.rank == 0

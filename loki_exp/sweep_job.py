@@ -1,0 +1,49 @@
+"""Jobs of a Hydra ``--multirun`` that use several processes (DDP / FSDP).
+
+Lightning's DDP launcher starts the other ranks by re-running the script with the same
+command line; inside a ``--multirun`` that command is the whole sweep, so every rank would
+run every job again (duplicate run dirs, jobs out of step). Instead such a job re-runs
+itself as one plain run, in its own process, writing into the job's run dir: there
+Lightning's re-launch repeats that one job, which is what DDP needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def needs_own_process(cfg: DictConfig) -> bool:
+    """A multi-process job of a local sweep (under SLURM every task already is one rank)."""
+    par = cfg.parallelism
+    ranks = int(par.devices) * int(par.num_nodes)
+    return in_multirun() and par.strategy != "auto" and ranks > 1 and not SLURMEnvironment.detect()
+
+
+def _quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def run_in_own_process(module: str) -> int:
+    """Run this sweep job as ``python -m <module> <its overrides>`` into its run dir."""
+    hc = HydraConfig.get()
+    command = [sys.executable, "-m", module, *hc.overrides.task,
+               f"hydra.run.dir={_quoted(hc.runtime.output_dir)}", "hydra.mode=RUN",
+               "hydra.output_subdir=null"]  # the sweep already wrote this job's .hydra/
+    for source in hc.runtime.config_sources:  # keep any --config-dir the sweep was given
+        if source.provider == "command-line" and source.schema == "file":
+            command.insert(3, f"--config-dir={source.path}")
+    log.info("job %s (%s) runs in its own process", hc.job.num, " ".join(hc.overrides.task))
+    return subprocess.run(command, cwd=hc.runtime.cwd).returncode

@@ -1,0 +1,139 @@
+"""Several processes (DDP, FSDP2 on CPU/gloo), sweeps of them, and killed-then-resumed runs.
+
+Each test drives ``python -m loki_exp.train`` as a user does, on the tiny random Llama.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loki_exp.models import load_model
+from tests.conftest import ROOT, linked_cache
+from tests.test_cli import run_cli
+
+TRAIN = ["model=tiny_llama", "kva.limit=4", "kva.steps=3", "trainer.batch_size=4",
+         "trainer.precision=32-true", "trainer.checkpoint_every_n_steps=0", "logger=csv",
+         "stages=[analyse,select,implant,export]"]
+CPU2 = ["parallelism.accelerator=cpu", "parallelism.devices=2"]
+
+
+def _weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def _ok(proc) -> None:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_ddp_and_fsdp_train_the_same_rows_as_one_process(tmp_path, compose_cfg):
+    """KVA, selection and 2 training steps under 1 process, DDP x2 and FSDP2 x2 (each with
+    its own cache, so each computes KVA itself): same positions, same trained rows, and no
+    other weight moved."""
+    runs = {}
+    for name, extra in (("single", []), ("ddp", ["parallelism=ddp", *CPU2]),
+                        ("fsdp", ["parallelism=fsdp", *CPU2])):
+        cache = linked_cache(tmp_path / f"cache_{name}")
+        _ok(run_cli(*TRAIN, "trainer.max_steps=2", *extra, f"paths.cache_dir={cache}",
+                    f"hydra.run.dir={tmp_path / name}"))
+        runs[name] = tmp_path / name
+    positions = {n: json.loads((d / "positions.json").read_text()) for n, d in runs.items()}
+    assert positions["ddp"] == positions["single"] == positions["fsdp"]
+
+    base = load_model(compose_cfg("model=tiny_llama").model).model.state_dict()
+    one = _weights(runs["single"])
+    for name in ("ddp", "fsdp"):
+        other = _weights(runs[name])
+        for key, value in one.items():
+            torch.testing.assert_close(other[key], value, rtol=0, atol=1e-6, msg=f"{name} {key}")
+    for name, run_dir in runs.items():
+        weights = _weights(run_dir)
+        for key, value in weights.items():
+            if not key.endswith("mlp.down_proj.weight"):
+                assert torch.equal(value, base[key]), f"{name}: frozen {key} changed"
+                continue
+            layer = int(key.split(".")[2])
+            changed = (value != base[key]).any(dim=1).nonzero().flatten().tolist()
+            assert changed == positions[name][layer], f"{name}: rows moved outside the selection"
+
+
+def test_multirun_with_ddp_leaves_one_complete_run_dir_per_job(tmp_path):
+    outputs_before = set((ROOT / "outputs").glob("*/*")) if (ROOT / "outputs").exists() else set()
+    cache = linked_cache(tmp_path / "cache")
+    sweep = tmp_path / "sweep"
+    proc = run_cli("--multirun", *TRAIN, "trainer.max_steps=1", "parallelism=ddp", *CPU2,
+                   "quota=5,10", f"paths.cache_dir={cache}", f"hydra.sweep.dir={sweep}",
+                   timeout=600)
+    _ok(proc)
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml"]
+    for job, quota in (("0", 5), ("1", 10)):
+        record = json.loads((sweep / job / "run.json").read_text())
+        assert record["config"]["quota"] == quota
+        assert record["config"]["parallelism"]["strategy"] == "ddp"
+        assert record["implant"]["trainable_parameters"] > 0
+        assert (sweep / job / "model" / "model.safetensors").exists()
+        assert (sweep / job / ".hydra" / "config.yaml").exists()
+    # No rank wrote a run dir of its own anywhere else.
+    after = set((ROOT / "outputs").glob("*/*")) if (ROOT / "outputs").exists() else set()
+    assert after == outputs_before
+
+
+def _positions_file(tmp_path) -> str:
+    path = tmp_path / "positions.json"
+    path.write_text(json.dumps([[1, 5, 9], [0, 2, 4], [63, 7, 8]]))
+    return str(path)
+
+
+def test_killed_training_resumes_to_the_same_rows(tmp_path):
+    """SIGKILL at step 3 of 6 (checkpoint every 2 steps, mid-epoch), rerun with
+    trainer.resume_from=last in the same run dir: the same rows as an uninterrupted run."""
+    cache = linked_cache(tmp_path / "cache")
+    common = [*TRAIN, "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=2",
+              "trainer.deterministic=true", "stages=[select,implant,export]",
+              f"positions_file={_positions_file(tmp_path)}", f"paths.cache_dir={cache}"]
+    _ok(run_cli(*common, f"hydra.run.dir={tmp_path / 'straight'}"))
+    killed = run_cli(*common, "trainer.callbacks=[{_target_:tests.helpers.KillAt,step:3}]",
+                     f"hydra.run.dir={tmp_path / 'resumed'}")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "resumed" / "model").exists()
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+    _ok(run_cli(*common, "trainer.resume_from=last", f"hydra.run.dir={tmp_path / 'resumed'}"))
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    for key, value in straight.items():
+        assert torch.equal(resumed[key], value), key
+    assert json.loads((tmp_path / "resumed" / "run.json").read_text())["implant"] is not None
+
+
+def test_killed_kva_resumes_through_train(tmp_path):
+    """The KVA stage killed after 2 of 5 prompts resumes on rerun and gives the same store."""
+    import h5py
+    import numpy as np
+
+    common = ["model=tiny_llama", "kva.limit=5", "kva.steps=3", "kva.batch_size=1",
+              "stages=[analyse,select]"]
+    ref_cache = linked_cache(tmp_path / "ref")
+    _ok(run_cli(*common, f"paths.cache_dir={ref_cache}", f"hydra.run.dir={tmp_path / 'r0'}"))
+    cache = linked_cache(tmp_path / "cache")
+    killed = run_cli(*common, "kva.callbacks=[{_target_:tests.helpers.KillAt,predict_batches:2}]",
+                     f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'r1'}")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert list((cache / "kva").rglob("*.partial/*.h5")) and not list((cache / "kva").rglob("*.h5.tmp"))
+    resumed = run_cli(*common, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'r2'}")
+    _ok(resumed)
+    assert "5 prompts, 2 already in partial shards, 3 to compute" in resumed.stderr + resumed.stdout
+    (ref,), (got,) = list((ref_cache / "kva").rglob("*.h5")), list((cache / "kva").rglob("*.h5"))
+    with h5py.File(ref, "r") as a, h5py.File(got, "r") as b:
+        np.testing.assert_array_equal(a["attributions"][()], b["attributions"][()])
+        assert list(a["sample_id"]) == list(b["sample_id"])
+    assert (json.loads((tmp_path / "r2" / "positions.json").read_text())
+            == json.loads((tmp_path / "r0" / "positions.json").read_text()))
+
+
+@pytest.mark.parametrize("bad", ["parallelism.devices=0", "parallelism.strategy=deepspeed"])
+def test_bad_parallelism_is_one_clear_error(tmp_path, bad):
+    proc = run_cli("model=tiny_llama", bad, f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 2 and "loki_exp error: parallelism." in proc.stderr
