@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("loki_exp")
@@ -34,5 +36,21 @@ def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 # Hydra records an Exception as this job's failure and runs the other jobs,
                 # then reports the first failure; SystemExit would end the whole sweep here.
                 raise
+            discard_unused_run_dir()
             raise SystemExit(2) from None
     return wrapper
+
+
+def discard_unused_run_dir() -> None:
+    """Remove this run's dir when it holds only what Hydra wrote at start (config, log):
+    a run stopped by bad input leaves no empty run behind. A dir with results (a resumed
+    run, say) stays."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    hydra_files = {hc.output_subdir, f"{hc.job.name}.log"}
+    if out.is_dir() and {p.name for p in out.iterdir()} <= hydra_files:
+        shutil.rmtree(out)

@@ -19,8 +19,8 @@ from loki_exp.data.tasks import load_task
 from loki_exp.errors import LokiError
 from loki_exp.evaluation.evaluate import run_evaluate
 from loki_exp.implant.export import export_checkpoint
-from loki_exp.implant.fit import run_implant
-from loki_exp.implant.methods import SELECTING_METHODS
+from loki_exp.implant.fit import check_trainer, resume_checkpoint, run_implant
+from loki_exp.implant.methods import SELECTING_METHODS, check_method
 from loki_exp.kva.analyse import run_analyse
 from loki_exp.kva.store import StoreView
 from loki_exp.loggers import build_loggers, close_loggers, log_final_metrics
@@ -73,15 +73,12 @@ def select_rows(state: RunState) -> None:
 
 
 def implant(state: RunState) -> None:
-    stats = run_implant(state.cfg, state.loaded, state.artifacts.get("positions"),
-                        state.output_dir, state.loggers)
-    state.artifacts["task"] = stats.pop("task")
-    state.artifacts["implant"] = stats
+    state.artifacts["implant"] = run_implant(state.cfg, state.loaded, state.artifacts.get("positions"),
+                                             state.artifacts["task"], state.output_dir, state.loggers)
 
 
 def evaluate(state: RunState) -> None:
-    task = state.artifacts.get("task") or load_task(state.cfg.dataset, state.cfg.paths.cache_dir)
-    metrics = run_evaluate(state.cfg, state.loaded, task, state.output_dir)
+    metrics = run_evaluate(state.cfg, state.loaded, state.artifacts["task"], state.output_dir)
     state.artifacts["metrics"] = metrics
     log_final_metrics(state.loggers, metrics)
 
@@ -109,6 +106,10 @@ def validate(cfg: DictConfig) -> None:
                         f"expected a subset of {list(STAGES)}")
     check_quota(cfg.quota)
     check_parallelism(cfg.parallelism)
+    check_method(cfg.method)
+    if "implant" in cfg.stages:
+        check_trainer(cfg.trainer)
+        resume_checkpoint(cfg, Path(cfg.paths.output_dir))
 
 
 def run(cfg: DictConfig, output_dir: Path) -> RunState:
@@ -131,6 +132,8 @@ def _run_stages(state: RunState) -> None:
     state.loaded = load_model(cfg.model, cfg.paths.cache_dir)
     n_layers, n_nodes = node_grid(state.loaded.model)
     state.timings["load_model"] = time.perf_counter() - start
+    if {"implant", "evaluate"} & set(cfg.stages):  # before KVA: a bad dataset fails in seconds
+        state.artifacts["task"] = load_task(cfg.dataset, cfg.paths.cache_dir)
     log.info("model %s: %d layers x %d nodes (base weights: %s)", state.loaded.name, n_layers,
              n_nodes, state.loaded.base_dir)
     for name in cfg.stages:

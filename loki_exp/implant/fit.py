@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import re
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import numpy as np
+import torch
+from lightning.fabric.connector import _PRECISION_INPUT_STR
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
@@ -16,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from loki_exp.callbacks import user_callbacks
 from loki_exp.data.sft import SFTDataModule, encode_all
-from loki_exp.data.tasks import load_task
+from loki_exp.data.tasks import TaskData
 from loki_exp.errors import LokiError
 from loki_exp.implant import methods
 from loki_exp.implant.loki_linear import trainable_parameters
@@ -53,6 +58,18 @@ def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list | None = None
     )
 
 
+def check_trainer(tr: DictConfig) -> None:
+    """The settings Lightning would only reject after the KVA stage has run."""
+    for key in ("max_steps", "batch_size", "accumulate_grad_batches"):
+        value = tr.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise LokiError(f"trainer.{key}={value!r} must be a positive integer")
+    precisions = get_args(_PRECISION_INPUT_STR)  # Lightning's own list of precision names
+    if str(tr.precision) not in precisions:
+        raise LokiError(f"trainer.precision={tr.precision!r} is not known; expected one of "
+                        f"{list(precisions)}")
+
+
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     """``trainer.resume_from``: null (start fresh), "last" (this run dir's last checkpoint,
     e.g. after the job was killed; rerun with the same ``hydra.run.dir``) or a path."""
@@ -65,9 +82,24 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
             raise LokiError(f"trainer.resume_from=last: no checkpoint at {last}; rerun with the "
                             "killed run's hydra.run.dir, or pass a checkpoint path")
         return str(last)
-    if not Path(resume).exists():
+    if not Path(resume).is_file():
         raise LokiError(f"trainer.resume_from={resume!r}: no such checkpoint file")
-    return str(resume)
+    return check_checkpoint(resume)
+
+
+def check_checkpoint(path: str | Path) -> str:
+    """Refuse a file that is not a checkpoint, or that would need arbitrary unpickling
+    (``weights_only=True``), before any stage runs; mmap reads no tensor data."""
+    if not zipfile.is_zipfile(path):
+        raise LokiError(f"trainer.resume_from={str(path)!r} is not a PyTorch checkpoint (.ckpt)")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = found.group(1) if found else "objects beyond tensors and plain data"
+        raise LokiError(f"trainer.resume_from={str(path)!r} holds {what}; refused, checkpoints "
+                        "are loaded with weights_only=True") from None
+    return str(path)
 
 
 def unsharded_copy(cfg: DictConfig, sharded: nn.Module, positions: list[list[int]] | None) -> nn.Module:
@@ -87,12 +119,10 @@ def unsharded_copy(cfg: DictConfig, sharded: nn.Module, positions: list[list[int
 
 
 def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]] | None,
-                output_dir: Path, loggers: list | None = None) -> dict[str, Any]:
-    task = load_task(cfg.dataset, cfg.paths.cache_dir)
+                task: TaskData, output_dir: Path, loggers: list | None = None) -> dict[str, Any]:
     if cfg.method.name not in methods.TRAINING_METHODS:  # suppress: an edit, no training
         loaded.model = methods.prepare(cfg.method, loaded.model, positions)
-        return {"trainable_parameters": 0, "edited_rows": sum(map(len, positions or [])),
-                "task": task}
+        return {"trainable_parameters": 0, "edited_rows": sum(map(len, positions or []))}
     train, too_long = encode_all(loaded.tokenizer, task.train, int(cfg.dataset.max_length))
     if too_long:
         log.warning("%s: dropped %d of %d training examples longer than max_length=%d",
@@ -122,5 +152,4 @@ def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]]
     loss = trainer.callback_metrics.get("train/loss")
     return {"trainable_parameters": n_trainable, "lr": lr, "train_examples": len(train),
             "test_examples": len(task.test), "dropped_too_long": too_long,
-            "skipped_rows": task.skipped, "final_train_loss": None if loss is None else float(loss),
-            "task": task}
+            "skipped_rows": task.skipped, "final_train_loss": None if loss is None else float(loss)}

@@ -24,6 +24,16 @@ TRAINING_METHODS = tuple(m for m in METHODS if m != "suppress")
 def check_method(cfg: DictConfig) -> None:
     if cfg.name not in METHODS:
         raise LokiError(f"method={cfg.name!r} is not known; expected one of {list(METHODS)}")
+    if cfg.name in TRAINING_METHODS and not _positive(cfg.get("lr")):
+        raise LokiError(f"method.lr={cfg.get('lr')!r} must be a positive number")
+    if cfg.name in ("loki_lora", "lora", "dora", "pissa"):
+        rank = cfg.get("rank")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise LokiError(f"method.rank={rank!r} must be a positive integer for method={cfg.name}")
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
 def prepare(cfg: DictConfig, model: nn.Module, positions: list[list[int]] | None) -> nn.Module:

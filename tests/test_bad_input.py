@@ -1,0 +1,100 @@
+"""Bad-input survey: each bad override, file or data through the CLI gets one clear error
+naming the bad value, a non-zero exit, and leaves the cache and earlier outputs as they were
+(and no run dir of its own)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import linked_cache
+from tests.test_cli import run_cli
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` (following the cache's links) -> (size, mtime)."""
+    found = {}
+    for folder, _, files in os.walk(root, followlinks=True):
+        for name in files:
+            stat = (Path(folder) / name).stat()
+            found[str(Path(folder, name).relative_to(root))] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A cache, an earlier run's outputs, and the bad files the cases point at."""
+    root = tmp_path_factory.mktemp("bad_input")
+    cache = linked_cache(root / "cache")
+    (cache / "kva").mkdir()
+    (cache / "kva" / "kept.h5").write_bytes(b"an earlier store")
+    earlier = root / "outputs" / "earlier"
+    earlier.mkdir(parents=True)
+    (earlier / "run.json").write_text(json.dumps({"metrics": {"forgetting/avg": 1.0}}))
+    files = root / "files"
+    files.mkdir()
+    (files / "malformed.json").write_text('{"bad json')
+    (files / "two_layers.json").write_text("[[1], [2]]")
+    (files / "out_of_range.json").write_text("[[1], [2], [999]]")
+    (files / "bad.jsonl").write_text('{"prompt": "hi", "response": "yo"}\nnot json\n')
+    (files / "not_a.ckpt").write_text("x")
+    torch.save({"state_dict": {}, "args": argparse.Namespace(lr=1)}, files / "unsafe.ckpt")
+    return {"root": root, "cache": cache, "files": files, "outputs": root / "outputs"}
+
+
+# (overrides, expected message) -- {f} is the folder of bad files.
+CASES = [
+    (["quota=abc"], "quota='abc' is out of range; expected a number in (0, 100]"),
+    (["strategy=nope"], "Could not find 'strategy/nope'"),
+    (["stages=[analyse,train]"], "has unknown entries ['train']"),
+    (["positions_file={f}/missing.json"], "positions file {f}/missing.json does not exist"),
+    (["positions_file={f}/malformed.json"], "is not valid JSON"),
+    (["positions_file={f}/two_layers.json"], "has 2 layer lists, the model has 3 layers"),
+    (["positions_file={f}/out_of_range.json"], "layer 2 has indices [999] outside [0, 64)"),
+    (["dataset=jsonl", "dataset.path={f}/missing.jsonl"], "dataset.path='{f}/missing.jsonl' does not exist"),
+    (["dataset=jsonl", "dataset.path={f}/bad.jsonl"], "bad.jsonl:2"),
+    (["model=llama"], "the hub cannot be reached from here"),
+    (["model.source=bogus"], "model.source='bogus' is not known"),
+    (["kva.steps=0"], "kva.steps=0 must be an integer >= 2"),
+    (["kva.baseline=nope"], "kva.baseline='nope' is not known"),
+    (["kva.store={f}/missing.h5"], "KVA store {f}/missing.h5 does not exist"),
+    (["kva.store_dtype=int8"], "kva.store_dtype='int8' is not known"),
+    (["method.name=adapter"], "method='adapter' is not known"),
+    (["method=lora", "method.rank=0"], "method.rank=0 must be a positive integer"),
+    (["method.lr=-1"], "method.lr=-1 must be a positive number"),
+    (["trainer.max_steps=-3"], "trainer.max_steps=-3 must be a positive integer"),
+    (["trainer.precision=fp7"], "trainer.precision='fp7' is not known"),
+    (["trainer.resume_from={f}/missing.ckpt"], "no such checkpoint file"),
+    (["trainer.resume_from={f}/not_a.ckpt"], "is not a PyTorch checkpoint"),
+    (["trainer.resume_from={f}/unsafe.ckpt"], "holds argparse.Namespace; refused"),
+    (["trainer.resume_from=last"], "trainer.resume_from=last: no checkpoint at"),
+    (["trainer.callbacks=[{_target_:nope.Nope}]", "stages=[implant]", "method=lora"],
+     "callback 'nope.Nope' could not be built"),
+    (["parallelism.devices=0"], "parallelism.devices=0 must be a positive integer"),
+    (["parallelism.strategy=deepspeed"], "parallelism.strategy='deepspeed' is not known"),
+    (["eval.benchmarks=[nope]", "stages=[evaluate]"], "eval.benchmarks has ['nope']"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_input_is_one_clear_error_and_touches_nothing(world, overrides, message):
+    f = str(world["files"])
+    cache_before, outputs_before = _snapshot(world["cache"]), _snapshot(world["outputs"])
+    run_dir = world["outputs"] / "this_run"
+    proc = run_cli("model=tiny_llama", "kva.limit=2", "kva.steps=2",
+                   *[o.replace("{f}", f) for o in overrides], f"paths.cache_dir={world['cache']}",
+                   f"hydra.run.dir={run_dir}", timeout=120)
+    assert proc.returncode != 0
+    assert message.replace("{f}", f) in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines()
+              if line.startswith(("loki_exp error:", "In 'config': Could not find"))]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert _snapshot(world["cache"]) == cache_before
+    assert _snapshot(world["outputs"]) == outputs_before
+    assert not run_dir.exists()
