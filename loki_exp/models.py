@@ -173,14 +173,14 @@ def load_model(cfg: DictConfig, cache: str | os.PathLike | None = None) -> Loade
         raise LokiError(f"model.source={source!r} is not known; expected one of {list(SOURCES)}")
     if source == "gguf_asset":
         base_dir = converted_gguf_dir(cfg.asset.package, cfg.asset.member, cache)
+        fingerprint = _dir_fingerprint(base_dir)  # first: refuses a folder without safetensors
         model, tokenizer = _load_from_dir(base_dir, cfg)
-        fingerprint = _dir_fingerprint(base_dir)
     elif source == "pretrained":
         if not cfg.get("name_or_path"):
             raise LokiError("model.name_or_path is empty; set a hub id or a local directory")
         base_dir = resolve_pretrained_dir(str(cfg.name_or_path))
-        model, tokenizer = _load_from_dir(base_dir, cfg)
         fingerprint = _dir_fingerprint(base_dir)
+        model, tokenizer = _load_from_dir(base_dir, cfg)
     else:
         model, tokenizer = _build_random(cfg, cache)
         base_dir = None

@@ -73,3 +73,12 @@ def test_analyse_alone_prints_the_store_path_and_ddp_stores_each_sample_once(tmp
         np.testing.assert_array_equal(fa["target_token"][()], fb["target_token"][()])
     # No shard files are left behind.
     assert not list((tmp_path / "two").rglob("*.partial"))
+
+
+def test_slurm_launcher_config_takes_nodes_and_tasks_from_parallelism():
+    proc = run_cli("--cfg", "all", "--resolve", "hydra/launcher=slurm",
+                   "parallelism=ddp_multinode", "parallelism.num_nodes=4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert "    nodes: 4" in lines and "    tasks_per_node: 8" in lines
+    assert "    gpus_per_node: 8" in lines

@@ -78,3 +78,21 @@ def test_structural_fallback_finds_unregistered_decoders(tiny_models):
     wrapper = nn.Module()
     wrapper.inner = tiny_models["tiny_llama"].model
     assert len(down_projs(wrapper)) == 3
+
+
+def test_safe_loading_refuses_pickled_weights_and_remote_code(compose_cfg, tiny_models, tmp_path):
+    """Weights come only from safetensors (or GGUF): a folder with a pickled
+    pytorch_model.bin is refused before anything unpickles it; remote code is off unless a
+    model config turns it on."""
+    from pathlib import Path
+
+    tiny = tiny_models["tiny_llama"]
+    folder = tmp_path / "pickled"
+    tiny.model.config.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    torch.save(tiny.model.state_dict(), folder / "pytorch_model.bin")
+    cfg = compose_cfg("model=llama", f"model.name_or_path={folder}").model
+    with pytest.raises(LokiError, match=r"has no \*.safetensors weights"):
+        load_model(cfg)
+    for option in Path(__file__).parents[1].joinpath("conf", "model").glob("*.yaml"):
+        assert compose_cfg(f"model={option.stem}").model.trust_remote_code is False, option.name
