@@ -60,6 +60,21 @@ def test_ddp_and_fsdp_train_the_same_rows_as_one_process(tmp_path, compose_cfg):
             assert changed == positions[name][layer], f"{name}: rows moved outside the selection"
 
 
+def test_lora_under_ddp_and_fsdp_equals_one_process(tmp_path):
+    """peft adapters are initialised identically on every rank (FSDP2 broadcasts nothing)."""
+    cache = linked_cache(tmp_path / "cache")
+    common = [*TRAIN, "method=lora", "trainer.max_steps=2", "stages=[implant,export]",
+              f"paths.cache_dir={cache}"]
+    for name, extra in (("single", []), ("ddp", ["parallelism=ddp", *CPU2]),
+                        ("fsdp", ["parallelism=fsdp", *CPU2])):
+        _ok(run_cli(*common, *extra, f"hydra.run.dir={tmp_path / name}"))
+    one = _weights(tmp_path / "single")
+    for name in ("ddp", "fsdp"):
+        other = _weights(tmp_path / name)
+        for key, value in one.items():
+            torch.testing.assert_close(other[key], value, rtol=0, atol=1e-6, msg=f"{name} {key}")
+
+
 def test_multirun_with_ddp_leaves_one_complete_run_dir_per_job(tmp_path):
     outputs_before = set((ROOT / "outputs").glob("*/*")) if (ROOT / "outputs").exists() else set()
     cache = linked_cache(tmp_path / "cache")

@@ -130,6 +130,9 @@ def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]]
     if not train:
         raise LokiError(f"dataset {task.name}: no training example fits max_length="
                         f"{cfg.dataset.max_length}")
+    # Seeded before the adapters are initialised: every rank must build the same LoRA A/B
+    # (FSDP2 shards each rank's own copy; nothing broadcasts rank 0's), and runs repeat.
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     model = methods.prepare(cfg.method, loaded.model, positions)
     loaded.model = model
     n_trainable = trainable_parameters(model)
@@ -143,7 +146,6 @@ def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]]
     data = SFTDataModule(train, int(cfg.trainer.batch_size),
                          pad_id if pad_id is not None else loaded.tokenizer.eos_token_id,
                          seed=int(cfg.seed))
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     trainer = build_trainer(cfg, output_dir, loggers)
     trainer.fit(tuner, datamodule=data, ckpt_path=resume_checkpoint(cfg, output_dir),
                 weights_only=True)  # a checkpoint never needs arbitrary unpickling
