@@ -152,3 +152,22 @@ def test_killed_kva_resumes_through_train(tmp_path):
 def test_bad_parallelism_is_one_clear_error(tmp_path, bad):
     proc = run_cli("model=tiny_llama", bad, f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode == 2 and "loki_exp error: parallelism." in proc.stderr
+
+
+def test_global_batches_are_the_same_at_any_world_size_and_resume_skips():
+    from loki_exp.data.sft import GlobalBatchSampler
+
+    one = list(GlobalBatchSampler(22, 4, seed=3))
+    assert len(one) == 5 and all(len(b) == 4 for b in one)  # the incomplete 6th batch is dropped
+    ranks = [list(GlobalBatchSampler(22, 4, rank=r, world_size=2, seed=3)) for r in range(2)]
+    assert [a + b for a, b in zip(*ranks)] == one
+    resumed = GlobalBatchSampler(22, 4, seed=3)
+    resumed.skip = 2
+    assert list(resumed) == one[2:] and list(resumed) == one  # only the first epoch is partial
+    other_epoch = GlobalBatchSampler(22, 4, seed=3)
+    other_epoch.set_epoch(1)
+    assert list(other_epoch) != one
+    from loki_exp.errors import LokiError
+
+    with pytest.raises(LokiError, match="trainer.batch_size=4 is the global batch"):
+        GlobalBatchSampler(22, 4, world_size=3)
