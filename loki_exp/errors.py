@@ -21,6 +21,12 @@ class LokiError(Exception):
     """
 
 
+def check_positive_int(name: str, value: Any, context: str = "") -> None:
+    """Refuse anything but an int >= 1 (bools included), naming the config key."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise LokiError(f"{name}={value!r} must be a positive integer{context}")
+
+
 def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a CLI task so a LokiError ends the process with one clear line."""
 

@@ -12,7 +12,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from loki_exp.errors import LokiError
+from loki_exp.errors import LokiError, check_positive_int
 
 STRATEGIES = ("auto", "ddp", "fsdp2")
 
@@ -22,9 +22,7 @@ def check_parallelism(par: DictConfig) -> None:
         raise LokiError(f"parallelism.strategy={par.strategy!r} is not known; expected one of "
                         f"{list(STRATEGIES)} (parallelism=single|ddp|fsdp)")
     for key in ("devices", "num_nodes"):
-        value = par.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise LokiError(f"parallelism.{key}={value!r} must be a positive integer")
+        check_positive_int(f"parallelism.{key}", par.get(key))
 
 
 def lightning_strategy(par: DictConfig) -> str | Strategy:

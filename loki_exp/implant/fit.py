@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from loki_exp.callbacks import user_callbacks
 from loki_exp.data.sft import SFTDataModule, encode_all
 from loki_exp.data.tasks import TaskData
-from loki_exp.errors import LokiError
+from loki_exp.errors import LokiError, check_positive_int
 from loki_exp.implant import methods
 from loki_exp.implant.loki_linear import trainable_parameters
 from loki_exp.implant.module import CausalLMTuner, is_fsdp_sharded
@@ -61,9 +61,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list | None = None
 def check_trainer(tr: DictConfig) -> None:
     """The settings Lightning would only reject after the KVA stage has run."""
     for key in ("max_steps", "batch_size", "accumulate_grad_batches"):
-        value = tr.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise LokiError(f"trainer.{key}={value!r} must be a positive integer")
+        check_positive_int(f"trainer.{key}", tr.get(key))
     precisions = get_args(_PRECISION_INPUT_STR)  # Lightning's own list of precision names
     if str(tr.precision) not in precisions:
         raise LokiError(f"trainer.precision={tr.precision!r} is not known; expected one of "

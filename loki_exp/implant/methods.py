@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from loki_exp.errors import LokiError
+from loki_exp.errors import LokiError, check_positive_int
 from loki_exp.implant.loki_linear import apply_loki, merge_loki
 from loki_exp.model_access import down_projs
 
@@ -27,9 +27,7 @@ def check_method(cfg: DictConfig) -> None:
     if cfg.name in TRAINING_METHODS and not _positive(cfg.get("lr")):
         raise LokiError(f"method.lr={cfg.get('lr')!r} must be a positive number")
     if cfg.name in ("loki_lora", "lora", "dora", "pissa"):
-        rank = cfg.get("rank")
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise LokiError(f"method.rank={rank!r} must be a positive integer for method={cfg.name}")
+        check_positive_int("method.rank", cfg.get("rank"), f" for method={cfg.name}")
 
 
 def _positive(value) -> bool:
