@@ -102,17 +102,18 @@ def _positions_file(tmp_path) -> str:
     return str(path)
 
 
-def test_killed_training_resumes_to_the_same_rows(tmp_path):
+@pytest.mark.parametrize("parallel", [[], ["parallelism=fsdp", *CPU2]], ids=["single", "fsdp"])
+def test_killed_training_resumes_to_the_same_rows(tmp_path, parallel):
     """SIGKILL at step 3 of 6 (checkpoint every 2 steps, mid-epoch), rerun with
     trainer.resume_from=last in the same run dir: the same rows as an uninterrupted run."""
     cache = linked_cache(tmp_path / "cache")
-    common = [*TRAIN, "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=2",
+    common = [*TRAIN, *parallel, "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=2",
               "trainer.deterministic=true", "stages=[select,implant,export]",
               f"positions_file={_positions_file(tmp_path)}", f"paths.cache_dir={cache}"]
     _ok(run_cli(*common, f"hydra.run.dir={tmp_path / 'straight'}"))
     killed = run_cli(*common, "trainer.callbacks=[{_target_:tests.helpers.KillAt,step:3}]",
                      f"hydra.run.dir={tmp_path / 'resumed'}")
-    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert killed.returncode == -9, killed.stderr[-2000:]  # rank 0 killed; rank 1 goes with it
     assert not (tmp_path / "resumed" / "model").exists()
     ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
