@@ -18,6 +18,8 @@ from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
+from loki_exp.errors import LokiError
+
 log = logging.getLogger(__name__)
 
 
@@ -30,6 +32,18 @@ def needs_own_process(cfg: DictConfig) -> bool:
     par = cfg.parallelism
     ranks = int(par.devices) * int(par.num_nodes)
     return in_multirun() and par.strategy != "auto" and ranks > 1 and not SLURMEnvironment.detect()
+
+
+def ran_in_own_process(cfg: DictConfig, module: str) -> bool:
+    """Run this job in its own process when it needs one (see the module docstring);
+    True when it did, and succeeded."""
+    if not needs_own_process(cfg):
+        return False
+    code = run_in_own_process(module)
+    if code:
+        raise LokiError(f"job failed in its own process (exit code {code}); its log is in "
+                        f"{HydraConfig.get().runtime.output_dir}")
+    return True
 
 
 def _quoted(value: str) -> str:

@@ -11,10 +11,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from loki_exp.errors import LokiError, report_user_errors
+from loki_exp.errors import report_user_errors
 from loki_exp.parallel import check_parallelism
 from loki_exp.pipeline import run
-from loki_exp.sweep_job import needs_own_process, run_in_own_process
+from loki_exp.sweep_job import ran_in_own_process
 
 log = logging.getLogger("loki_exp.train")
 
@@ -23,11 +23,7 @@ log = logging.getLogger("loki_exp.train")
 @report_user_errors
 def main(cfg: DictConfig) -> dict:
     check_parallelism(cfg.parallelism)
-    if needs_own_process(cfg):
-        code = run_in_own_process("loki_exp.train")
-        if code:
-            raise LokiError(f"job failed in its own process (exit code {code}); its log is in "
-                            f"{cfg.paths.output_dir}")
+    if ran_in_own_process(cfg, "loki_exp.train"):  # a DDP job of a --multirun
         return {}
     state = run(cfg, Path(cfg.paths.output_dir))
     return state.artifacts.get("metrics", {})
