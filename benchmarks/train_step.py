@@ -7,6 +7,10 @@ from this one script run. Last line:
     loki_vs_lora_time=<a> loki_vs_lora_mem=<b> loki_vs_split_time=<c> loki_vs_full_time=<d>
 
     .venv/bin/python benchmarks/train_step.py [--steps 6]
+
+On a GPU: ``--device cuda --arch llama-1b --batch 8 --seq 1024`` runs a random model of
+Llama-3.2-1B's shape (no weights needed; cost does not depend on their values) and
+reports peak CUDA memory (torch.cuda.max_memory_allocated) instead of RSS.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue as queue_module
 import resource
 import time
 
@@ -61,57 +66,88 @@ def _prepare(method: str, model: nn.Module, positions: list[list[int]]) -> nn.Mo
     return methods.prepare(cfg, model, positions)
 
 
-def _child(method: str, steps: int, queue: mp.Queue) -> None:
-    from hydra import compose, initialize_config_dir
+def _model(arch: str) -> nn.Module:
+    if arch == "smollm2":
+        from hydra import compose, initialize_config_dir
 
+        from loki_exp.models import load_model
+
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return load_model(compose("config", overrides=["model=smollm2"]).model).model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         tie_word_embeddings=True, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _child(method: str, args: argparse.Namespace, queue: mp.Queue) -> None:
     from loki_exp.implant.module import CausalLMTuner
-    from loki_exp.models import load_model
+    from loki_exp.model_access import node_grid
     from loki_exp.selection import select_layer_balanced
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        loaded = load_model(compose("config", overrides=["model=smollm2"]).model)
-    model = loaded.model
+    steps, device = args.steps, torch.device(args.device)
+    model = _model(args.arch)
     # q=10 rows from random scores: cost does not depend on which rows are chosen.
-    scores = np.random.default_rng(0).normal(size=(8, 30, 576))
-    model = _prepare(method, model, select_layer_balanced(scores, 10))
+    scores = np.random.default_rng(0).normal(size=(8, *node_grid(model)))
+    model = _prepare(method, model, select_layer_balanced(scores, 10)).to(device)
     model.train()
     tuner = CausalLMTuner(model, lr=1e-4, max_steps=steps)
     optimizer = tuner.configure_optimizers()["optimizer"]
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 40000, (4, 256), generator=gen)
+    ids = torch.randint(100, 40000, (args.batch, args.seq), generator=gen)
     labels = ids.clone()
-    labels[:, :192] = -100  # loss on the last 64 tokens, like a prompt + response
+    labels[:, : args.seq * 3 // 4] = -100  # loss on the last quarter, like prompt + response
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for step in range(steps + 2):
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = tuner.response_loss(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         if step >= 2:  # two warm-up steps
             times.append(time.perf_counter() - start)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     queue.put({"method": method, "ms_per_step": 1000 * float(np.median(times)),
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "trainable": n_trainable})
+               "peak_rss_mb": peak, "trainable": n_trainable})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--arch", choices=["smollm2", "llama-1b"], default="smollm2")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     results = {}
     for method in METHODS:
         queue = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(method, args.steps, queue))
+        proc = ctx.Process(target=_child, args=(method, args, queue))
         proc.start()
-        results[method] = queue.get()
+        while True:  # a child that dies puts nothing: report it instead of waiting forever
+            try:
+                results[method] = queue.get(timeout=10)
+                break
+            except queue_module.Empty:
+                if not proc.is_alive():
+                    raise SystemExit(f"{method}: child died (exit code {proc.exitcode})") from None
         proc.join()
         r = results[method]
-        print(f"{method:6s} {r['ms_per_step']:8.0f} ms/step  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+        print(f"{method:6s} {r['ms_per_step']:8.0f} ms/step  peak mem {r['peak_rss_mb']:7.0f} MB  "
               f"trainable {r['trainable']:,}", flush=True)
     loki, lora, split, full = (results[m] for m in ("loki", "lora", "split", "full"))
     print(json.dumps(results))

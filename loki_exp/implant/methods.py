@@ -21,9 +21,14 @@ SELECTING_METHODS = (*LOKI_METHODS, "suppress")  # methods that need KVA + selec
 TRAINING_METHODS = tuple(m for m in METHODS if m != "suppress")
 
 
-def check_method(cfg: DictConfig) -> None:
+def check_method_name(cfg: DictConfig) -> None:
     if cfg.name not in METHODS:
         raise LokiError(f"method={cfg.name!r} is not known; expected one of {list(METHODS)}")
+
+
+def check_method(cfg: DictConfig) -> None:
+    """The whole method group, as a run uses it (validated before any stage)."""
+    check_method_name(cfg)
     if cfg.name in TRAINING_METHODS and not _positive(cfg.get("lr")):
         raise LokiError(f"method.lr={cfg.get('lr')!r} must be a positive number")
     if cfg.name in ("loki_lora", "lora", "dora", "pissa"):
@@ -36,7 +41,7 @@ def _positive(value) -> bool:
 
 def prepare(cfg: DictConfig, model: nn.Module, positions: list[list[int]] | None) -> nn.Module:
     """Return the model with exactly this method's parameters trainable."""
-    check_method(cfg)
+    check_method_name(cfg)
     if cfg.name in SELECTING_METHODS and positions is None:
         raise LokiError(f"method={cfg.name} needs positions (run the select stage)")
     if cfg.name == "suppress":
