@@ -66,8 +66,9 @@ def select_rows(state: RunState) -> None:
             view.check_grid(*grid)
             positions = select(view.chunks(), cfg.quota, cfg.strategy.name, cfg.strategy.score)
     state.artifacts["positions"] = positions
-    state.artifacts["positions_path"] = save_positions(positions,
-                                                       state.output_dir / "positions.json")
+    path = state.output_dir / "positions.json"
+    # Every rank selects the same rows; one writes them (two writers race on the temp file).
+    state.artifacts["positions_path"] = save_positions(positions, path) if is_global_zero() else path
     log.info("select: %s q=%s -> %d rows (%s per layer)", cfg.strategy.name, cfg.quota,
              sum(map(len, positions)), sorted({len(p) for p in positions}))
 

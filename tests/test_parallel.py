@@ -26,7 +26,9 @@ def _weights(run_dir) -> dict[str, torch.Tensor]:
 
 
 def _ok(proc) -> None:
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """Exit code 0; else every rank's error lines (the ranks share stderr) and the tail."""
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line]
+    assert proc.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + proc.stderr[-2000:]
 
 
 def test_ddp_and_fsdp_train_the_same_rows_as_one_process(tmp_path, compose_cfg):
