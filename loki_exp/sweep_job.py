@@ -39,7 +39,7 @@ def ran_in_own_process(cfg: DictConfig, module: str) -> bool:
     True when it did, and succeeded."""
     if not needs_own_process(cfg):
         return False
-    code = run_in_own_process(module)
+    code = _run_in_own_process(module)
     if code:
         raise LokiError(f"job failed in its own process (exit code {code}); its log is in "
                         f"{HydraConfig.get().runtime.output_dir}")
@@ -50,7 +50,7 @@ def _quoted(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def run_in_own_process(module: str) -> int:
+def _run_in_own_process(module: str) -> int:
     """Run this sweep job as ``python -m <module> <its overrides>`` into its run dir."""
     hc = HydraConfig.get()
     command = [sys.executable, "-m", module, *hc.overrides.task,
