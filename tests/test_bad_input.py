@@ -69,6 +69,7 @@ CASES = [
     (["method.lr=-1"], "method.lr=-1 must be a positive number"),
     (["trainer.max_steps=-3"], "trainer.max_steps=-3 must be a positive integer"),
     (["trainer.precision=fp7"], "trainer.precision='fp7' is not known"),
+    (["trainer.checkpoint_every_n_steps=-1"], "trainer.checkpoint_every_n_steps=-1 must be an integer >= 0"),
     (["trainer.resume_from={f}/missing.ckpt"], "no such checkpoint file"),
     (["trainer.resume_from={f}/not_a.ckpt"], "is not a PyTorch checkpoint"),
     (["trainer.resume_from={f}/unsafe.ckpt"], "holds argparse.Namespace; refused"),

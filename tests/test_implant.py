@@ -180,6 +180,14 @@ def test_lightning_fit_updates_only_rows(compose_cfg, tmp_path):
         assert torch.equal(a.mlp.down_proj.weight_rows, b.mlp.down_proj.weight_rows)
 
 
+def test_checkpoint_every_zero_writes_no_checkpoint(compose_cfg, tmp_path):
+    cfg = compose_cfg("model=tiny_llama", "trainer.checkpoint_every_n_steps=0")
+    trainer = build_trainer(cfg, tmp_path, loggers=[])
+    assert trainer.checkpoint_callbacks == []
+    every_two = build_trainer(compose_cfg("trainer.checkpoint_every_n_steps=2"), tmp_path, loggers=[])
+    assert [c._every_n_train_steps for c in every_two.checkpoint_callbacks] == [2]
+
+
 def test_frozen_linear_keeps_no_autocast_copy_and_gives_the_same_gradients():
     from loki_exp.implant.loki_linear import FrozenLinear
 

@@ -43,16 +43,20 @@ def learning_rate(cfg: DictConfig) -> float:
 
 def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list | None = None) -> L.Trainer:
     par, tr = cfg.parallelism, cfg.trainer
-    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True,
-                                 save_top_k=0, every_n_train_steps=int(tr.checkpoint_every_n_steps))
+    every = int(tr.checkpoint_every_n_steps)
+    # 0 means no checkpoints at all: a sweep of full fine-tunes would otherwise write a
+    # model-plus-optimizer last.ckpt (1.6 GB for SmolLM2) per job that the export makes moot.
+    checkpoints = [ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True,
+                                   save_top_k=0, every_n_train_steps=every)] if every else []
     return L.Trainer(
+        enable_checkpointing=bool(every),
         accelerator=par.accelerator, devices=par.devices, num_nodes=par.num_nodes,
         strategy=lightning_strategy(par), use_distributed_sampler=False,  # SFTDataModule splits
         precision=tr.precision, max_steps=int(tr.max_steps),
         accumulate_grad_batches=int(tr.accumulate_grad_batches),
         gradient_clip_val=tr.get("gradient_clip_val"), log_every_n_steps=int(tr.log_every_n_steps),
         logger=loggers if loggers is not None else [CSVLogger(output_dir, name="csv", version="")],
-        callbacks=[checkpoint, *user_callbacks(tr.get("callbacks"))], enable_model_summary=False,
+        callbacks=[*checkpoints, *user_callbacks(tr.get("callbacks"))], enable_model_summary=False,
         deterministic=bool(tr.deterministic),
         default_root_dir=output_dir,
     )
@@ -62,6 +66,10 @@ def check_trainer(tr: DictConfig) -> None:
     """The settings Lightning would only reject after the KVA stage has run."""
     for key in ("max_steps", "batch_size", "accumulate_grad_batches"):
         check_positive_int(f"trainer.{key}", tr.get(key))
+    every = tr.get("checkpoint_every_n_steps")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise LokiError(f"trainer.checkpoint_every_n_steps={every!r} must be an integer >= 0 "
+                        "(0: no checkpoints)")
     precisions = get_args(_PRECISION_INPUT_STR)  # Lightning's own list of precision names
     if str(tr.precision) not in precisions:
         raise LokiError(f"trainer.precision={tr.precision!r} is not known; expected one of "
