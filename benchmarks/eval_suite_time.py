@@ -1,6 +1,6 @@
 """Wall time of the default forgetting suite on SmolLM2 (the budget: at most 5 minutes here).
 
-    .venv/bin/python benchmarks/eval_suite_time.py [--limit 200]
+    .venv/bin/python benchmarks/eval_suite_time.py [--limit N]
 
 Scores the base SmolLM2 on the six default benchmarks through lm-eval, eval.limit
 questions each, and prints seconds per benchmark, the total and the scores.
