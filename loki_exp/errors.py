@@ -21,10 +21,15 @@ class LokiError(Exception):
     """
 
 
+def check_int_at_least(name: str, value: Any, minimum: int, context: str = "") -> None:
+    """Refuse anything but an int >= minimum (bools included), naming the config key."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise LokiError(f"{name}={value!r} must be {expected}{context}")
+
+
 def check_positive_int(name: str, value: Any, context: str = "") -> None:
-    """Refuse anything but an int >= 1 (bools included), naming the config key."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise LokiError(f"{name}={value!r} must be a positive integer{context}")
+    check_int_at_least(name, value, 1, context)
 
 
 def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

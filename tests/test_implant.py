@@ -188,6 +188,13 @@ def test_checkpoint_every_zero_writes_no_checkpoint(compose_cfg, tmp_path):
     assert [c._every_n_train_steps for c in every_two.checkpoint_callbacks] == [2]
 
 
+def test_users_own_checkpoint_callback_works_with_every_zero(compose_cfg, tmp_path):
+    cfg = compose_cfg("trainer.checkpoint_every_n_steps=0", "trainer.callbacks=[{_target_:"
+                      "lightning.pytorch.callbacks.ModelCheckpoint,every_n_train_steps:3}]")
+    trainer = build_trainer(cfg, tmp_path, loggers=[])
+    assert [c._every_n_train_steps for c in trainer.checkpoint_callbacks] == [3]
+
+
 def test_frozen_linear_keeps_no_autocast_copy_and_gives_the_same_gradients():
     from loki_exp.implant.loki_linear import FrozenLinear
 

@@ -13,7 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.connector import _PRECISION_INPUT_STR
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 from torch import nn
@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from loki_exp.callbacks import user_callbacks
 from loki_exp.data.sft import SFTDataModule, encode_all
 from loki_exp.data.tasks import TaskData
-from loki_exp.errors import LokiError, check_positive_int
+from loki_exp.errors import LokiError, check_int_at_least, check_positive_int
 from loki_exp.implant import methods
 from loki_exp.implant.loki_linear import trainable_parameters
 from loki_exp.implant.module import CausalLMTuner, is_fsdp_sharded
@@ -48,15 +48,18 @@ def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list | None = None
     # model-plus-optimizer last.ckpt (1.6 GB for SmolLM2) per job that the export makes moot.
     checkpoints = [ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True,
                                    save_top_k=0, every_n_train_steps=every)] if every else []
+    callbacks = [*checkpoints, *user_callbacks(tr.get("callbacks"))]
     return L.Trainer(
-        enable_checkpointing=bool(every),
+        # Off only when no checkpoint callback is given at all (Lightning would add its own);
+        # a user's ModelCheckpoint in trainer.callbacks still works with every=0.
+        enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
         accelerator=par.accelerator, devices=par.devices, num_nodes=par.num_nodes,
         strategy=lightning_strategy(par), use_distributed_sampler=False,  # SFTDataModule splits
         precision=tr.precision, max_steps=int(tr.max_steps),
         accumulate_grad_batches=int(tr.accumulate_grad_batches),
         gradient_clip_val=tr.get("gradient_clip_val"), log_every_n_steps=int(tr.log_every_n_steps),
         logger=loggers if loggers is not None else [CSVLogger(output_dir, name="csv", version="")],
-        callbacks=[*checkpoints, *user_callbacks(tr.get("callbacks"))], enable_model_summary=False,
+        callbacks=callbacks, enable_model_summary=False,
         deterministic=bool(tr.deterministic),
         default_root_dir=output_dir,
     )
@@ -66,10 +69,8 @@ def check_trainer(tr: DictConfig) -> None:
     """The settings Lightning would only reject after the KVA stage has run."""
     for key in ("max_steps", "batch_size", "accumulate_grad_batches"):
         check_positive_int(f"trainer.{key}", tr.get(key))
-    every = tr.get("checkpoint_every_n_steps")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise LokiError(f"trainer.checkpoint_every_n_steps={every!r} must be an integer >= 0 "
-                        "(0: no checkpoints)")
+    check_int_at_least("trainer.checkpoint_every_n_steps", tr.get("checkpoint_every_n_steps"), 0,
+                       " (0: no checkpoints)")
     precisions = get_args(_PRECISION_INPUT_STR)  # Lightning's own list of precision names
     if str(tr.precision) not in precisions:
         raise LokiError(f"trainer.precision={tr.precision!r} is not known; expected one of "
