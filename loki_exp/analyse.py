@@ -6,6 +6,8 @@ of the same model, probe data and KVA settings.
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -24,7 +26,10 @@ def main(cfg: DictConfig) -> str:
         return ""
     path = run_analyse(cfg, load_model(cfg.model, cfg.paths.cache_dir))
     if is_global_zero():  # under DDP every rank runs this; print the path once
-        print(path)
+        # One write with its newline: unbuffered stdout (PYTHONUNBUFFERED=1) would otherwise
+        # send path and newline separately, and another rank's log line can land between them.
+        sys.stdout.write(f"{path}\n")
+        sys.stdout.flush()
     return str(path)
 
 

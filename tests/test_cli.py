@@ -44,8 +44,11 @@ def test_quota_out_of_range(tmp_path, quota):
 
 
 def _store(stdout: str) -> str:
-    """The printed store path (other ranks' log lines may follow it on stdout)."""
-    return [line for line in stdout.splitlines() if line.startswith("/")][-1]
+    """The printed store path: the one stdout line that is exactly a path (other ranks' log
+    lines share the pipe)."""
+    paths = [line for line in stdout.splitlines() if line.startswith("/") and line.endswith(".h5")]
+    assert len(paths) == 1, stdout[-2000:]
+    return paths[0]
 
 
 def test_analyse_alone_prints_the_store_path_and_ddp_stores_each_sample_once(tmp_path):
