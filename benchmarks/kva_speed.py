@@ -9,6 +9,11 @@ max|fast - captum| / max|captum|; y: Captum time / fast ``last`` variant time; z
 layer_balanced q=10 positions that the ``last`` variant and the exact path both pick.
 
     .venv/bin/python benchmarks/kva_speed.py --prompts 4 [--baseline zero|token]
+
+``--presets`` instead times each KVA preset (``kva=published|reference_captum|paper_text``)
+as the analyse stage runs it (the preset's engine settings and compute dtype, on its own
+copy of the model), on the same prompts, and prints one ``preset=...`` line each; the
+published preset also in fp32 (the CPU experiments run it so).
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from loki_exp.data.mmlu import load_probe, render_prompt
+from loki_exp.data.mmlu import ProbeSpec, load_probe, render_prompt
+from loki_exp.kva.analyse import kva_settings, model_for_kva
 from loki_exp.kva.engine import CaptumKVA, FastKVA, KVASettings
 from loki_exp.kva.lightning import common_prefix
-from loki_exp.models import load_model
+from loki_exp.models import load_model, torch_dtype
 from loki_exp.selection import select_layer_balanced
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -41,6 +47,28 @@ def overlap(a: list[list[int]], b: list[list[int]]) -> float:
     return shared / sum(len(x) for x in a)
 
 
+def time_presets(n_prompts: int) -> None:
+    runs = [("published", []), ("published", ["kva.dtype=float32"]), ("reference_captum", []),
+            ("paper_text", [])]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfgs = [(name, compose("config", overrides=["model=smollm2", f"kva={name}", *extra]))
+                for name, extra in runs]
+    loaded = load_model(cfgs[0][1].model)
+    tok = loaded.tokenizer
+    items = load_probe(ProbeSpec(samples_per_subject=1, limit=n_prompts)).items
+    prompts = [tok(render_prompt(tok, it), return_tensors="pt", add_special_tokens=False).input_ids
+               for it in items]
+    prefix = torch.tensor(common_prefix([p[0].tolist() for p in prompts]))
+    print(f"SmolLM2-135M, {torch.get_num_threads()} threads, {len(prompts)} prompts of "
+          f"{[p.shape[1] for p in prompts]} tokens")
+    for name, cfg in cfgs:
+        dtype = cfg.kva.dtype or "float32"  # null: as loaded (SmolLM2 loads in fp32)
+        engine = FastKVA(model_for_kva(loaded.model, torch_dtype(dtype)), kva_settings(cfg.kva))
+        engine.set_shared_prefix(prefix)
+        _, seconds = timed(engine, prompts)
+        print(f"preset={name} dtype={dtype} s_per_prompt={seconds / len(prompts):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=4)
@@ -48,12 +76,16 @@ def main() -> None:
     parser.add_argument("--method", default="riemann_trapezoid")
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--skip-captum", action="store_true", help="time the fast paths only")
+    parser.add_argument("--presets", action="store_true", help="time each KVA preset instead")
     args = parser.parse_args()
+    if args.presets:
+        time_presets(args.prompts)
+        return
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         loaded = load_model(compose("config", overrides=["model=smollm2"]).model)
     tok = loaded.tokenizer
-    items = load_probe("offline", 50, 42, limit=args.prompts)
+    items = load_probe(ProbeSpec(limit=args.prompts)).items
     prompts = [tok(render_prompt(tok, it), return_tensors="pt", add_special_tokens=False).input_ids
                for it in items]
     print(f"SmolLM2-135M fp32, {torch.get_num_threads()} threads, {len(prompts)} prompts of "

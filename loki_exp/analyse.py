@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from loki_exp.errors import report_user_errors
-from loki_exp.kva.analyse import run_analyse
+from loki_exp.kva.analyse import check_kva, run_analyse
 from loki_exp.models import load_model
 from loki_exp.parallel import check_parallelism, is_global_zero
 from loki_exp.sweep_job import ran_in_own_process
@@ -22,6 +22,7 @@ from loki_exp.sweep_job import ran_in_own_process
 @report_user_errors
 def main(cfg: DictConfig) -> str:
     check_parallelism(cfg.parallelism)
+    check_kva(cfg.kva)
     if ran_in_own_process(cfg, "loki_exp.analyse"):  # a DDP job of a --multirun
         return ""
     path = run_analyse(cfg, load_model(cfg.model, cfg.paths.cache_dir))

@@ -1,4 +1,4 @@
-"""Select trainable down_proj rows from KVA attributions (LOKI_METHOD.md "Select").
+"""Select trainable down_proj rows from KVA attributions (docs/method.md "Select").
 
 ``q`` in (0, 100] is the percent of all ``L x D`` nodes made trainable, ``T = floor(q/100 L D)``.
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from loki_exp.data.mmlu import load_probe, render_prompt
+from loki_exp.data.mmlu import ProbeSpec, load_probe, render_prompt
 from loki_exp.errors import LokiError
 from loki_exp.kva.analyse import run_analyse
 from loki_exp.kva.engine import CaptumKVA, FastKVA, KVASettings
@@ -19,7 +19,7 @@ from loki_exp.selection import select_layer_balanced
 def _prompts(tokenizer, n=3):
     return [tokenizer(render_prompt(tokenizer, it), return_tensors="pt",
                       add_special_tokens=False).input_ids
-            for it in load_probe("offline", 1, 0, limit=n)]
+            for it in load_probe(ProbeSpec(samples_per_subject=1, limit=n)).items]
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen"])
@@ -101,8 +101,87 @@ def test_bad_settings(bad, match):
 
 
 def _cfg(compose_cfg, cache, *extra):
-    return compose_cfg("model=tiny_llama", "kva.limit=5", f"paths.cache_dir={cache}",
-                       "paths.output_dir=unused", *extra)
+    # The exact all-positions definition in fp32 (paper_text with Captum's default rule).
+    return compose_cfg("model=tiny_llama", "kva=paper_text", "kva.method=riemann_trapezoid",
+                       "kva.limit=5", f"paths.cache_dir={cache}", "paths.output_dir=unused", *extra)
+
+
+def first_commit_kva(model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, int]:
+    """The original repository's first-commit KVA, re-implemented from its description
+    (docs/method.md): for each layer, hook the down_proj output of a batch of ``steps``
+    full-length copies of the prompt, replace the last position of copy k with k/m * z
+    (z: that layer's clean output there), take the gradient of the target's probability at
+    the last position w.r.t. the replaced activations, and sum: attr = z/m * sum_k grad_k."""
+    from loki_exp.model_access import down_projs
+
+    projs = down_projs(model)
+    with torch.no_grad():
+        clean = []
+        hooks = [p.register_forward_hook(lambda m, i, o: clean.append(o[0, -1].clone()))
+                 for p in projs]
+        target = int(model(ids).logits[0, -1].argmax())
+        for h in hooks:
+            h.remove()
+    rows = []
+    for proj, z in zip(projs, clean):
+        scaled = torch.stack([z * k / steps for k in range(steps)]).requires_grad_(True)
+
+        def replace(module, args, out, scaled=scaled):
+            out = out.clone()
+            out[:, -1] = scaled
+            return out
+
+        handle = proj.register_forward_hook(replace)
+        try:
+            logits = model(ids.expand(steps, -1)).logits[:, -1]
+        finally:
+            handle.remove()
+        prob = torch.softmax(logits, dim=-1)[:, target]
+        (grad,) = torch.autograd.grad(prob.sum(), scaled)
+        rows.append(z / steps * grad.sum(0))
+    return torch.stack(rows).detach(), target
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen"])
+def test_published_preset_equals_the_first_commit_algorithm(compose_cfg, tiny_models, tmp_path,
+                                                            model):
+    loaded = tiny_models[model]
+    cfg = compose_cfg(f"model={model}", "kva=published", "kva.dtype=float32",
+                      "kva.store_dtype=float32", "kva.limit=3", f"paths.cache_dir={tmp_path}",
+                      "paths.output_dir=unused")
+    data, attrs = _read(run_analyse(cfg, loaded))
+    assert (attrs["preset"], attrs["baseline"], attrs["scale_positions"], attrs["method"],
+            attrs["steps"]) == ("published", "zero", "last", "riemann_left", 7)
+    for row, prompt in enumerate(data["prompt"]):
+        ids = loaded.tokenizer(prompt.decode(), return_tensors="pt", add_special_tokens=False).input_ids
+        ref, target = first_commit_kva(loaded.model, ids, 7)
+        assert data["target_token"][row] == target
+        got = torch.from_numpy(data["attributions"][row])
+        assert ref.abs().max() > 0
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_presets_record_their_settings_and_kva_leaves_the_model_dtype(compose_cfg, tiny_models,
+                                                                     tmp_path):
+    loaded = tiny_models["tiny_llama"]
+    expected = {
+        "published": ("zero", "last", "riemann_left", "bfloat16", "float16", "first", 0, "all"),
+        "reference_captum": ("token", "all", "riemann_trapezoid", "float32", "float32", "first", 0,
+                             "all_but_hs_math"),
+        "paper_text": ("zero", "all", "riemann_right", "float32", "float32", "first", 0, "all"),
+    }
+    for preset, want in expected.items():
+        cfg = compose_cfg("model=tiny_llama", f"kva={preset}", "kva.limit=2", "kva.steps=3",
+                          f"paths.cache_dir={tmp_path}", "paths.output_dir=unused")
+        data, attrs = _read(run_analyse(cfg, loaded))
+        assert attrs["preset"] == preset
+        assert (attrs["baseline"], attrs["scale_positions"], attrs["method"], attrs["dtype"],
+                attrs["store_dtype"], attrs["probe_pick"], attrs["probe_shots"],
+                attrs["probe_subjects"]) == want, preset
+        assert data["attributions"].dtype == np.dtype(want[4])
+        # KVA computes in its own dtype on its own copy: the model later stages train and
+        # export keeps its dtype (published computes in bf16 on this fp32 model).
+        assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
 
 
 def _read(path):

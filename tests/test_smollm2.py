@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loki_exp.data import assets
-from loki_exp.data.mmlu import load_probe, render_prompt
+from loki_exp.data.mmlu import ProbeSpec, load_probe, render_prompt
 from loki_exp.model_access import node_grid
 from loki_exp.models import load_model
 
@@ -18,7 +18,7 @@ def test_cached_smollm2_matches_direct_gguf_load(compose_cfg):
     gguf = assets.extract_member(cfg.package, cfg.member)
     direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                   dtype=torch.float32).eval()
-    item = load_probe("offline", 1, 0, limit=1)[0]
+    item = load_probe(ProbeSpec(samples_per_subject=1, limit=1)).items[0]
     ids = loaded.tokenizer(render_prompt(loaded.tokenizer, item), return_tensors="pt",
                            add_special_tokens=False).input_ids
     with torch.no_grad():

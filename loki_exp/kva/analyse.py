@@ -7,6 +7,7 @@ under ``<cache_dir>/kva/<model name>/<key>.h5``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -16,12 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from omegaconf import DictConfig
 
 import loki_exp
 from loki_exp.callbacks import user_callbacks
 from loki_exp.data import assets
-from loki_exp.data.mmlu import PROMPT_TEMPLATE, load_probe, render_prompt
+from loki_exp.data.mmlu import (
+    PROMPT_TEMPLATE,
+    ProbeSpec,
+    check_probe,
+    load_probe,
+    render_prompt,
+    subject_choice,
+)
 from loki_exp.errors import LokiError
 from loki_exp.kva.engine import KVASettings
 from loki_exp.kva.lightning import KVAModule, KVAStoreWriter, ProbeDataModule, common_prefix
@@ -39,20 +48,59 @@ def kva_settings(kva: DictConfig) -> KVASettings:
                        scale_positions=kva.scale_positions, engine=kva.engine)
 
 
+def probe_spec(kva: DictConfig) -> ProbeSpec:
+    probe = kva.probe
+    return ProbeSpec(source=probe.source, samples_per_subject=probe.samples_per_subject,
+                     pick=probe.pick, seed=int(probe.seed), subjects=subject_choice(probe.subjects),
+                     shots=probe.shots, limit=kva.limit, hub_id=probe.hub_id)
+
+
+def check_kva(kva: DictConfig) -> None:
+    """The kva group as the analyse stage will use it, checked before any stage runs."""
+    if kva.get("store"):
+        return  # a given store: nothing is computed
+    kva_settings(kva)
+    if kva.store_dtype not in STORE_DTYPES:
+        raise LokiError(f"kva.store_dtype={kva.store_dtype!r} is not known; expected one of "
+                        f"{sorted(STORE_DTYPES)}")
+    if kva.get("dtype") is not None:
+        torch_dtype(kva.dtype)
+    check_probe(probe_spec(kva))
+
+
 def probe_rows(kva: DictConfig, tokenizer, cache: Any = None) -> list[dict[str, Any]]:
-    items = load_probe(kva.probe.source, kva.probe.samples_per_subject, int(kva.probe.seed),
-                       kva.limit, cache, kva.probe.hub_id)
-    return [{"index": i, "sample_id": it.sample_id, "prompt": render_prompt(tokenizer, it)}
-            for i, it in enumerate(items)]
+    probe_set = load_probe(probe_spec(kva), cache)
+    return [{"index": i, "sample_id": it.sample_id,
+             "prompt": render_prompt(tokenizer, it, probe_set.shots_for(it))}
+            for i, it in enumerate(probe_set.items)]
+
+
+def compute_dtype(kva: DictConfig, loaded: LoadedModel) -> str:
+    """``kva.dtype``, or the model's own dtype when it is null (the preset runs "as loaded")."""
+    if kva.get("dtype") is None:
+        return str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    torch_dtype(kva.dtype)  # refuses an unknown name
+    return str(kva.dtype)
+
+
+def model_for_kva(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The model KVA runs on, in its own compute dtype, leaving ``model`` untouched.
+
+    Later stages train and export the model in ``model.dtype``; casting it in place would make
+    training precision (and the export's size) depend on whether the store was cached.
+    """
+    if next(model.parameters()).dtype == dtype:
+        return model  # KVA takes no gradients of weights and changes nothing: share it
+    return copy.deepcopy(model).to(dtype)
 
 
 def store_key(fingerprint: str, rows: list[dict[str, Any]], settings: KVASettings,
-              dtype: str, store_dtype: str) -> str:
+              dtype: str, store_dtype: str, preset: str | None = None) -> str:
     prompts = hashlib.sha256()
     for row in rows:
         prompts.update(f"{row['sample_id']}\x00{row['prompt']}\x00".encode())
     spec = {"weights": fingerprint, "prompts": prompts.hexdigest(), "settings": asdict(settings),
-            "dtype": dtype, "store_dtype": store_dtype}
+            "dtype": dtype, "store_dtype": store_dtype, "preset": preset}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -62,15 +110,19 @@ def store_path(cache_dir: Any, model_name: str, key: str) -> Path:
 
 
 def _provenance(cfg: DictConfig, loaded: LoadedModel, settings: KVASettings, key: str,
-                grid: tuple[int, int]) -> dict[str, Any]:
+                grid: tuple[int, int], dtype: str) -> dict[str, Any]:
     probe = cfg.kva.probe
+    subjects = subject_choice(probe.subjects)
     return {
+        "preset": cfg.kva.get("preset") or "custom",
         "model": loaded.name, "weights_fingerprint": loaded.fingerprint,
-        "dtype": cfg.kva.dtype, "store_dtype": cfg.kva.store_dtype,
+        "dtype": dtype, "store_dtype": cfg.kva.store_dtype,
         **{k: v for k, v in asdict(settings).items()},
         "prompt_template": PROMPT_TEMPLATE, "probe_source": probe.source,
         "probe_hub_id": probe.hub_id,
         "samples_per_subject": -1 if probe.samples_per_subject is None else probe.samples_per_subject,
+        "probe_pick": probe.pick, "probe_shots": probe.shots,
+        "probe_subjects": subjects if isinstance(subjects, str) else json.dumps(list(subjects)),
         "probe_seed": probe.seed, "limit": -1 if cfg.kva.limit is None else cfg.kva.limit,
         "n_layers": grid[0], "n_nodes": grid[1], "store_key": key,
         "loki_exp_version": loki_exp.__version__,
@@ -92,14 +144,13 @@ def run_analyse(cfg: DictConfig, loaded: LoadedModel) -> Path:
         with StoreView(cfg.kva.store) as view:
             view.check_grid(*node_grid(loaded.model))
         return Path(cfg.kva.store)
+    check_kva(cfg.kva)
     settings = kva_settings(cfg.kva)
-    if cfg.kva.store_dtype not in STORE_DTYPES:
-        raise LokiError(f"kva.store_dtype={cfg.kva.store_dtype!r} is not known; expected one "
-                        f"of {sorted(STORE_DTYPES)}")
-    dtype = torch_dtype(cfg.kva.dtype)
+    dtype = compute_dtype(cfg.kva, loaded)
     rows = probe_rows(cfg.kva, loaded.tokenizer, cfg.paths.cache_dir)
     grid = node_grid(loaded.model)
-    key = store_key(loaded.fingerprint, rows, settings, cfg.kva.dtype, cfg.kva.store_dtype)
+    key = store_key(loaded.fingerprint, rows, settings, dtype, cfg.kva.store_dtype,
+                    cfg.kva.get("preset"))
     path = store_path(cfg.paths.cache_dir, loaded.name, key)
     if path.exists():
         with StoreView(path) as view:
@@ -111,24 +162,24 @@ def run_analyse(cfg: DictConfig, loaded: LoadedModel) -> Path:
         return path
     done = completed_rows(path)
     todo = [r for r in rows if r["index"] not in done]
-    log.info("KVA: %d prompts, %d already in partial shards, %d to compute (engine=%s, "
-             "baseline=%s, %s x %d, scale_positions=%s, %s)", len(rows), len(rows) - len(todo),
-             len(todo), settings.engine, settings.baseline, settings.method, settings.steps,
-             settings.scale_positions, cfg.kva.dtype)
+    log.info("KVA (preset %s): %d prompts, %d already in partial shards, %d to compute "
+             "(engine=%s, baseline=%s, %s x %d, scale_positions=%s, %s)", cfg.kva.get("preset"),
+             len(rows), len(rows) - len(todo), len(todo), settings.engine, settings.baseline,
+             settings.method, settings.steps, settings.scale_positions, dtype)
     trainer = None
     if todo:
-        loaded.model.to(dtype)
+        kva_model = model_for_kva(loaded.model, torch_dtype(dtype))
         writer = KVAStoreWriter(path, cfg.kva.store_dtype)
         trainer = kva_trainer(cfg, [writer])
         # Computed over the whole probe set (fixed by the store key), not just what is left
         # to do, so a resumed run reuses exactly the same prefix keys/values.
         ids = [loaded.tokenizer(r["prompt"], add_special_tokens=False).input_ids for r in rows]
-        module = KVAModule(loaded.model, loaded.tokenizer, settings, common_prefix(ids))
+        module = KVAModule(kva_model, loaded.tokenizer, settings, common_prefix(ids))
         trainer.predict(module, datamodule=ProbeDataModule(todo, int(cfg.kva.batch_size)),
                         return_predictions=False)
         trainer.strategy.barrier("kva_predicted")  # every rank's shard is complete
     if trainer is None or trainer.is_global_zero:
-        merge_shards(path, len(rows), _provenance(cfg, loaded, settings, key, grid))
+        merge_shards(path, len(rows), _provenance(cfg, loaded, settings, key, grid, dtype))
     if trainer is not None:
         trainer.strategy.barrier("kva_merged")
     log.info("KVA store: %s", path)

@@ -84,7 +84,7 @@ class KVASettings:
             raise LokiError("kva.engine=captum implements only scale_positions=all")
 
     def quadrature(self) -> tuple[list[float], list[float]]:
-        """Captum's integration points and weights (not re-derived: see LOKI_METHOD.md)."""
+        """Captum's integration points and weights (not re-derived: see docs/method.md)."""
         step_sizes, alphas = approximation_parameters(self.method)
         return list(alphas(self.steps)), list(step_sizes(self.steps))
 
