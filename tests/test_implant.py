@@ -136,11 +136,13 @@ def test_every_method_trains_and_exports_a_plain_checkpoint(compose_cfg, tmp_pat
 
 
 def test_learning_rate_scales_with_quota_for_loki_only(compose_cfg):
-    assert learning_rate(compose_cfg("quota=10")) == pytest.approx(1e-3)
-    assert learning_rate(compose_cfg("quota=30")) == pytest.approx(0.4e-3)
-    assert learning_rate(compose_cfg("quota=20")) == pytest.approx(0.7e-3)
-    assert learning_rate(compose_cfg("quota=5")) == pytest.approx(1e-3)
-    assert learning_rate(compose_cfg("quota=30", "method=lora")) == pytest.approx(1e-3)
+    scale = ["quota_lr_scale={quotas: [10, 30], scales: [1.0, 0.4]}"]
+    assert learning_rate(compose_cfg("quota=10", *scale)) == pytest.approx(1e-3)
+    assert learning_rate(compose_cfg("quota=30", *scale)) == pytest.approx(0.4e-3)
+    assert learning_rate(compose_cfg("quota=20", *scale)) == pytest.approx(0.7e-3)
+    assert learning_rate(compose_cfg("quota=5", *scale)) == pytest.approx(1e-3)
+    assert learning_rate(compose_cfg("quota=30", "method=lora", *scale)) == pytest.approx(1e-3)
+    assert learning_rate(compose_cfg("quota=30")) == pytest.approx(1e-3)  # off by default
 
 
 def test_unknown_method_and_missing_positions(compose_cfg, tiny_models):
@@ -228,3 +230,83 @@ def test_suppress_zeroes_exactly_the_selected_rows(compose_cfg, tiny_models):
     assert (after[0][[0, 3]] == 0).all() and torch.equal(after[0][1:3], before[0][1:3])
     assert torch.equal(after[1], before[1]) and (after[2][63] == 0).all()
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 0
+
+
+@pytest.mark.parametrize("method", ["loki", "loki_lora", "full"])
+def test_bf16_model_trains_fp32_masters_and_exports_bf16(compose_cfg, tmp_path, method):
+    """A bf16 model at lr 1e-5: after two AdamW steps nearly every trainable entry has moved
+    (held in bf16, 15-30% would), the model stays bf16, and the export is bf16 with every
+    untrained weight bit-identical to the base."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from loki_exp.models import load_model
+
+    cfg = compose_cfg("model=tiny_llama", "model.dtype=bfloat16", f"method={method}")
+    loaded = load_model(cfg.model)
+    base = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    assert {v.dtype for v in base.values()} == {torch.bfloat16}
+    positions = [list(range(0, 64, 4))] * 3
+    model = methods.prepare(cfg.method, loaded.model, positions)
+    tuner = CausalLMTuner(model, lr=1e-5, max_steps=2, warmup_ratio=0.0)
+    start = {k: v.float().clone() for k, v in tuner.trained_tensors().items()}
+    assert start and {v.dtype for v in tuner.trained_tensors().values()} <= {torch.float32,
+                                                                             torch.bfloat16}
+    batches = [_batch(loaded.tokenizer)] * 2
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        precision="bf16-mixed", default_root_dir=tmp_path)
+    trainer.fit(tuner, train_dataloaders=DataLoader(batches, batch_size=None))
+    trained = tuner.trained_tensors()
+    assert {v.dtype for v in trained.values()} == {torch.float32}  # the masters
+    moved = sum(int((trained[k] != start[k]).sum()) for k in start)
+    total = sum(v.numel() for v in start.values())
+    assert moved / total >= 0.99, f"{method}: {moved}/{total} entries moved"
+    exported = methods.export(cfg.method, model)
+    state = exported.state_dict()
+    assert {v.dtype for v in state.values()} == {torch.bfloat16}
+    changed = {k for k in base if not torch.equal(state[k], base[k])}
+    if method == "full":
+        assert changed  # some bf16 entries crossed a rounding step
+    else:
+        assert changed <= {f"model.layers.{i}.mlp.down_proj.weight" for i in range(3)}
+        for i in range(3):
+            key = f"model.layers.{i}.mlp.down_proj.weight"
+            frozen = [r for r in range(64) if r not in positions[i]]
+            assert torch.equal(state[key][frozen], base[key][frozen])
+
+
+def test_fp32_masters_resume_from_a_checkpoint_exactly(compose_cfg, tmp_path):
+    """Full fine-tuning of a bf16 model: a run resumed from its step-1 checkpoint ends with the
+    same fp32 masters as the uninterrupted 2-step run (not re-made from the bf16 weights)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
+
+    from loki_exp.models import load_model
+
+    cfg = compose_cfg("model=tiny_llama", "model.dtype=bfloat16", "method=full")
+
+    def run(steps, ckpt_dir=None, resume=None):
+        loaded = load_model(cfg.model)
+        tuner = CausalLMTuner(methods.prepare(cfg.method, loaded.model, None), lr=1e-5,
+                              max_steps=2, warmup_ratio=0.0)
+        callbacks = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=-1)
+                     ] if ckpt_dir else []
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False,
+                            enable_checkpointing=bool(ckpt_dir), callbacks=callbacks,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            precision="bf16-mixed", default_root_dir=tmp_path)
+        batches = [_batch(loaded.tokenizer)] * 2
+        trainer.fit(tuner, train_dataloaders=DataLoader(batches, batch_size=None),
+                    ckpt_path=resume, weights_only=True)
+        return tuner.trained_tensors()
+
+    whole = run(2)
+    run(1, ckpt_dir=tmp_path / "ckpt")
+    (first,) = (tmp_path / "ckpt").glob("*.ckpt")
+    assert "fp32_master_weights" in torch.load(first, weights_only=True)
+    resumed = run(2, resume=str(first))
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name

@@ -10,6 +10,11 @@ literally ``F.linear(x, W)`` with ``W`` the base weight holding the current rows
 bit-identical to the restored Linear; the backward computes the weight gradient for the
 ``k`` selected rows only (``grad_out[..., rows]^T x``), never a full [d_model, d_ff]
 gradient, and no weight copy is kept for autograd. The optimizer sees only the rows.
+
+Precision: the trainable tensors are fp32 whatever the model's dtype (they are the master
+copy; the base weight in the model's dtype is the working copy the forward reads), as
+LlamaFactory's AMP / DeepSpeed ZeRO-2 keep fp32 masters of a bf16 model: an AdamW step at lr
+1e-5 on rows held in bf16 would leave most of their entries unchanged.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ class _RowLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, rows, rows_value, bias_rows_value):
         ctx.save_for_backward(x, weight, rows, rows_value)
-        ctx.has_bias_rows = bias_rows_value is not None
+        ctx.bias_rows_dtype = None if bias_rows_value is None else bias_rows_value.dtype
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -44,8 +49,9 @@ class _RowLinear(torch.autograd.Function):
         dtype = grad_out.dtype  # bf16 under autocast, as a plain Linear's backward would be
         grad_x = (grad_out @ weight.to(dtype)).to(x.dtype)
         g_rows = grad_out.index_select(-1, rows).reshape(-1, rows.numel())
-        grad_rows = g_rows.t() @ x.reshape(-1, x.shape[-1]).to(dtype)
-        grad_bias_rows = g_rows.sum(0) if ctx.has_bias_rows else None
+        grad_rows = (g_rows.t() @ x.reshape(-1, x.shape[-1]).to(dtype)).to(rows_value.dtype)
+        grad_bias_rows = (None if ctx.bias_rows_dtype is None
+                          else g_rows.sum(0).to(ctx.bias_rows_dtype))
         return grad_x, None, None, None, grad_rows, grad_bias_rows
 
 
@@ -94,26 +100,29 @@ class LoKILinear(nn.Module):
         weight = base_layer.weight
         self.register_buffer("rows", torch.tensor(sorted(rows), dtype=torch.long,
                                                   device=weight.device), persistent=False)
-        init_rows = weight.detach().index_select(0, self.rows).clone()
+        # fp32 master rows (exact: every bf16/fp16 value is an fp32 value).
+        init_rows = weight.detach().index_select(0, self.rows).float()
         self.lora_rank = lora_rank
         if lora_rank:
             # LoKI*: W_S = W_S0 + (alpha / r) A B; A starts at zero so W_S starts at W_S0.
             self.register_buffer("rows_init", init_rows, persistent=False)
-            self.lora_A = nn.Parameter(torch.zeros(len(rows), lora_rank, dtype=weight.dtype,
+            self.lora_A = nn.Parameter(torch.zeros(len(rows), lora_rank, dtype=torch.float32,
                                                    device=weight.device))
-            self.lora_B = nn.Parameter(torch.empty(lora_rank, weight.shape[1], dtype=weight.dtype,
+            self.lora_B = nn.Parameter(torch.empty(lora_rank, weight.shape[1], dtype=torch.float32,
                                                    device=weight.device))
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
             self.scaling = (lora_alpha or lora_rank) / lora_rank
         else:
             self.weight_rows = nn.Parameter(init_rows)
         bias = base_layer.bias
-        self.bias_rows = (nn.Parameter(bias.detach().index_select(0, self.rows).clone())
+        self.bias_rows = (nn.Parameter(bias.detach().index_select(0, self.rows).float())
                           if bias is not None else None)
 
     def rows_value(self) -> torch.Tensor:
+        """The current rows in fp32 (for LoKI* computed outside autocast, so A B stays fp32)."""
         if self.lora_rank:
-            return self.rows_init + self.scaling * (self.lora_A @ self.lora_B)
+            with torch.autocast(self.lora_A.device.type, enabled=False):
+                return self.rows_init + self.scaling * (self.lora_A @ self.lora_B)
         return self.weight_rows
 
     @torch.no_grad()
@@ -122,7 +131,8 @@ class LoKILinear(nn.Module):
         value = self.rows_value() if rows_value is None else rows_value
         self.base_layer.weight.index_copy_(0, self.rows, value.detach().to(self.base_layer.weight.dtype))
         if self.bias_rows is not None:
-            self.base_layer.bias.index_copy_(0, self.rows, self.bias_rows.detach())
+            bias = self.base_layer.bias
+            bias.index_copy_(0, self.rows, self.bias_rows.detach().to(bias.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value = self.rows_value()

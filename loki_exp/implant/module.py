@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from loki_exp.data.sft import IGNORE
+from loki_exp.implant.master_weights import MasterWeights
 from loki_exp.model_access import decoder_layers
 
 
@@ -67,6 +68,8 @@ class CausalLMTuner(L.LightningModule):
         self.betas = tuple(betas)
         # Checkpoints hold only the trained tensors (see on_save_checkpoint).
         self.strict_loading = False
+        self.masters: MasterWeights | None = None  # built with the optimizer
+        self._saved_masters: dict[str, torch.Tensor] | None = None  # from a resumed checkpoint
 
     @property
     def model(self) -> nn.Module:
@@ -88,6 +91,12 @@ class CausalLMTuner(L.LightningModule):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if k in trainable}
+        if self.masters:
+            checkpoint["fp32_master_weights"] = self.masters.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Restored before configure_optimizers runs: the masters resume at full precision.
+        self._saved_masters = checkpoint.get("fp32_master_weights")
 
     def on_fit_start(self) -> None:
         # Models are loaded in eval mode; Lightning keeps the submodule modes it finds.
@@ -110,8 +119,25 @@ class CausalLMTuner(L.LightningModule):
                  batch_size=batch["input_ids"].shape[0])
         return loss
 
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        """What the optimizer updates, by parameter name: the fp32 master where there is one."""
+        masters = self.masters.state_dict() if self.masters else {}
+        return {name: masters.get(f"lm.model.{name}", p.detach())
+                for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.masters:  # before Lightning clips the gradients the optimizer holds
+            self.masters.grads_to_masters()
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.masters:
+            self.masters.masters_to_model()
+
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        named = [(f"lm.model.{n}", p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.masters = MasterWeights(named, self._saved_masters)
+        params = self.masters.optimizer_params([p for _, p in named])
         optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas,
                                       weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
