@@ -76,6 +76,48 @@ def test_encoding_masks_the_prompt_and_never_truncates(tiny_models):
     assert (batch["labels"][1, 1:] == IGNORE).all()
 
 
+def test_every_assistant_turn_is_labelled_and_nothing_else(tiny_models):
+    """A hand-written conversation with three assistant turns: exactly the assistant spans
+    (content and end-of-turn token) carry labels; system, user and tool turns do not."""
+    tok = tiny_models["tiny_llama"].tokenizer
+    turns = [{"role": "system", "content": "You call tools."},
+             {"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": "[weather(city='Paris')]"},
+             {"role": "tool", "content": "{\"temp\": 21}"},
+             {"role": "assistant", "content": "It is 21 degrees."},
+             {"role": "user", "content": "And Rome?"}]
+    ex = Example("mt", turns, "[weather(city='Rome')]")
+    enc = encode(tok, ex, 4096)
+    ids, labels = enc["input_ids"], enc["labels"]
+    spans, start = [], None
+    for i, label in enumerate([*labels, IGNORE]):
+        if label != IGNORE and start is None:
+            start = i
+        elif label == IGNORE and start is not None:
+            spans.append(tok.decode(ids[start:i]))
+            start = None
+    assert spans == ["[weather(city='Paris')]<|im_end|>", "It is 21 degrees.<|im_end|>",
+                     "[weather(city='Rome')]<|im_end|>"]
+    assert all(label in (IGNORE, token) for label, token in zip(labels, ids))
+    # The tokens are the conversation as the template renders it.
+    rendered = tok.apply_chat_template([*turns, {"role": "assistant", "content": ex.response}],
+                                       tokenize=False)
+    assert rendered.startswith(tok.decode(ids)) and rendered[len(tok.decode(ids)):] == "\n"
+
+
+def test_truncation_keeps_the_head_and_drops_examples_with_nothing_left(tiny_models):
+    tok = tiny_models["tiny_llama"].tokenizer
+    ex = Example("a", [{"role": "user", "content": "Add 2 and 3."}], "[add(a=2, b=3)] " * 20)
+    full = encode(tok, ex, 4096)
+    n_prompt = full["labels"].index(next(x for x in full["labels"] if x != IGNORE))
+    cut = encode(tok, ex, n_prompt + 5, overflow="truncate")
+    assert cut["input_ids"] == full["input_ids"][:n_prompt + 5]
+    assert cut["labels"] == full["labels"][:n_prompt + 5]
+    assert encode(tok, ex, n_prompt, overflow="truncate") is None
+    with pytest.raises(LokiError, match="dataset.overflow='wrap' is not known"):
+        encode(tok, ex, 10, overflow="wrap")
+
+
 def test_jsonl_dataset(compose_cfg, tmp_path):
     path = tmp_path / "task.jsonl"
     rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(20)]

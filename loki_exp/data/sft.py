@@ -1,9 +1,15 @@
-"""Chat SFT examples -> token ids with the loss on the response only, and the DataModule.
+"""Chat SFT examples -> token ids with the loss on the assistant turns only, and the DataModule.
 
-An example is a prompt (chat messages) and a response. The prompt is rendered with the
-model's chat template and the generation prompt; the labels are -100 on the prompt and the
-response's ids plus the end-of-turn token. An example longer than ``max_length`` is dropped
-and counted, never truncated (cutting the target would teach a broken answer).
+An example is a conversation: earlier turns (system, user, assistant, tool) and a final
+assistant response. It is rendered with the model's chat template, and every assistant turn
+is trained, each through its end-of-turn token, while system, user and tool turns stay
+masked (-100), as LlamaFactory's ShareGPT format does. Each turn is tokenised on its own and
+the pieces concatenated, so a turn boundary never merges into one token.
+
+An example longer than ``max_length`` is dropped and counted (``overflow=drop``: cutting the
+target would teach a broken answer), or cut to its first ``max_length`` tokens
+(``overflow=truncate``, what LlamaFactory's ``cutoff_len`` does to long conversations; it
+splits the budget between prompt and answer turn by turn, we keep the head).
 """
 
 from __future__ import annotations
@@ -21,30 +27,65 @@ from loki_exp.errors import LokiError
 log = logging.getLogger(__name__)
 
 IGNORE = -100
+OVERFLOW = ("drop", "truncate")
 
 
 @dataclass
 class Example:
     id: str
-    messages: list[dict[str, str]]  # the prompt turns
+    messages: list[dict[str, str]]  # the turns before the response (may hold assistant turns)
     response: str
 
 
-def encode(tokenizer, example: Example, max_length: int) -> dict[str, list[int]] | None:
-    prompt = tokenizer.apply_chat_template(example.messages, add_generation_prompt=True,
-                                           tokenize=False)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    end = tokenizer.eos_token or ""
-    response_ids = tokenizer(example.response + end, add_special_tokens=False).input_ids
-    if len(prompt_ids) + len(response_ids) > max_length:
-        return None
-    return {"input_ids": prompt_ids + response_ids,
-            "labels": [IGNORE] * len(prompt_ids) + response_ids}
+def chat_segments(tokenizer, conversation: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, trained) pieces: each assistant turn's
+    content and end-of-turn marker is trained, everything else is not."""
+    full = tokenizer.apply_chat_template(conversation, tokenize=False)
+    segments, pos = [], 0
+    for i, turn in enumerate(conversation):
+        if turn["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(conversation[:i], add_generation_prompt=True,
+                                                  tokenize=False))
+        end_text = tokenizer.apply_chat_template(conversation[:i + 1], tokenize=False).rstrip()
+        if not full.startswith(end_text) or start < pos or start > len(end_text):
+            raise LokiError("the chat template does not render a conversation as the sum of its "
+                            "turns (an earlier turn changes when later ones follow); multi-turn "
+                            "labels need a template that does")
+        segments += [(full[pos:start], False), (full[start:len(end_text)], True)]
+        pos = len(end_text)
+    # What follows the last assistant turn (a newline) is neither trained nor needed.
+    return [(text, trained) for text, trained in segments if text]
 
 
-def encode_all(tokenizer, examples: list[Example], max_length: int) -> tuple[list[dict], int]:
+def check_overflow(overflow: str) -> None:
+    if overflow not in OVERFLOW:
+        raise LokiError(f"dataset.overflow={overflow!r} is not known; expected one of {list(OVERFLOW)}")
+
+
+def encode(tokenizer, example: Example, max_length: int,
+           overflow: str = "drop") -> dict[str, list[int]] | None:
+    check_overflow(overflow)
+    conversation = [*example.messages, {"role": "assistant", "content": example.response}]
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in chat_segments(tokenizer, conversation):
+        piece = tokenizer(text, add_special_tokens=False).input_ids
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    if len(ids) > max_length:
+        if overflow == "drop":
+            return None
+        ids, labels = ids[:max_length], labels[:max_length]
+        if all(label == IGNORE for label in labels[1:]):
+            return None  # nothing left to learn from
+    return {"input_ids": ids, "labels": labels}
+
+
+def encode_all(tokenizer, examples: list[Example], max_length: int,
+               overflow: str = "drop") -> tuple[list[dict], int]:
     """Encoded examples and the number dropped for exceeding ``max_length``."""
-    encoded = [encode(tokenizer, ex, max_length) for ex in examples]
+    encoded = [encode(tokenizer, ex, max_length, overflow) for ex in examples]
     kept = [e for e in encoded if e is not None]
     return kept, len(encoded) - len(kept)
 

@@ -54,8 +54,9 @@ def example_from_record(record: Any, where: str) -> Example:
 
 
 def _split(examples: list[Example], test_fraction: float) -> tuple[list, list]:
-    if not 0 < test_fraction < 1:
-        raise LokiError(f"dataset.test_fraction={test_fraction} must be in (0, 1)")
+    if not 0 <= test_fraction < 1:
+        raise LokiError(f"dataset.test_fraction={test_fraction} must be in [0, 1) "
+                        "(0: train on everything, hold nothing out)")
     test = [e for e in examples if bfcl.in_test_split(e.id, test_fraction)]
     train = [e for e in examples if not bfcl.in_test_split(e.id, test_fraction)]
     return train, test
@@ -86,8 +87,11 @@ def _jsonl(cfg: DictConfig) -> TaskData:
 
 def _sharegpt(record: dict, rid: str) -> Example:
     """ShareGPT turns (``conversations``: from/value, optional ``system``) -> Example."""
+    # LlamaFactory's ShareGPT role tags: function_call is the assistant calling a tool,
+    # observation the tool's answer.
     roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-             "system": "system", "tool": "tool", "function": "tool"}
+             "function_call": "assistant", "system": "system", "tool": "tool",
+             "function": "tool", "observation": "tool"}
     msgs = [{"role": "system", "content": record["system"]}] if record.get("system") else []
     msgs += [{"role": roles[t["from"]], "content": t["value"]} for t in record["conversations"]]
     while msgs and msgs[-1]["role"] != "assistant":

@@ -35,10 +35,10 @@ def _test_items(cfg: DictConfig, task: TaskData) -> list:
 
 
 @torch.no_grad()
-def _heldout_loss(model, tokenizer, examples, max_length: int) -> float:
+def _heldout_loss(model, tokenizer, examples, max_length: int, overflow: str) -> float:
     from loki_exp.implant.module import CausalLMTuner
 
-    encoded, _ = encode_all(tokenizer, examples, max_length)
+    encoded, _ = encode_all(tokenizer, examples, max_length, overflow)
     if not encoded:
         return float("nan")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -60,7 +60,8 @@ def score_model(cfg: DictConfig, model, tokenizer, task: TaskData) -> dict[str, 
                                   int(ev.batch_size))
         task_scores = {"accuracy": acc, "n": len(rows)}
     else:
-        task_scores = {"loss": _heldout_loss(model, tokenizer, items, int(cfg.dataset.max_length)),
+        task_scores = {"loss": _heldout_loss(model, tokenizer, items, int(cfg.dataset.max_length),
+                                             cfg.dataset.get("overflow", "drop")),
                        "n": len(items)}
     return {"bench": bench, "task": task_scores}
 
