@@ -15,13 +15,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from loki_exp.data.sft import check_overflow
 from loki_exp.data.tasks import load_task
 from loki_exp.errors import LokiError
 from loki_exp.evaluation.evaluate import run_evaluate
 from loki_exp.implant.export import export_checkpoint
 from loki_exp.implant.fit import check_trainer, resume_checkpoint, run_implant
 from loki_exp.implant.methods import SELECTING_METHODS, check_method
-from loki_exp.kva.analyse import run_analyse
+from loki_exp.kva.analyse import check_kva, run_analyse
 from loki_exp.kva.store import StoreView
 from loki_exp.loggers import build_loggers, close_loggers, log_final_metrics
 from loki_exp.model_access import node_grid
@@ -108,8 +109,11 @@ def validate(cfg: DictConfig) -> None:
     check_quota(cfg.quota)
     check_parallelism(cfg.parallelism)
     check_method(cfg.method)
+    if "analyse" in cfg.stages:
+        check_kva(cfg.kva)
     if "implant" in cfg.stages:
         check_trainer(cfg.trainer)
+        check_overflow(cfg.dataset.get("overflow", "drop"))
         resume_checkpoint(cfg, Path(cfg.paths.output_dir))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import re
 import zipfile
@@ -33,8 +34,9 @@ log = logging.getLogger(__name__)
 
 
 def learning_rate(cfg: DictConfig) -> float:
-    """method.lr, scaled down for larger quotas on LoKI methods as the paper did."""
-    if cfg.method.name not in methods.LOKI_METHODS:
+    """method.lr, scaled with the quota on LoKI methods where the experiment sets
+    ``quota_lr_scale`` (the paper's reranker runs: q=30 at 0.4x the q=10 rate)."""
+    if cfg.method.name not in methods.LOKI_METHODS or cfg.get("quota_lr_scale") is None:
         return float(cfg.method.lr)
     scale = np.interp(float(cfg.quota), list(cfg.quota_lr_scale.quotas),
                       list(cfg.quota_lr_scale.scales))
@@ -55,7 +57,8 @@ def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list | None = None
         enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
         accelerator=par.accelerator, devices=par.devices, num_nodes=par.num_nodes,
         strategy=lightning_strategy(par), use_distributed_sampler=False,  # SFTDataModule splits
-        precision=tr.precision, max_steps=int(tr.max_steps),
+        precision=tr.precision, max_steps=-1 if tr.get("max_steps") is None else int(tr.max_steps),
+        max_epochs=tr.get("max_epochs"),
         accumulate_grad_batches=int(tr.accumulate_grad_batches),
         gradient_clip_val=tr.get("gradient_clip_val"), log_every_n_steps=int(tr.log_every_n_steps),
         logger=loggers if loggers is not None else [CSVLogger(output_dir, name="csv", version="")],
@@ -65,9 +68,25 @@ def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list | None = None
     )
 
 
+def total_steps(tr: DictConfig, n_train: int) -> int:
+    """Optimizer steps of the run: ``max_steps``, or ``max_epochs`` x the steps of an epoch
+    (its full global batches, an incomplete last one dropped, over gradient accumulation;
+    Lightning steps on an epoch's last batch even mid-accumulation)."""
+    if tr.get("max_steps") is not None:
+        return int(tr.max_steps)
+    batches = n_train // int(tr.batch_size)
+    if batches < 1:
+        raise LokiError(f"{n_train} training examples are fewer than trainer.batch_size={tr.batch_size}")
+    return int(tr.max_epochs) * math.ceil(batches / int(tr.accumulate_grad_batches))
+
+
 def check_trainer(tr: DictConfig) -> None:
     """The settings Lightning would only reject after the KVA stage has run."""
-    for key in ("max_steps", "batch_size", "accumulate_grad_batches"):
+    if (tr.get("max_steps") is None) == (tr.get("max_epochs") is None):
+        raise LokiError(f"trainer.max_steps={tr.get('max_steps')!r} and trainer.max_epochs="
+                        f"{tr.get('max_epochs')!r}: set exactly one (the other null)")
+    length = "max_steps" if tr.get("max_steps") is not None else "max_epochs"
+    for key in (length, "batch_size", "accumulate_grad_batches"):
         check_positive_int(f"trainer.{key}", tr.get(key))
     check_int_at_least("trainer.checkpoint_every_n_steps", tr.get("checkpoint_every_n_steps"), 0,
                        " (0: no checkpoints)")
@@ -115,9 +134,8 @@ def unsharded_copy(cfg: DictConfig, sharded: nn.Module, positions: list[list[int
     base model prepared the same way."""
     trained = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
                for name, p in sharded.named_parameters() if p.requires_grad}
-    dtype = next(iter(trained.values())).dtype
-    fresh = load_model(cfg.model, cfg.paths.cache_dir).model.to(dtype)
-    model = methods.prepare(cfg.method, fresh, positions)
+    fresh = load_model(cfg.model, cfg.paths.cache_dir).model  # in model.dtype, as trained
+    model = methods.prepare(cfg.method, fresh, positions, like=sharded)
     missing = set(trained) - {name for name, _ in model.named_parameters()}
     if missing:
         raise RuntimeError(f"trained tensors without a place in the fresh model: {sorted(missing)[:5]}")
@@ -130,23 +148,26 @@ def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]]
     if cfg.method.name not in methods.TRAINING_METHODS:  # suppress: an edit, no training
         loaded.model = methods.prepare(cfg.method, loaded.model, positions)
         return {"trainable_parameters": 0, "edited_rows": sum(map(len, positions or []))}
-    train, too_long = encode_all(loaded.tokenizer, task.train, int(cfg.dataset.max_length))
+    overflow = cfg.dataset.get("overflow", "drop")
+    train, too_long = encode_all(loaded.tokenizer, task.train, int(cfg.dataset.max_length), overflow)
     if too_long:
-        log.warning("%s: dropped %d of %d training examples longer than max_length=%d",
-                    task.name, too_long, len(task.train), cfg.dataset.max_length)
+        log.warning("%s: dropped %d of %d training examples longer than max_length=%d "
+                    "(overflow=%s)", task.name, too_long, len(task.train), cfg.dataset.max_length,
+                    overflow)
     if not train:
         raise LokiError(f"dataset {task.name}: no training example fits max_length="
                         f"{cfg.dataset.max_length}")
     # Seeded before the adapters are initialised: every rank must build the same LoRA A/B
     # (FSDP2 shards each rank's own copy; nothing broadcasts rank 0's), and runs repeat.
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    model = methods.prepare(cfg.method, loaded.model, positions)
+    model = methods.prepare(cfg.method, loaded.model, positions, loaded=loaded,
+                            cache_dir=cfg.paths.cache_dir)
     loaded.model = model
     n_trainable = trainable_parameters(model)
     lr = learning_rate(cfg)
     log.info("implant: method=%s, %d trainable parameters, lr=%.3g, %d train examples "
              "(%d test held out)", cfg.method.name, n_trainable, lr, len(train), len(task.test))
-    tuner = CausalLMTuner(model, lr=lr, max_steps=int(cfg.trainer.max_steps),
+    tuner = CausalLMTuner(model, lr=lr, max_steps=total_steps(cfg.trainer, len(train)),
                           warmup_ratio=float(cfg.trainer.warmup_ratio),
                           weight_decay=float(cfg.trainer.weight_decay))
     pad_id = loaded.tokenizer.pad_token_id

@@ -1,11 +1,14 @@
 """What each `method` trains, and how its result becomes a plain HF model again.
 
 ``loki`` / ``loki_lora``: the selected down_proj rows (``LoKILinear``). ``lora`` / ``dora``
-/ ``pissa``: peft adapters on all linear layers, merged on export. ``full``: everything.
+/ ``pissa`` / ``corda``: peft adapters on all linear layers, merged on export (``corda``: the
+CorDA-KPM init, see ``implant/corda.py``). ``full``: everything.
 ``suppress`` (the paper's S-H / S-L ablation): no training; the selected rows are zeroed.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -15,7 +18,10 @@ from loki_exp.errors import LokiError, check_positive_int
 from loki_exp.implant.loki_linear import apply_loki, merge_loki
 from loki_exp.model_access import down_projs
 
-METHODS = ("loki", "loki_lora", "lora", "dora", "pissa", "full", "suppress")
+if TYPE_CHECKING:
+    from loki_exp.models import LoadedModel
+
+METHODS = ("loki", "loki_lora", "lora", "dora", "pissa", "corda", "full", "suppress")
 LOKI_METHODS = ("loki", "loki_lora")
 SELECTING_METHODS = (*LOKI_METHODS, "suppress")  # methods that need KVA + selected rows
 TRAINING_METHODS = tuple(m for m in METHODS if m != "suppress")
@@ -31,16 +37,27 @@ def check_method(cfg: DictConfig) -> None:
     check_method_name(cfg)
     if cfg.name in TRAINING_METHODS and not _positive(cfg.get("lr")):
         raise LokiError(f"method.lr={cfg.get('lr')!r} must be a positive number")
-    if cfg.name in ("loki_lora", "lora", "dora", "pissa"):
+    if cfg.name in ("loki_lora", "lora", "dora", "pissa", "corda"):
         check_positive_int("method.rank", cfg.get("rank"), f" for method={cfg.name}")
+    if cfg.name == "corda":
+        from loki_exp.implant.corda import check_corda
+
+        check_corda(cfg)
 
 
 def _positive(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
-def prepare(cfg: DictConfig, model: nn.Module, positions: list[list[int]] | None) -> nn.Module:
-    """Return the model with exactly this method's parameters trainable."""
+def prepare(cfg: DictConfig, model: nn.Module, positions: list[list[int]] | None, *,
+            loaded: LoadedModel | None = None, cache_dir: Any = None,
+            like: nn.Module | None = None) -> nn.Module:
+    """Return the model with exactly this method's parameters trainable.
+
+    ``corda`` alone uses the keywords: ``loaded`` (tokenizer, fingerprint, name of ``model``)
+    and ``cache_dir`` to find or compute its cached init, or ``like``, a model it already
+    prepared, whose init it repeats (the FSDP export's fresh copy).
+    """
     check_method_name(cfg)
     if cfg.name in SELECTING_METHODS and positions is None:
         raise LokiError(f"method={cfg.name} needs positions (run the select stage)")
@@ -52,6 +69,10 @@ def prepare(cfg: DictConfig, model: nn.Module, positions: list[list[int]] | None
     if cfg.name == "full":
         model.requires_grad_(True)
         return model
+    if cfg.name == "corda":
+        from loki_exp.implant.corda import prepare_corda
+
+        return prepare_corda(cfg, model, loaded, cache_dir, like=like)
     from peft import LoraConfig, get_peft_model
 
     peft_cfg = LoraConfig(
