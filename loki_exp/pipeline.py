@@ -80,7 +80,8 @@ def implant(state: RunState) -> None:
 
 
 def evaluate(state: RunState) -> None:
-    metrics = run_evaluate(state.cfg, state.loaded, state.artifacts["task"], state.output_dir)
+    task = state.artifacts.get("eval_task", state.artifacts["task"])
+    metrics = run_evaluate(state.cfg, state.loaded, task, state.output_dir)
     state.artifacts["metrics"] = metrics
     log_final_metrics(state.loggers, metrics)
 
@@ -139,6 +140,8 @@ def _run_stages(state: RunState) -> None:
     state.timings["load_model"] = time.perf_counter() - start
     if {"implant", "evaluate"} & set(cfg.stages):  # before KVA: a bad dataset fails in seconds
         state.artifacts["task"] = load_task(cfg.dataset, cfg.paths.cache_dir)
+    if "evaluate" in cfg.stages and cfg.eval.get("task_dataset"):  # the task scored elsewhere
+        state.artifacts["eval_task"] = load_task(cfg.eval.task_dataset, cfg.paths.cache_dir)
     log.info("model %s: %d layers x %d nodes (base weights: %s)", state.loaded.name, n_layers,
              n_nodes, state.loaded.base_dir)
     for name in cfg.stages:

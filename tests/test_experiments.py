@@ -28,6 +28,9 @@ def test_paper_reranker_scales_loki_with_the_quota_and_uses_r8(compose_cfg):
     assert compose_cfg("experiment=paper_reranker", "method=corda").method.rank == 8
     assert learning_rate(compose_cfg("experiment=paper_reranker", "quota=30")) == pytest.approx(4e-6)
     assert learning_rate(compose_cfg("experiment=paper_reranker", "quota=30", "method=lora")) == 1e-4
+    star = compose_cfg("experiment=paper_reranker", "+arm=loki_star")
+    assert (star.method.name, star.quota, star.method.rank) == ("loki_lora", 30, 32)
+    assert learning_rate(star) == 1e-5  # the quota scale is LoKI's alone
     cfg = compose_cfg("experiment=paper_reranker")
     assert (cfg.trainer.max_epochs, cfg.trainer.batch_size, cfg.trainer.warmup_ratio) == (1, 1, 0.01)
     assert cfg.kva.probe.shots == 5 and cfg.kva.preset == "published"

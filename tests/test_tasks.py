@@ -59,7 +59,7 @@ def test_bfcl_row_missing_fields_is_a_counted_skip():
         bfcl.load_items(["multi_turn_base"])
 
 
-def test_encoding_masks_the_prompt_and_never_truncates(tiny_models):
+def test_encoding_masks_the_prompt_and_drops_long_examples_by_default(tiny_models):
     tok = tiny_models["tiny_llama"].tokenizer
     ex = Example("a", [{"role": "user", "content": "Add 2 and 3."}], "[add(a=2, b=3)]")
     enc = encode(tok, ex, 768)

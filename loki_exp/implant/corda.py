@@ -154,6 +154,7 @@ def prepare_corda(cfg: DictConfig, model: nn.Module, loaded: LoadedModel | None,
             lora_cfg.corda_config.cache_file = str(tmp)
             log.info("CorDA: covariance over %d %s questions (once) -> %s", len(prompts),
                      cov.source, path)
+            model.to(_compute_device(model))  # stays there: Lightning would move it anyway
             try:
                 preprocess_corda(model, lora_cfg, run_model=_runner(model, prompts))
                 tmp.replace(path)
@@ -164,10 +165,17 @@ def prepare_corda(cfg: DictConfig, model: nn.Module, loaded: LoadedModel | None,
 
 
 def _runner(model: nn.Module, prompts: list[list[int]]):
-    device = next(model.parameters()).device
-
     def run() -> None:
+        device = next(model.parameters()).device
         # One question per forward, unpadded: peft's hook adds x^T x of one sequence per call.
         for ids in prompts:
             model(input_ids=torch.tensor([ids], device=device), use_cache=False)
     return run
+
+
+def _compute_device(model: nn.Module) -> torch.device:
+    """This process's GPU when there is one: the covariance pass runs before Lightning moves
+    the model, and a 0.5B model's pass over the questions takes minutes on a CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return next(model.parameters()).device

@@ -10,6 +10,8 @@ adapters, are fp32 parameters already and need none.
 
 Gradients move to the masters just before the optimizer step (after DDP's all-reduce and
 gradient accumulation), so the masters see exactly the gradient the bf16 parameters got.
+Under FSDP2 the sharded parameters themselves are made fp32 instead (``CausalLMTuner.
+configure_model``), and this helper finds nothing to do.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from loki_exp.data.sft import IGNORE
 from loki_exp.implant.master_weights import MasterWeights
@@ -81,9 +81,20 @@ class CausalLMTuner(L.LightningModule):
         if not isinstance(self.trainer.strategy, ModelParallelStrategy) or is_fsdp_sharded(self.lm):
             return
         mesh = self.device_mesh["data_parallel"]
+        # fp32 masters the FSDP2 way: trainable low-precision parameters become fp32 shards
+        # that are gathered in the model's dtype for compute (MixedPrecisionPolicy), so no
+        # optimizer-held masters are needed (they would not be model parameters, which
+        # FSDP2's optimizer state dict requires).
+        trainable = [p for p in self.lm.parameters() if p.requires_grad]
+        low = {p.dtype for p in trainable} - {torch.float32}
+        policy = MixedPrecisionPolicy()
+        if low:
+            for param in trainable:
+                param.data = param.data.float()
+            policy = MixedPrecisionPolicy(param_dtype=low.pop(), reduce_dtype=torch.float32)
         for layer in decoder_layers(self.model):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self.lm, mesh=mesh)
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(self.lm, mesh=mesh, mp_policy=policy)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the trainable tensors only: for LoKI a few MB instead of the whole model
@@ -95,7 +106,8 @@ class CausalLMTuner(L.LightningModule):
             checkpoint["fp32_master_weights"] = self.masters.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Restored before configure_optimizers runs: the masters resume at full precision.
+        # Single process / DDP restore this before configure_optimizers builds the masters,
+        # so they resume at full precision (under FSDP2 the fp32 shards are the masters).
         self._saved_masters = checkpoint.get("fp32_master_weights")
 
     def on_fit_start(self) -> None:
@@ -125,14 +137,20 @@ class CausalLMTuner(L.LightningModule):
         return {name: masters.get(f"lm.model.{name}", p.detach())
                 for name, p in self.model.named_parameters() if p.requires_grad}
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if self.masters:  # before Lightning clips the gradients the optimizer holds
-            self.masters.grads_to_masters()
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        if not self.masters:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        if self.masters:
-            self.masters.masters_to_model()
+        def closure():
+            # Right after the step's last backward (DDP has reduced the accumulated
+            # gradients), before the AMP scaler unscales and Lightning clips what the
+            # optimizer holds: the masters.
+            result = optimizer_closure()
+            self.masters.grads_to_masters()
+            return result
+
+        super().optimizer_step(epoch, batch_idx, optimizer, closure)
+        self.masters.masters_to_model()
 
     def configure_optimizers(self) -> dict[str, Any]:
         named = [(f"lm.model.{n}", p) for n, p in self.model.named_parameters() if p.requires_grad]
