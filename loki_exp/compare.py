@@ -43,10 +43,14 @@ def load_side(path: str | Path, quota: float, strategy: str, score: str,
     if _is_store(path):
         with StoreView(path) as view:
             total = np.zeros(view.shape[1:], dtype=np.float64)
-            for chunk in view.chunks():
-                total += chunk.sum(0)
+
+            def summed_chunks():  # one read of the store serves the selection and the mean
+                for chunk in view.chunks():
+                    total[...] += chunk.sum(0)
+                    yield chunk
+
+            positions = select(summed_chunks(), quota, strategy, score)
             mean = (total / view.shape[0]).astype(np.float32)
-            positions = select(view.chunks(), quota, strategy, score)
         return Side(path, positions, mean)
     try:
         raw = json.loads(path.read_text())

@@ -77,6 +77,14 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
     return Path(root).expanduser()
 
 
+def model_cache_file(override: str | os.PathLike | None, kind: str, model_name: str,
+                     filename: str) -> Path:
+    """``<cache>/<kind>/<model name, made path-safe>/<filename>``: where per-model results
+    (KVA stores, CorDA inits) are cached."""
+    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in model_name)
+    return cache_dir(override) / kind / safe / filename
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -109,8 +109,7 @@ def cache_key(loaded: LoadedModel, model: nn.Module, prompts: list[list[int]],
 
 
 def cache_path(cache_dir: Any, model_name: str, key: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in model_name)
-    return assets.cache_dir(cache_dir) / "corda" / safe / f"{key}.pt"
+    return assets.model_cache_file(cache_dir, "corda", model_name, f"{key}.pt")
 
 
 def prepare_corda(cfg: DictConfig, model: nn.Module, loaded: LoadedModel | None,

@@ -104,8 +104,7 @@ def store_key(fingerprint: str, rows: list[dict[str, Any]], settings: KVASetting
 
 
 def store_path(cache_dir: Any, model_name: str, key: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in model_name)
-    return assets.cache_dir(cache_dir) / "kva" / safe / f"{key}.h5"
+    return assets.model_cache_file(cache_dir, "kva", model_name, f"{key}.h5")
 
 
 def _provenance(cfg: DictConfig, loaded: LoadedModel, settings: KVASettings, key: str,
