@@ -20,6 +20,7 @@ LAYER_PATHS: dict[str, str] = {
     "mistral": "model.layers",
     "gemma": "model.layers",
     "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
     "phi3": "model.layers",
     "olmo": "model.layers",
     "olmo2": "model.layers",

@@ -11,6 +11,7 @@ from loki_exp.data.mmlu import ProbeSpec, load_probe, render_prompt
 from loki_exp.errors import LokiError
 from loki_exp.kva.analyse import run_analyse
 from loki_exp.kva.engine import CaptumKVA, FastKVA, KVASettings
+from loki_exp.kva.first_commit import first_commit_kva
 from loki_exp.kva.lightning import KVAStoreWriter, common_prefix
 from loki_exp.kva.store import StoreView, partial_dir
 from loki_exp.selection import select_layer_balanced
@@ -36,7 +37,7 @@ def test_fast_equals_captum_reference(tiny_models, model, baseline, method):
         assert a.target_token == b.target_token
         assert a.target_prob == pytest.approx(b.target_prob, rel=1e-6)
         assert b.scores.abs().max() > 0
-        assert (a.scores - b.scores).abs().max() <= 1e-3 * b.scores.abs().max()
+        assert (a.scores - b.scores).abs().max() <= 1e-4 * b.scores.abs().max()
         fast_scores.append(a.scores.numpy())
         ref_scores.append(b.scores.numpy())
     assert select_layer_balanced(np.stack(fast_scores), 30) == \
@@ -104,42 +105,6 @@ def _cfg(compose_cfg, cache, *extra):
     # The exact all-positions definition in fp32 (paper_text with Captum's default rule).
     return compose_cfg("model=tiny_llama", "kva=paper_text", "kva.method=riemann_trapezoid",
                        "kva.limit=5", f"paths.cache_dir={cache}", "paths.output_dir=unused", *extra)
-
-
-def first_commit_kva(model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, int]:
-    """The original repository's first-commit KVA, re-implemented from its description
-    (docs/method.md): for each layer, hook the down_proj output of a batch of ``steps``
-    full-length copies of the prompt, replace the last position of copy k with k/m * z
-    (z: that layer's clean output there), take the gradient of the target's probability at
-    the last position w.r.t. the replaced activations, and sum: attr = z/m * sum_k grad_k."""
-    from loki_exp.model_access import down_projs
-
-    projs = down_projs(model)
-    with torch.no_grad():
-        clean = []
-        hooks = [p.register_forward_hook(lambda m, i, o: clean.append(o[0, -1].clone()))
-                 for p in projs]
-        target = int(model(ids).logits[0, -1].argmax())
-        for h in hooks:
-            h.remove()
-    rows = []
-    for proj, z in zip(projs, clean):
-        scaled = torch.stack([z * k / steps for k in range(steps)]).requires_grad_(True)
-
-        def replace(module, args, out, scaled=scaled):
-            out = out.clone()
-            out[:, -1] = scaled
-            return out
-
-        handle = proj.register_forward_hook(replace)
-        try:
-            logits = model(ids.expand(steps, -1)).logits[:, -1]
-        finally:
-            handle.remove()
-        prob = torch.softmax(logits, dim=-1)[:, target]
-        (grad,) = torch.autograd.grad(prob.sum(), scaled)
-        rows.append(z / steps * grad.sum(0))
-    return torch.stack(rows).detach(), target
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen"])
@@ -258,8 +223,14 @@ def test_killed_after_k_samples_then_rerun_is_bit_identical(compose_cfg, tiny_mo
     with h5py.File(shard, "r") as f:
         assert f.attrs["n_complete"] == 2
     computed = []
-    monkeypatch.setattr(FastKVA, "attribute",
-                        lambda self, ids, f=FastKVA.attribute: computed.append(1) or f(self, ids))
+    attribute = FastKVA.attribute
+
+    def counted(self, ids, record=None):
+        if record is None:  # not the engine's self-check
+            computed.append(1)
+        return attribute(self, ids, record)
+
+    monkeypatch.setattr(FastKVA, "attribute", counted)
     resumed = run_analyse(cfg, loaded)
     assert len(computed) == 3  # only the samples the crash lost
     ref_data, _ = _read(reference)

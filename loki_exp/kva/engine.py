@@ -11,9 +11,11 @@ with ``(a_k, w_k)`` from Captum's approximation methods. Two engines compute it:
 ``FastKVA`` (default) is exact and uses these shortcuts, none of which Captum offers for a
 per-layer path (which is why this part is hand-written):
 
-- the hidden state entering layer ``l+1`` of a scaled run is ``mid_l + z_scaled``, where
-  ``mid_l = h_{l+1} - z_l`` is the clean residual after layer ``l``'s attention, so only
-  layers ``l+1..L`` re-run and no parameter needs a gradient;
+- the hidden state entering layer ``l+1`` of a scaled run is ``mid_l + branch_l(z_scaled)``,
+  where ``mid_l = h_{l+1} - branch_l(z_l)`` is the clean residual before layer ``l``'s MLP add
+  and ``branch_l`` is what the block applies to ``z`` before adding it (identity, or Gemma 2/3
+  and OLMo 2's post-feedforward norm; ``decoder_view.py``), so only layers ``l+1..L`` re-run
+  and no parameter needs a gradient;
 - all ``m`` integration points run as one batch;
 - the gradient w.r.t. ``z_l[last]`` flows only through the last token (causal attention),
   so the earlier positions of a scaled run are computed once without autograd, only for
@@ -25,13 +27,17 @@ per-layer path (which is why this part is hand-written):
   prefix caches: one call per decoder layer, one ``lm_head`` call (last position only)
   and one backward per group instead of one per layer.
 
+Which decoders it accepts and what it takes from them (norms, sliding windows, rotary tables,
+logit soft-capping) is in ``decoder_view.py``; every engine checks its own path against the
+model's forward on a short input before any work (``FastKVA.self_check``).
+
 ``CaptumKVA`` is the reference: one Captum attribution per layer (``LayerIntegratedGradients``
 on ``down_proj`` for the ``token`` baseline, as the original code does;
 ``IntegratedGradients`` on the injected down_proj output for ``zero``).
 
-``scale_positions="last"`` is an opt-in variant and a different quantity: only the last
-position's ``z_l`` is scaled, so the earlier positions keep their clean keys/values and
-each layer needs just ``m`` single-token passes.
+``scale_positions="last"`` (the published preset: the first commit's definition, docs/method.md)
+is a different quantity: only the last position's ``z_l`` is scaled, so the earlier positions
+keep their clean keys/values and each layer needs just ``m`` single-token streams.
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from loki_exp.errors import LokiError
-from loki_exp.model_access import decoder_layers, down_projs
+from loki_exp.kva.decoder_view import DecoderView, capture_block_inputs, refuse
+from loki_exp.model_access import down_projs
 
 BASELINES = ("zero", "token")
 SCALE_POSITIONS = ("all", "last")
@@ -118,20 +125,35 @@ def _target(logits_last: torch.Tensor) -> tuple[int, float]:
     return token, float(probs[token])
 
 
+class _StopAfterAttention(Exception):
+    """Raised on entry to a block's MLP when only the keys/values its attention wrote are needed."""
+
+
+@dataclass
+class _Clean:
+    layer_out: list[torch.Tensor]  # each block's output [1, S, D]
+    z: list[torch.Tensor]          # each down_proj output [1, S, D]
+    cache: DynamicCache            # every position's keys/values, sliding layers too
+    logits_last: torch.Tensor
+    tables: list[tuple[torch.Tensor, ...]]  # rotary tables each block received
+
+
 class FastKVA:
     """Exact KVA with the shortcuts in the module docstring."""
 
     # Layers whose scaled last tokens run as one batch (one call per decoder layer, one
     # lm_head call, one backward); bounds the keys/values held at once.
     STREAM_GROUP = 8
+    # The self-check's agreement with the model's own forward, by compute dtype.
+    CHECK_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 2e-2,
+                       torch.bfloat16: 1e-1}
 
-    def __init__(self, model: nn.Module, settings: KVASettings):
+    def __init__(self, model: nn.Module, settings: KVASettings, check: bool = True):
         self.model = model
         self.settings = settings
-        self.decoder = model.get_decoder()
-        self.layers = decoder_layers(model)
-        self.projs = down_projs(model)
-        self.lm_head = model.get_output_embeddings()
+        self.view = DecoderView.of(model)
+        self.layers = self.view.layers
+        self.projs = self.view.projs
         alphas, weights = settings.quadrature()
         param = next(model.parameters())
         self.alphas = torch.tensor(alphas, dtype=param.dtype, device=param.device)
@@ -140,94 +162,121 @@ class FastKVA:
         self.clean_rows = [k for k, a in enumerate(alphas) if a == 1.0]
         self.run_rows = [k for k in range(len(alphas)) if k not in self.clean_rows]
         self.set_shared_prefix(None)
+        if check:
+            self.self_check()
 
     # -- clean passes --------------------------------------------------------------------
     @torch.no_grad()
-    def _clean(self, input_ids: torch.Tensor):
+    def _clean(self, input_ids: torch.Tensor) -> _Clean:
         """Each layer's output and down_proj output, the KV cache, the last logits."""
-        with capture_outputs(self.projs) as z_out, capture_outputs(list(self.layers)) as layer_out:
-            out = self.model(input_ids, use_cache=True)
-        return layer_out, z_out, out.cache, out.logits[0, -1]
+        cache = DynamicCache()  # no config: sliding layers keep every position (cropped per use)
+        with capture_outputs(self.projs) as z_out, \
+                capture_outputs(list(self.layers)) as layer_out, \
+                capture_block_inputs(self.layers) as tables:
+            out = self.model(input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        return _Clean(layer_out, z_out, cache, out.logits[0, -1], tables)
 
     @torch.no_grad()
     def _token_baseline(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         with capture_outputs(self.projs) as outputs:
-            self.model(torch.full_like(input_ids, self.settings.baseline_token_id), use_cache=False)
+            self.model(torch.full_like(input_ids, self.settings.baseline_token_id),
+                       use_cache=False, logits_to_keep=1)
         return outputs
 
     # -- running a range of layers -------------------------------------------------------
     def _masks(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache,
-               start: int) -> dict[str, object]:
+               start: int) -> dict[bool, object]:
+        """Causal masks for a multi-token run, keyed by "is a sliding-window layer"."""
         config = self.model.config
         past = cache.layers[start].get_seq_length() if start < len(cache.layers) else 0
         kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=None,
                       cache=cache if past else None, position_ids=position_ids)
         if past:
             kwargs["layer_idx"] = start
-        masks = {"full_attention": create_causal_mask(**kwargs)}
-        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        masks = {False: create_causal_mask(**kwargs)}
+        if any(w is not None for w in self.view.windows[start:]):
+            masks[True] = create_sliding_window_causal_mask(**kwargs)
         return masks
 
-    def _run_from(self, start: int, hidden: torch.Tensor, position_ids: torch.Tensor,
-                  cache: DynamicCache, use_mask: bool, kv_only: bool = False) -> torch.Tensor | None:
-        """Run decoder layers ``start..L-1`` on ``hidden`` (positions ``position_ids``).
+    def _run_from(self, start: int, hidden: torch.Tensor, positions: torch.Tensor,
+                  cache: DynamicCache, tables, use_mask: bool,
+                  kv_only: bool = False) -> torch.Tensor | None:
+        """Run decoder layers ``start..L-1`` on ``hidden`` at ``positions`` (1-D).
 
-        ``kv_only``: the caller needs only the keys/values these positions leave in the
-        cache, so the last layer runs its attention (which writes them) but not its MLP.
+        ``tables``: the rotary tables of a clean pass that covers ``positions``. ``kv_only``:
+        the caller needs only the keys/values these positions leave in the cache, so the last
+        layer stops after its attention (which writes them).
         """
         if start >= len(self.layers):
             return hidden
-        pos_emb = self.decoder.rotary_emb(hidden, position_ids=position_ids)
+        position_ids = positions.view(1, -1)
         # With a KV cache and a single query token every cached key is visible: no mask.
         masks = self._masks(hidden, position_ids, cache, start) if use_mask else {}
-        types = getattr(self.model.config, "layer_types", None)
         last = len(self.layers) - 1
         for idx in range(start, len(self.layers)):
-            mask = masks.get(types[idx] if types else "full_attention")
             block = self.layers[idx]
+            kwargs = dict(attention_mask=masks.get(self.view.windows[idx] is not None),
+                          position_embeddings=tuple(t[:, positions] for t in tables[idx]),
+                          position_ids=position_ids, cache=cache, use_cache=True)
             if kv_only and idx == last:
-                block.self_attn(hidden_states=block.input_layernorm(hidden), attention_mask=mask,
-                                position_embeddings=pos_emb, position_ids=position_ids,
-                                cache=cache, use_cache=True)
+                self._attention_only(block, hidden, kwargs)
                 return None
-            hidden = block(hidden, attention_mask=mask, position_embeddings=pos_emb,
-                           position_ids=position_ids, cache=cache, use_cache=True)
+            hidden = block(hidden, **kwargs)
         return hidden
 
-    def _prob_of_target(self, hidden_last: torch.Tensor, target: int) -> torch.Tensor:
-        logits = self.lm_head(self.decoder.norm(hidden_last))[:, -1].float()
-        return torch.softmax(logits, dim=-1)[:, target]
+    @staticmethod
+    def _attention_only(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> None:
+        # Blocks order norms and attention differently (pre-norm, post-norm): run the block's
+        # own forward and stop where its MLP would start.
+        def stop(module, args):
+            raise _StopAfterAttention
+
+        handle = block.mlp.register_forward_pre_hook(stop)
+        try:
+            block(hidden, **kwargs)
+        except _StopAfterAttention:
+            pass
+        finally:
+            handle.remove()
 
     # -- attribution ---------------------------------------------------------------------
-    def attribute(self, input_ids: torch.Tensor) -> Attribution:
-        """Attributions [L, D] for one prompt ``input_ids`` [1, S] (no padding)."""
+    def attribute(self, input_ids: torch.Tensor,
+                  record: dict[int, torch.Tensor] | None = None) -> Attribution:
+        """Attributions [L, D] for one prompt ``input_ids`` [1, S] (no padding).
+
+        ``record``: filled with each layer's target probability at the m points (self-check).
+        """
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError("FastKVA.attribute takes one prompt of shape [1, S]")
         if self.alphas.device != input_ids.device:  # Lightning moved the model
             self.alphas = self.alphas.to(input_ids.device)
             self.weights = self.weights.to(input_ids.device)
-        layer_out, z_clean, clean_cache, logits_last = self._clean(input_ids)
-        target, prob = _target(logits_last)
+        clean = self._clean(input_ids)
+        target, prob = _target(clean.logits_last)
         if self.settings.baseline == "zero":
-            z_base = [torch.zeros_like(z) for z in z_clean]
+            z_base = [torch.zeros_like(z) for z in clean.z]
         else:
             z_base = self._token_baseline(input_ids)
-        # Clean residual after each layer's attention; a scaled z is added back onto it.
-        mids = [out - z for out, z in zip(layer_out, z_clean)]
-        deltas = [z - zb for z, zb in zip(z_clean, z_base)]  # [1, S, D] each
-        if self.settings.scale_positions == "all":
-            grads = self._grads_all_positions(input_ids, mids, z_base, deltas, clean_cache,
-                                              target)
+        last_only = self.settings.scale_positions == "last"
+        if last_only:  # only the last position is ever scaled: drop the rest early
+            z_base = [z[:, -1:] for z in z_base]
+        view = self.view
+        # Clean residual before each layer's MLP add; a scaled z's contribution goes back on it.
+        mids = [out[:, -len(zb[0]):] - view.residual_add(layer, z[:, -len(zb[0]):])
+                for layer, (out, z, zb) in enumerate(zip(clean.layer_out, clean.z, z_base))]
+        deltas = [z[:, -len(zb[0]):] - zb for z, zb in zip(clean.z, z_base)]
+        if last_only:
+            grads = self._grads_last_position(input_ids.shape[1], mids, z_base, deltas, clean,
+                                              target, record)
         else:
-            grads = self._grads_last_position(input_ids.shape[1], mids, z_base, deltas,
-                                              clean_cache, target)
+            grads = self._grads_all_positions(input_ids, mids, z_base, deltas, clean, target,
+                                              record)
         m = self.alphas.numel()
         scores = [d[0, -1].float() * (g[:, 0].float() * self.weights.view(m, 1)).sum(0)
                   for d, g in zip(deltas, grads)]
         return Attribution(torch.stack(scores), target, prob)
 
-    def _grads_all_positions(self, input_ids, mids, z_base, deltas, clean_cache, target):
+    def _grads_all_positions(self, input_ids, mids, z_base, deltas, clean, target, record):
         """Per layer l: the scaled prefix once without autograd, for the keys/values it leaves
         in layers l+1..L (points at alpha = 1 are the clean run: their keys/values come from
         the clean cache). Then the last tokens of a group of layers run together."""
@@ -244,7 +293,7 @@ class FastKVA:
             for layer in group:
                 if seq == 1 or layer + 1 == n_layers:
                     continue
-                cache = caches[layer] = DynamicCache(config=self.model.config)
+                cache = caches[layer] = DynamicCache()
                 with torch.no_grad():
                     if shared:
                         for idx, (keys, values) in self._prefix_kv[layer].items():
@@ -252,49 +301,56 @@ class FastKVA:
                     if shared < seq - 1:
                         rows = slice(shared, seq - 1)
                         scaled = z_base[layer][:, rows] + alphas[self.run_rows] * deltas[layer][:, rows]
-                        positions = torch.arange(shared, seq - 1, device=device).unsqueeze(0)
-                        self._run_from(layer + 1, mids[layer][:, rows] + scaled, positions, cache,
-                                       use_mask=True, kv_only=True)
+                        hidden = mids[layer][:, rows] + self.view.residual_add(layer, scaled)
+                        self._run_from(layer + 1, hidden, torch.arange(shared, seq - 1, device=device),
+                                       cache, clean.tables, use_mask=True, kv_only=True)
                     if self.clean_rows:
-                        self._insert_clean_rows(cache, clean_cache, layer + 1)
+                        self._insert_clean_rows(cache, clean.cache, layer + 1)
 
             def prefix_kv(layer: int, idx: int, caches=caches) -> tuple[torch.Tensor, torch.Tensor]:
                 return caches[layer].layers[idx].keys, caches[layer].layers[idx].values
 
-            grads += self._stream_last_tokens(group, prefix_kv, seq, mids, z_base, deltas, target)
+            grads += self._stream_last_tokens(group, prefix_kv, seq, mids, z_base, deltas,
+                                              clean.tables, target, record)
         return grads
 
-    def _stream_last_tokens(self, group, prefix_kv, seq, mids, z_base, deltas, target):
+    def _stream_last_tokens(self, group, prefix_kv, seq, mids, z_base, deltas, tables, target,
+                            record):
         """Scaled last tokens of the layers in ``group`` as one batch of streams.
 
-        Stream (l, k) joins at layer l+1 with ``mid_l + z_l(a_k)`` at the last position and
-        attends to its own prefix keys/values ``prefix_kv(l, j)``; layer j runs all streams
-        that have joined in one call, and one lm_head call and one backward serve them all
-        (their graphs are independent). Returns d prob / d z_l(a_k) per layer, [m, 1, D].
+        Stream (l, k) joins at layer l+1 with ``mid_l + branch_l(z_l(a_k))`` at the last
+        position and attends to its own prefix keys/values ``prefix_kv(l, j)`` (cropped to the
+        window in sliding-window layers); layer j runs all streams that have joined in one
+        call, and one logits call and one backward serve them all (their graphs are
+        independent). Returns d prob / d z_l(a_k) per layer, [m, 1, D].
         """
         m = self.alphas.numel()
         alphas = self.alphas.view(m, 1, 1)
         n_layers = len(self.layers)
-        last_pos = torch.tensor([[seq - 1]], device=mids[0].device)
+        view = self.view
+        last = torch.tensor([seq - 1], device=mids[0].device)
         leaves = {layer: (z_base[layer][:, -1:] + alphas * deltas[layer][:, -1:]).detach()
                   .requires_grad_(True) for layer in group}
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache()
         with torch.enable_grad():
             active, joined = None, []
             for j in range(group[0] + 1, n_layers + 1):
                 if j - 1 in leaves:
-                    stream = mids[j - 1][:, -1:] + leaves[j - 1]
+                    stream = mids[j - 1][:, -1:] + view.residual_add(j - 1, leaves[j - 1])
                     active = stream if active is None else torch.cat([active, stream])
                     joined.append(j - 1)
                 if j == n_layers:
                     break
                 if seq > 1:
-                    keys, values = zip(*(prefix_kv(layer, j) for layer in joined))
-                    cache.update(torch.cat(keys), torch.cat(values), j)
-                pos_emb = self.decoder.rotary_emb(active, position_ids=last_pos)
-                active = self.layers[j](active, attention_mask=None, position_embeddings=pos_emb,
-                                        position_ids=last_pos, cache=cache, use_cache=True)
-            probs = self._prob_of_target(active, target)  # [len(group) * m], stream order
+                    kv = [prefix_kv(layer, j) for layer in joined]
+                    cache.update(torch.cat([view.visible_prefix(j, k) for k, _ in kv]),
+                                 torch.cat([view.visible_prefix(j, v) for _, v in kv]), j)
+                active = self.layers[j](active, attention_mask=None,
+                                        position_embeddings=tuple(t[:, last] for t in tables[j]),
+                                        position_ids=last.view(1, 1), cache=cache, use_cache=True)
+            probs = torch.softmax(view.logits(active)[:, -1], dim=-1)[:, target]
+            if record is not None:  # stream order: layer by layer, m points each
+                record.update({layer: p.detach() for layer, p in zip(group, probs.view(-1, m))})
             return list(torch.autograd.grad(probs.sum(), [leaves[layer] for layer in group]))
 
     # -- the prefix shared by every probe prompt -------------------------------------------
@@ -323,18 +379,20 @@ class FastKVA:
 
     @torch.no_grad()
     def _build_prefix_kv(self, prefix: torch.Tensor) -> list[dict[int, tuple]]:
-        layer_out, z_clean, _, _ = self._clean(prefix)
-        z_base = ([torch.zeros_like(z) for z in z_clean] if self.settings.baseline == "zero"
+        clean = self._clean(prefix)
+        z_base = ([torch.zeros_like(z) for z in clean.z] if self.settings.baseline == "zero"
                   else self._token_baseline(prefix))
         m = self.alphas.numel()
         alphas = self.alphas.view(m, 1, 1)[self.run_rows]
-        positions = torch.arange(prefix.shape[1], device=prefix.device).unsqueeze(0)
+        positions = torch.arange(prefix.shape[1], device=prefix.device)
         out = []
         for layer in range(len(self.layers) - 1):
-            cache = DynamicCache(config=self.model.config)
-            scaled = z_base[layer] + alphas * (z_clean[layer] - z_base[layer])
-            self._run_from(layer + 1, layer_out[layer] - z_clean[layer] + scaled, positions, cache,
-                           use_mask=True, kv_only=True)
+            cache = DynamicCache()
+            z = clean.z[layer]
+            hidden = (clean.layer_out[layer] - self.view.residual_add(layer, z)
+                      + self.view.residual_add(layer, z_base[layer] + alphas * (z - z_base[layer])))
+            self._run_from(layer + 1, hidden, positions, cache, clean.tables, use_mask=True,
+                           kv_only=True)
             out.append({idx: (cache.layers[idx].keys, cache.layers[idx].values)
                         for idx in range(layer + 1, len(self.layers))})
         return out
@@ -348,21 +406,71 @@ class FastKVA:
             mine.values = torch.cat([mine.values,
                                      clean.values[:, :, :-1].expand(n, -1, -1, -1)])[order]
 
-    def _grads_last_position(self, seq, mids, z_base, deltas, clean_cache, target):
+    def _grads_last_position(self, seq, mids, z_base, deltas, clean, target, record):
         """Only the last position is scaled: every stream attends to the clean prefix."""
         m = self.alphas.numel()
 
         def prefix_kv(layer: int, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-            clean = clean_cache.layers[idx]
-            return (clean.keys[:, :, :-1].expand(m, -1, -1, -1),
-                    clean.values[:, :, :-1].expand(m, -1, -1, -1))
+            kv = clean.cache.layers[idx]
+            return (kv.keys[:, :, :-1].expand(m, -1, -1, -1),
+                    kv.values[:, :, :-1].expand(m, -1, -1, -1))
 
         n_layers = len(self.layers)
         grads: list[torch.Tensor] = []
         for start in range(0, n_layers, self.STREAM_GROUP):
             group = list(range(start, min(start + self.STREAM_GROUP, n_layers)))
-            grads += self._stream_last_tokens(group, prefix_kv, seq, mids, z_base, deltas, target)
+            grads += self._stream_last_tokens(group, prefix_kv, seq, mids, z_base, deltas,
+                                              clean.tables, target, record)
         return grads
+
+    # -- checking the whole path against the model's own forward ----------------------------
+    @torch.no_grad()
+    def self_check(self, length: int = 16) -> None:
+        """Refuse the model (one line, before any work) unless the engine's target
+        probabilities at every integration point equal the model's own forward with that
+        layer's down_proj output replaced, on a short random input (first and last layer;
+        every stream from the first layer runs every later block and the logits path)."""
+        windows = [w for w in self.view.windows if w is not None]
+        if windows and min(windows) + 4 <= 64:  # long enough to exercise the window
+            length = max(length, min(windows) + 4)
+        param = next(self.model.parameters())
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, self.view.lm_head.out_features, (1, length), generator=gen)
+        ids = ids.to(param.device)
+        record: dict[int, torch.Tensor] = {}
+        saved, self._prefix_ids = self._prefix_ids, None
+        try:
+            with torch.enable_grad():
+                target = self.attribute(ids, record).target_token
+        finally:
+            self._prefix_ids = saved
+        for layer in sorted({0, len(self.layers) - 1}):
+            ref = self._reference_probs(ids, layer, target)
+            err = float((record[layer].float() - ref).abs().max() / ref.abs().max())
+            if not err <= self.CHECK_TOLERANCE.get(param.dtype, 1e-1):
+                raise refuse(self.model.config.model_type,
+                             f"its forward differs from the engine's by {err:.1e} (relative) "
+                             f"at layer {layer}")
+
+    def _reference_probs(self, ids: torch.Tensor, layer: int, target: int) -> torch.Tensor:
+        """Target probability at each point with down_proj ``layer`` replaced in the model."""
+        proj, m = self.projs[layer], self.alphas.numel()
+        with capture_outputs([proj]) as clean:
+            self.model(ids, use_cache=False, logits_to_keep=1)
+        z = clean[0]
+        if self.settings.baseline == "zero":
+            zb = torch.zeros_like(z)
+        else:
+            zb = self._token_baseline(ids)[layer]
+        scaled = zb + self.alphas.view(m, 1, 1) * (z - zb)
+        if self.settings.scale_positions == "last":
+            scaled = torch.cat([z.expand(m, -1, -1)[:, :-1], scaled[:, -1:]], dim=1)
+        handle = proj.register_forward_hook(lambda module, args, out: scaled)
+        try:
+            logits = self.model(ids.expand(m, -1), use_cache=False, logits_to_keep=1).logits
+        finally:
+            handle.remove()
+        return torch.softmax(logits[:, -1].float(), dim=-1)[:, target]
 
     def __call__(self, input_ids: torch.Tensor) -> Attribution:
         return self.attribute(input_ids)
@@ -382,14 +490,16 @@ class CaptumKVA:
         self.projs = down_projs(model)
 
     def _prob(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(input_ids, use_cache=False).logits[:, -1].float(), dim=-1)
+        logits = self.model(input_ids, use_cache=False, logits_to_keep=1).logits
+        return torch.softmax(logits[:, -1].float(), dim=-1)
 
     def attribute(self, input_ids: torch.Tensor) -> Attribution:
         from captum.attr import IntegratedGradients, LayerIntegratedGradients
 
         s = self.settings
         with torch.no_grad(), capture_outputs(self.projs) as outputs:
-            target, prob = _target(self.model(input_ids, use_cache=False).logits[0, -1])
+            target, prob = _target(self.model(input_ids, use_cache=False,
+                                              logits_to_keep=1).logits[0, -1])
         scores = []
         for layer, proj in enumerate(self.projs):
             if s.baseline == "token":
