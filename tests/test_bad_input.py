@@ -7,13 +7,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tests.conftest import linked_cache
-from tests.test_cli import run_cli
+from tests.conftest import ROOT, linked_cache
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -24,6 +26,24 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
             stat = (Path(folder) / name).stat()
             found[str(Path(folder, name).relative_to(root))] = (stat.st_size, stat.st_mtime_ns)
     return found
+
+
+@pytest.fixture(scope="module")
+def run_cli():
+    """``run_cli(*args)`` -> returncode/stdout/stderr of ``python -m loki_exp.train ARGS``, each a
+    fresh process forked from one that imported the CLI once (tests/cli_forkserver.py)."""
+    server = subprocess.Popen([sys.executable, "-m", "tests.cli_forkserver", "loki_exp.train"],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert json.loads(server.stdout.readline()) == {"ready": True}
+
+    def call(*args: str) -> SimpleNamespace:
+        server.stdin.write(json.dumps({"args": list(args)}) + "\n")
+        server.stdin.flush()
+        return SimpleNamespace(**json.loads(server.stdout.readline()))
+
+    yield call
+    server.stdin.close()
+    server.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +112,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("overrides,message", CASES, ids=[" ".join(c[0]) for c in CASES])
-def test_bad_input_is_one_clear_error_and_touches_nothing(world, overrides, message):
+def test_bad_input_is_one_clear_error_and_touches_nothing(run_cli, world, overrides, message):
     f = str(world["files"])
     cache_before, outputs_before = _snapshot(world["cache"]), _snapshot(world["outputs"])
     run_dir = world["outputs"] / "this_run"
     proc = run_cli("model=tiny_llama", "kva.limit=2", "kva.steps=2",
                    *[o.replace("{f}", f) for o in overrides], f"paths.cache_dir={world['cache']}",
-                   f"hydra.run.dir={run_dir}", timeout=120)
+                   f"hydra.run.dir={run_dir}")
     assert proc.returncode != 0
     assert message.replace("{f}", f) in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
