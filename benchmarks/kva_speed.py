@@ -1,14 +1,17 @@
-"""KVA speed on the real SmolLM2-135M-Instruct: Captum per-layer reference vs the fast paths.
+"""KVA speed on the real SmolLM2-135M-Instruct: each fast path against the reference it must equal.
 
-Runs both sides in one process on the same MMLU prompts (fp32) and prints, last line:
+Runs every side in one process on the same MMLU probe prompts (fp32) and prints, last line:
 
-    kva_speedup_exact=<x> max_rel_err=<e> last_speedup=<y> last_overlap_q10=<z>
+    kva_speedup_exact=<x> max_rel_err=<e> published_speedup=<y> published_max_rel_err=<f>
 
-x: Captum reference time / fast exact (scale_positions=all) time; e: max over prompts of
-max|fast - captum| / max|captum|; y: Captum time / fast ``last`` variant time; z: share of
-layer_balanced q=10 positions that the ``last`` variant and the exact path both pick.
+x: Captum per-layer reference time / fast engine time on the all-positions definition
+(``--method``, ``--steps``, ``--baseline``); e: max over prompts of max|fast - ref| / max|ref|.
+y: time of the first commit's algorithm as that code ran it (``kva/first_commit.py``: per
+layer, a hook on down_proj and a batch of m full-length copies) / the fast engine's time on
+the same quantity (``kva=published``: zero baseline, last position, left Riemann x 7);
+f: the same error measure between those two.
 
-    .venv/bin/python benchmarks/kva_speed.py --prompts 4 [--baseline zero|token]
+    .venv/bin/python benchmarks/kva_speed.py --prompts 3 [--baseline zero|token] [--skip-captum]
 
 ``--presets`` instead times each KVA preset (``kva=published|reference_captum|paper_text``)
 as the analyse stage runs it (the preset's engine settings and compute dtype, on its own
@@ -28,9 +31,12 @@ from hydra import compose, initialize_config_dir
 from loki_exp.data.mmlu import ProbeSpec, load_probe, render_prompt
 from loki_exp.kva.analyse import kva_settings, model_for_kva
 from loki_exp.kva.engine import CaptumKVA, FastKVA, KVASettings
+from loki_exp.kva.first_commit import first_commit_kva
 from loki_exp.kva.lightning import common_prefix
 from loki_exp.models import load_model, torch_dtype
 from loki_exp.selection import select_layer_balanced
+
+PUBLISHED = KVASettings(method="riemann_left", steps=7, baseline="zero", scale_positions="last")
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -92,30 +98,40 @@ def main() -> None:
           f"{[p.shape[1] for p in prompts]} tokens, {args.method} x {args.steps}, "
           f"baseline={args.baseline}")
 
+    # The published quantity: the fast engine vs the first commit's algorithm.
+    published = FastKVA(loaded.model, PUBLISHED)
+    fast_pub, t_pub = timed(published, prompts)
+    print(f"fast published     : {t_pub / len(prompts):7.2f} s/prompt")
+    start = time.perf_counter()
+    first = [first_commit_kva(loaded.model, ids, PUBLISHED.steps) for ids in prompts]
+    t_first = time.perf_counter() - start
+    print(f"first-commit code  : {t_first / len(prompts):7.2f} s/prompt")
+    assert all(a.target_token == target for a, (_, target) in zip(fast_pub, first))
+    pub_err = max(rel_err(a.scores, ref) for a, (ref, _) in zip(fast_pub, first))
+    tail = f"published_speedup={t_first / t_pub:.2f} published_max_rel_err={pub_err:.2e}"
+    if args.skip_captum:
+        print(tail)
+        return
+
+    # The all-positions definition: the fast engine vs Captum's per-layer reference.
     kw = dict(method=args.method, steps=args.steps, baseline=args.baseline)
     exact = FastKVA(loaded.model, KVASettings(**kw))
     # As the analyse stage does: the template prefix all probe prompts share is computed
     # once (inside the timed region, on first use).
     exact.set_shared_prefix(torch.tensor(common_prefix([p[0].tolist() for p in prompts])))
     fast, t_fast = timed(exact, prompts)
-    print(f"fast exact : {t_fast / len(prompts):7.2f} s/prompt")
-    last, t_last = timed(FastKVA(loaded.model, KVASettings(scale_positions="last", **kw)), prompts)
-    print(f"fast last  : {t_last / len(prompts):7.2f} s/prompt")
-    exact_scores = np.stack([a.scores.numpy() for a in fast])
-    last_scores = np.stack([a.scores.numpy() for a in last])
-    z = overlap(select_layer_balanced(last_scores, 10), select_layer_balanced(exact_scores, 10))
-    if args.skip_captum:
-        print(f"last_overlap_q10={z:.3f}")
-        return
+    print(f"fast exact (all)   : {t_fast / len(prompts):7.2f} s/prompt")
     ref, t_ref = timed(CaptumKVA(loaded.model, KVASettings(engine="captum", **kw)), prompts)
-    print(f"captum ref : {t_ref / len(prompts):7.2f} s/prompt")
-    err = max(float((a.scores - b.scores).abs().max() / b.scores.abs().max())
-              for a, b in zip(fast, ref))
-    ref_scores = np.stack([a.scores.numpy() for a in ref])
-    same = overlap(select_layer_balanced(exact_scores, 10), select_layer_balanced(ref_scores, 10))
+    print(f"captum reference   : {t_ref / len(prompts):7.2f} s/prompt")
+    err = max(rel_err(a.scores, b.scores) for a, b in zip(fast, ref))
+    same = overlap(select_layer_balanced(np.stack([a.scores.numpy() for a in fast]), 10),
+                   select_layer_balanced(np.stack([a.scores.numpy() for a in ref]), 10))
     print(f"fast vs captum layer_balanced q=10 overlap: {same:.4f}")
-    print(f"kva_speedup_exact={t_ref / t_fast:.2f} max_rel_err={err:.2e} "
-          f"last_speedup={t_ref / t_last:.2f} last_overlap_q10={z:.3f}")
+    print(f"kva_speedup_exact={t_ref / t_fast:.2f} max_rel_err={err:.2e} {tail}")
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got - ref).abs().max() / ref.abs().max())
 
 
 if __name__ == "__main__":

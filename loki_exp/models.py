@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from loki_exp.data import assets
+from loki_exp.data.plain_chat import ensure_chat_template
 from loki_exp.errors import LokiError
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,8 @@ def _dir_fingerprint(path: Path) -> str:
 def _load_from_dir(path: Path, cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     trust = bool(cfg.get("trust_remote_code", False))
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    if ensure_chat_template(tokenizer):
+        log.info("%s has no chat template: using the plain-text rendering (README)", path.name)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype(cfg.dtype), trust_remote_code=trust, use_safetensors=True
     )
