@@ -107,13 +107,13 @@ def _cfg(compose_cfg, cache, *extra):
                        "kva.limit=5", f"paths.cache_dir={cache}", "paths.output_dir=unused", *extra)
 
 
-@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen"])
+@pytest.mark.parametrize("model,batch", [("tiny_llama", 1), ("tiny_qwen", 1), ("tiny_llama", 3)])
 def test_published_preset_equals_the_first_commit_algorithm(compose_cfg, tiny_models, tmp_path,
-                                                            model):
+                                                            model, batch):
     loaded = tiny_models[model]
     cfg = compose_cfg(f"model={model}", "kva=published", "kva.dtype=float32",
-                      "kva.store_dtype=float32", "kva.limit=3", f"paths.cache_dir={tmp_path}",
-                      "paths.output_dir=unused")
+                      "kva.store_dtype=float32", "kva.limit=3", f"kva.batch_size={batch}",
+                      f"paths.cache_dir={tmp_path}", "paths.output_dir=unused")
     data, attrs = _read(run_analyse(cfg, loaded))
     assert (attrs["preset"], attrs["baseline"], attrs["scale_positions"], attrs["method"],
             attrs["steps"]) == ("published", "zero", "last", "riemann_left", 7)

@@ -103,3 +103,20 @@ def test_the_self_check_refuses_a_forward_the_engine_does_not_reproduce(monkeypa
     with pytest.raises(LokiError, match=r"model type 'gemma2' exactly \(its forward differs from "
                                         r"the engine's by .* at layer 0\); use kva.engine=captum"):
         FastKVA(model, KVASettings(scale_positions="last"))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gemma3_text", "olmo2"])
+@pytest.mark.parametrize("baseline", ["zero", "token"])
+def test_a_left_padded_batch_equals_one_prompt_at_a_time(model_type, baseline, tiny_models):
+    """The published definition batched over prompts of different lengths (the GPU path):
+    sdpa and eager masks (Gemma 2 runs eager), sliding windows, post-norm blocks."""
+    model = tiny_decoder(model_type)
+    fast = FastKVA(model, KVASettings(method="riemann_left", steps=7, baseline=baseline,
+                                      scale_positions="last"))
+    prompts = [p[0] for p in _prompts(tiny_models["tiny_llama"].tokenizer, 3)]
+    assert len({p.numel() for p in prompts}) == 3
+    for prompt, batched in zip(prompts, fast.attribute_batch(prompts)):
+        one = fast(prompt.view(1, -1))
+        assert batched.target_token == one.target_token
+        assert batched.target_prob == pytest.approx(one.target_prob, rel=1e-5)
+        assert (batched.scores - one.scores).abs().max() <= 1e-5 * one.scores.abs().max()

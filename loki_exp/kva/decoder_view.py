@@ -37,6 +37,7 @@ from loki_exp.model_access import decoder_layers, down_projs
 FAST_KVA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
                   "olmo", "olmo2", "phi3")
 ATTENTION_KINDS = ("full_attention", "sliding_attention")
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 def refuse(model_type: object, why: str) -> LokiError:
@@ -59,6 +60,7 @@ class DecoderView:
     norm: nn.Module
     lm_head: nn.Module
     softcap: float | None
+    attention: str                    # the attention implementation (masks differ by kind)
 
     @classmethod
     def of(cls, model: nn.Module) -> DecoderView:
@@ -78,6 +80,10 @@ class DecoderView:
         if any(w is not None and w != getattr(config, "sliding_window", None) for w in windows):
             # transformers' mask helpers read the one config.sliding_window
             raise refuse(model_type, "per-layer sliding windows")
+        attention = getattr(config, "_attn_implementation", None) or "eager"
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            raise refuse(model_type, f"attention implementation {attention!r}; the engine "
+                                     f"passes its own masks, which {ATTENTION_IMPLEMENTATIONS} take")
         norm = getattr(decoder, "norm", None)
         if norm is None:
             raise refuse(model_type, "no final norm at <decoder>.norm")
@@ -85,7 +91,7 @@ class DecoderView:
                    branches=[getattr(b, "post_feedforward_layernorm", None) for b in layers],
                    windows=windows[:len(layers)], norm=norm,
                    lm_head=model.get_output_embeddings(),
-                   softcap=getattr(config, "final_logit_softcapping", None))
+                   softcap=getattr(config, "final_logit_softcapping", None), attention=attention)
 
     def residual_add(self, layer: int, z: torch.Tensor) -> torch.Tensor:
         """What block ``layer`` adds to the residual stream when its down_proj outputs ``z``."""
@@ -99,7 +105,8 @@ class DecoderView:
         return logits
 
     def visible_prefix(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
-        """The prefix keys/values [B, H, S-1, d] a query at position S-1 attends to."""
+        """The prefix keys/values [B, H, S-1, d] (or its mask [B, 1, S-1, 1]) a query at
+        position S-1 attends to."""
         window = self.windows[layer]
         if window is None or keys.shape[2] < window:
             return keys

@@ -167,20 +167,25 @@ class FastKVA:
 
     # -- clean passes --------------------------------------------------------------------
     @torch.no_grad()
-    def _clean(self, input_ids: torch.Tensor) -> _Clean:
-        """Each layer's output and down_proj output, the KV cache, the last logits."""
+    def _clean(self, input_ids: torch.Tensor, padding: dict | None = None) -> _Clean:
+        """Each layer's output and down_proj output, the KV cache, the last logits [B, V].
+
+        ``padding``: ``attention_mask`` and ``position_ids`` of a left-padded batch.
+        """
         cache = DynamicCache()  # no config: sliding layers keep every position (cropped per use)
         with capture_outputs(self.projs) as z_out, \
                 capture_outputs(list(self.layers)) as layer_out, \
                 capture_block_inputs(self.layers) as tables:
-            out = self.model(input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-        return _Clean(layer_out, z_out, cache, out.logits[0, -1], tables)
+            out = self.model(input_ids, cache=cache, use_cache=True, logits_to_keep=1,
+                             **(padding or {}))
+        return _Clean(layer_out, z_out, cache, out.logits[:, -1], tables)
 
     @torch.no_grad()
-    def _token_baseline(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    def _token_baseline(self, input_ids: torch.Tensor,
+                        padding: dict | None = None) -> list[torch.Tensor]:
         with capture_outputs(self.projs) as outputs:
             self.model(torch.full_like(input_ids, self.settings.baseline_token_id),
-                       use_cache=False, logits_to_keep=1)
+                       use_cache=False, logits_to_keep=1, **(padding or {}))
         return outputs
 
     # -- running a range of layers -------------------------------------------------------
@@ -248,33 +253,38 @@ class FastKVA:
         """
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError("FastKVA.attribute takes one prompt of shape [1, S]")
-        if self.alphas.device != input_ids.device:  # Lightning moved the model
-            self.alphas = self.alphas.to(input_ids.device)
-            self.weights = self.weights.to(input_ids.device)
+        self._follow(input_ids.device)
+        if self.settings.scale_positions == "last":
+            return self._attribute_last([input_ids[0]], record)[0]
         clean = self._clean(input_ids)
-        target, prob = _target(clean.logits_last)
+        target, prob = _target(clean.logits_last[0])
         if self.settings.baseline == "zero":
             z_base = [torch.zeros_like(z) for z in clean.z]
         else:
             z_base = self._token_baseline(input_ids)
-        last_only = self.settings.scale_positions == "last"
-        if last_only:  # only the last position is ever scaled: drop the rest early
-            z_base = [z[:, -1:] for z in z_base]
         view = self.view
         # Clean residual before each layer's MLP add; a scaled z's contribution goes back on it.
-        mids = [out[:, -len(zb[0]):] - view.residual_add(layer, z[:, -len(zb[0]):])
-                for layer, (out, z, zb) in enumerate(zip(clean.layer_out, clean.z, z_base))]
-        deltas = [z[:, -len(zb[0]):] - zb for z, zb in zip(clean.z, z_base)]
-        if last_only:
-            grads = self._grads_last_position(input_ids.shape[1], mids, z_base, deltas, clean,
-                                              target, record)
-        else:
-            grads = self._grads_all_positions(input_ids, mids, z_base, deltas, clean, target,
-                                              record)
+        mids = [out - view.residual_add(layer, z)
+                for layer, (out, z) in enumerate(zip(clean.layer_out, clean.z))]
+        deltas = [z - zb for z, zb in zip(clean.z, z_base)]
+        grads = self._grads_all_positions(input_ids, mids, z_base, deltas, clean, target, record)
         m = self.alphas.numel()
         scores = [d[0, -1].float() * (g[:, 0].float() * self.weights.view(m, 1)).sum(0)
                   for d, g in zip(deltas, grads)]
         return Attribution(torch.stack(scores), target, prob)
+
+    def _follow(self, device: torch.device) -> None:
+        if self.alphas.device != device:  # Lightning moved the model
+            self.alphas = self.alphas.to(device)
+            self.weights = self.weights.to(device)
+
+    def attribute_batch(self, prompts: list[torch.Tensor]) -> list[Attribution]:
+        """Attributions of several prompts (1-D token ids each). The last-position definition
+        runs them as one left-padded batch (what fills a GPU); all positions: one by one."""
+        if self.settings.scale_positions != "last":
+            return [self.attribute(p.view(1, -1)) for p in prompts]
+        self._follow(prompts[0].device)
+        return self._attribute_last(prompts)
 
     def _grads_all_positions(self, input_ids, mids, z_base, deltas, clean, target, record):
         """Per layer l: the scaled prefix once without autograd, for the keys/values it leaves
@@ -406,22 +416,96 @@ class FastKVA:
             mine.values = torch.cat([mine.values,
                                      clean.values[:, :, :-1].expand(n, -1, -1, -1)])[order]
 
-    def _grads_last_position(self, seq, mids, z_base, deltas, clean, target, record):
-        """Only the last position is scaled: every stream attends to the clean prefix."""
-        m = self.alphas.numel()
+    def _attribute_last(self, prompts: list[torch.Tensor], record=None) -> list[Attribution]:
+        """The last-position definition for a batch of prompts (left-padded to one length).
 
-        def prefix_kv(layer: int, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-            kv = clean.cache.layers[idx]
-            return (kv.keys[:, :, :-1].expand(m, -1, -1, -1),
-                    kv.values[:, :, :-1].expand(m, -1, -1, -1))
-
-        n_layers = len(self.layers)
+        Only the last position is scaled, so every stream of a prompt attends to the same clean
+        prefix: a prompt's ``m`` points of a group of layers run as that many query tokens of
+        one batch row, over one copy of its prefix keys/values plus their own key (a mask
+        keeps each to its own), and one logits call and one backward serve the whole batch.
+        """
+        device = prompts[0].device
+        seq = max(p.numel() for p in prompts)
+        batch = len(prompts)
+        ids = torch.zeros(batch, seq, dtype=prompts[0].dtype, device=device)
+        keep = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+        for row, p in enumerate(prompts):
+            ids[row, seq - p.numel():] = p
+            keep[row, seq - p.numel():] = True
+        positions = (keep.cumsum(-1) - 1).clamp(min=0)
+        padding = None if bool(keep.all()) else {"attention_mask": keep.long(),
+                                                 "position_ids": positions}
+        clean = self._clean(ids, padding)
+        probs = torch.softmax(clean.logits_last.float(), dim=-1)
+        targets = probs.argmax(-1)
+        if self.settings.baseline == "zero":
+            z_base = [torch.zeros_like(z[:, -1:]) for z in clean.z]
+        else:
+            z_base = [z[:, -1:] for z in self._token_baseline(ids, padding)]
+        view = self.view
+        mids = [out[:, -1:] - view.residual_add(layer, z[:, -1:])
+                for layer, (out, z) in enumerate(zip(clean.layer_out, clean.z))]
+        deltas = [z[:, -1:] - zb for z, zb in zip(clean.z, z_base)]  # [B, 1, D]
+        n_layers, m = len(self.layers), self.alphas.numel()
         grads: list[torch.Tensor] = []
         for start in range(0, n_layers, self.STREAM_GROUP):
             group = list(range(start, min(start + self.STREAM_GROUP, n_layers)))
-            grads += self._stream_last_tokens(group, prefix_kv, seq, mids, z_base, deltas,
-                                              clean.tables, target, record)
-        return grads
+            grads += self._last_position_streams(group, mids, z_base, deltas, clean, keep,
+                                                 positions, targets, record)
+        out = []
+        for row in range(batch):
+            scores = [d[row, 0].float() * (g[row].float() * self.weights.view(m, 1)).sum(0)
+                      for d, g in zip(deltas, grads)]
+            target = int(targets[row])
+            out.append(Attribution(torch.stack(scores), target, float(probs[row, target])))
+        return out
+
+    def _last_position_streams(self, group, mids, z_base, deltas, clean, keep, positions,
+                               targets, record):
+        """d prob / d z_l(a_k) [B, m, D] for the layers of ``group``: stream (l, k) joins at
+        layer l+1 as a query token at its prompt's last position."""
+        m = self.alphas.numel()
+        view, n_layers = self.view, len(self.layers)
+        leaves = {layer: (z_base[layer] + self.alphas.view(1, m, 1) * deltas[layer]).detach()
+                  .requires_grad_(True) for layer in group}
+        cache = DynamicCache()
+        with torch.enable_grad():
+            active = None
+            for j in range(group[0] + 1, n_layers + 1):
+                if j - 1 in leaves:
+                    stream = mids[j - 1] + view.residual_add(j - 1, leaves[j - 1])  # [B, m, D]
+                    active = stream if active is None else torch.cat([active, stream], dim=1)
+                if j == n_layers:
+                    break
+                n = active.shape[1]
+                kv = clean.cache.layers[j]
+                seen = view.visible_prefix(j, keep[:, None, :-1, None])  # [B, 1, P, 1]
+                # Left padding's keys/values are masked out; zero them so nothing undefined
+                # meets a zero attention weight.
+                cache.update(view.visible_prefix(j, kv.keys[:, :, :-1]) * seen,
+                             view.visible_prefix(j, kv.values[:, :, :-1]) * seen, j)
+                active = self.layers[j](
+                    active, attention_mask=self._stream_mask(seen[:, 0, :, 0], n),
+                    position_embeddings=tuple(t[:, -1:].expand(-1, n, -1) for t in clean.tables[j]),
+                    position_ids=positions[:, -1:].expand(-1, n), cache=cache, use_cache=True)
+            logits = view.logits(active)  # [B, streams, V]
+            index = targets.view(-1, 1, 1).expand(-1, logits.shape[1], 1)
+            probs = torch.softmax(logits, dim=-1).gather(-1, index)[..., 0]  # [B, streams]
+            if record is not None:  # stream order: layer by layer, m points each
+                record.update({layer: p.detach() for layer, p in zip(group, probs[0].view(-1, m))})
+            return list(torch.autograd.grad(probs.sum(), [leaves[layer] for layer in group]))
+
+    def _stream_mask(self, prefix_seen: torch.Tensor, n: int) -> torch.Tensor:
+        """[B, 1, n, P + n]: each of the n stream queries sees its prompt's visible prefix and
+        its own key, not the other streams' (boolean for sdpa, additive for eager)."""
+        batch, prefix = prefix_seen.shape
+        own = torch.eye(n, dtype=torch.bool, device=prefix_seen.device).expand(batch, n, n)
+        allowed = torch.cat([prefix_seen[:, None, :].expand(batch, n, prefix), own], dim=-1)[:, None]
+        if self.view.attention == "sdpa":
+            return allowed
+        dtype = next(self.model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
 
     # -- checking the whole path against the model's own forward ----------------------------
     @torch.no_grad()

@@ -44,7 +44,8 @@ class ProbeDataModule(L.LightningDataModule):
 
 
 class KVAModule(L.LightningModule):
-    """Attributes each prompt of a batch, one at a time (batching is over the m steps)."""
+    """Attributes the prompts of a batch: the published (last-position) definition as one
+    padded batch, the all-positions one prompt by prompt (its m points are batched)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, settings: KVASettings,
                  shared_prefix: list[int] | None = None):
@@ -60,17 +61,19 @@ class KVAModule(L.LightningModule):
             self.engine.set_shared_prefix(torch.tensor(self.shared_prefix, device=self.device))
 
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
-        results = []
-        for row in batch:
-            start = time.perf_counter()
-            ids = self.tokenizer(row["prompt"], return_tensors="pt",
-                                 add_special_tokens=False).input_ids.to(self.device)
-            with torch.enable_grad():
-                attr = self.engine(ids)
-            results.append({**row, "scores": attr.scores.cpu().numpy(),
-                            "target_token": attr.target_token, "target_prob": attr.target_prob,
-                            "seconds": time.perf_counter() - start})
-        return results
+        start = time.perf_counter()
+        prompts = [self.tokenizer(row["prompt"], return_tensors="pt",
+                                  add_special_tokens=False).input_ids[0].to(self.device)
+                   for row in batch]
+        with torch.enable_grad():
+            if len(prompts) > 1 and hasattr(self.engine, "attribute_batch"):
+                attrs = self.engine.attribute_batch(prompts)  # one padded batch (kva.batch_size)
+            else:
+                attrs = [self.engine(ids.view(1, -1)) for ids in prompts]
+        seconds = (time.perf_counter() - start) / len(batch)
+        return [{**row, "scores": attr.scores.cpu().numpy(), "target_token": attr.target_token,
+                 "target_prob": attr.target_prob, "seconds": seconds}
+                for row, attr in zip(batch, attrs)]
 
 
 def common_prefix(token_lists: list[list[int]]) -> list[int]:
