@@ -1,0 +1,68 @@
+"""Paired bootstrap confidence intervals over evaluation items (scipy.stats.bootstrap).
+
+Every before/after delta is a mean over the same items scored twice, so its interval comes
+from resampling items with their (before, after) pair kept together. The Avg forgetting
+score combines several benchmarks: each benchmark's items are resampled on their own (paired
+within the benchmark, independent across benchmarks), as scipy does for several samples.
+A difference between two runs (two methods) on the same items is paired the same way.
+The seed and the number of resamples are fixed so a report reproduces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from scipy.stats import bootstrap
+
+RESAMPLES = 2000
+SEED = 0
+LEVEL = 0.95
+
+
+def _interval(data: tuple, statistic: Callable, paired: bool) -> tuple[float, float]:
+    if any(np.asarray(d).shape[-1] < 2 for d in data):
+        return float("nan"), float("nan")
+    res = bootstrap(data, statistic, paired=paired, vectorized=False, axis=-1,
+                    n_resamples=RESAMPLES, confidence_level=LEVEL, method="percentile",
+                    random_state=np.random.default_rng(SEED))
+    low, high = res.confidence_interval
+    return float(low), float(high)
+
+
+def paired_delta_ci(before: Sequence[float], after: Sequence[float]) -> tuple[float, float]:
+    """95% interval of mean(after - before) over items scored before and after."""
+    before, after = np.asarray(before, float), np.asarray(after, float)
+    if before.shape != after.shape:
+        raise ValueError(f"paired items differ in number: {before.shape} vs {after.shape}")
+    return _interval((before, after), lambda b, a: np.mean(a - b), paired=True)
+
+
+def forgetting_avg_ci(before: dict[str, Sequence[float]], after: dict[str, Sequence[float]],
+                      signs: dict[str, float] | None = None) -> tuple[float, float]:
+    """95% interval of the Avg forgetting score (``scores.forgetting_avg``) with each
+    benchmark's items resampled as (before, after) pairs, independently across benchmarks."""
+    names = sorted(before)
+    pairs = [(np.asarray(before[n], float), np.asarray(after[n], float)) for n in names]
+    sign = [1.0 if signs is None else signs.get(n, 1.0) for n in names]
+
+    # scipy resamples each sample on its own; resampling item indices (one sample per
+    # benchmark) keeps each item's before and after together.
+    def avg(*indices: np.ndarray) -> float:
+        terms = []
+        for s, (b, a), idx in zip(sign, pairs, indices):
+            idx = idx.astype(int)
+            terms.append(s * (b[idx].mean() - a[idx].mean()) / b[idx].mean())
+        return 100.0 * float(np.mean(terms))
+
+    return _interval(tuple(np.arange(len(b), dtype=float) for b, _ in pairs), avg, paired=False)
+
+
+def paired_difference_ci(first: Sequence[float], second: Sequence[float]) -> tuple[float, float]:
+    """95% interval of mean(second - first) over the same items scored by two runs."""
+    return paired_delta_ci(first, second)
+
+
+def significant(interval: tuple[float, float]) -> bool:
+    low, high = interval
+    return bool(low > 0 or high < 0)

@@ -1,0 +1,61 @@
+"""Paired bootstrap intervals on data whose answer is known."""
+
+import numpy as np
+import pytest
+
+from loki_exp.evaluation.bootstrap import (
+    forgetting_avg_ci,
+    paired_delta_ci,
+    paired_difference_ci,
+    significant,
+)
+from loki_exp.evaluation.scores import forgetting_avg
+
+
+def test_paired_delta_interval_on_known_data():
+    # 100 items, all wrong before; 30 right after: delta 0.3, binomial sd 0.046.
+    before = np.zeros(100)
+    after = np.r_[np.ones(30), np.zeros(70)]
+    low, high = paired_delta_ci(before, after)
+    assert 0.2 < low < 0.3 < high < 0.4
+    assert high - low == pytest.approx(2 * 1.96 * np.sqrt(0.3 * 0.7 / 100), rel=0.15)
+    assert significant((low, high))
+    # The same again: fixed seed.
+    assert paired_delta_ci(before, after) == (low, high)
+
+
+def test_pairing_removes_the_item_difficulty():
+    rng = np.random.default_rng(1)
+    difficulty = rng.normal(size=200) * 10  # large between-item spread, shared before/after
+    before, after = difficulty, difficulty + 0.5 + rng.normal(size=200) * 0.1
+    low, high = paired_delta_ci(before, after)
+    assert 0.47 < low < 0.5 < high < 0.53  # unpaired, the spread of 10 would swamp 0.5
+
+
+def test_no_change_is_not_significant():
+    rng = np.random.default_rng(2)
+    before = rng.integers(0, 2, 150).astype(float)
+    after = before.copy()
+    flip = rng.choice(150, 20, replace=False)
+    after[flip[:10]] = 1 - after[flip[:10]]  # 10 items flip one way ...
+    after[flip[10:]] = before[flip[:10]]     # ... and 10 take their old values
+    low, high = paired_difference_ci(before, after)
+    assert low < 0 < high and not significant((low, high))
+
+
+def test_forgetting_avg_interval_brackets_the_score():
+    rng = np.random.default_rng(3)
+    before = {"a": rng.binomial(1, 0.6, 200).astype(float),
+              "b": rng.binomial(1, 0.4, 300).astype(float)}
+    after = {"a": np.where(rng.random(200) < 0.2, 0.0, before["a"]), "b": before["b"].copy()}
+    point = forgetting_avg({k: v.mean() for k, v in before.items()},
+                           {k: v.mean() for k, v in after.items()})
+    low, high = forgetting_avg_ci(before, after)
+    assert 0 < low < point < high  # benchmark a lost ~20% of its right answers
+    # A lower-is-better measure enters with its sign flipped (documented convention).
+    low_flipped, high_flipped = forgetting_avg_ci(after, before, signs={"a": -1.0, "b": -1.0})
+    assert low_flipped < high_flipped
+
+
+def test_too_few_items_give_no_interval():
+    assert all(np.isnan(paired_delta_ci([1.0], [0.0])))
