@@ -1,11 +1,14 @@
 """``python -m loki_exp.report <multirun dir>``: one table of every run and the paper's plots.
 
-Reads each job's ``run.json`` / ``metrics.json`` and writes into the multirun dir:
-``report.csv`` and ``report.md`` (method, strategy, quota, trainable parameters, task
-score, each benchmark, Avg forgetting), ``forgetting_vs_task.png`` (one labelled point per
-run, a method's quotas joined by a line) and ``kva_heatmap.png`` (per layer, how many of
-the most-often highest / lowest nodes sit there; the paper's Figure 2) when a run has a
-KVA store.
+Reads each job's ``run.json`` / ``metrics.json`` / ``items.json`` and writes into the
+multirun dir: ``report.csv`` (every metric) and ``report.md`` (method, quota, lr, the task's
+gain and each forgetting measure with its 95% paired-bootstrap interval; then every pair of
+runs of different methods whose task gain or Avg forgetting differs significantly on the
+same items), ``forgetting_vs_task.png`` (one labelled point per run, a method's quotas joined
+by a line), ``pareto.png`` (task gain against Avg forgetting and against KL drift, CI bars,
+each method's non-dominated runs joined: its front) and ``kva_heatmap.png`` (per layer, how
+many of the most-often highest / lowest nodes sit there; the paper's Figure 2) when a run
+has a KVA store.
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ def collect_runs(root: Path) -> list[dict[str, Any]]:
         record = json.loads(record_path.read_text())
         cfg = record["config"]
         metrics = record.get("metrics") or {}
+        items = record_path.parent / "items.json"
         row = {"run": str(record_path.parent.relative_to(root)), "method": cfg["method"]["name"],
                "strategy": cfg["strategy"]["name"], "quota": cfg["quota"],
+               "lr": cfg["method"].get("lr"), "items": str(items) if items.exists() else None,
+               "forgetting_metric": cfg.get("eval", {}).get("forgetting_metric"),
                "trainable_parameters": (record.get("implant") or {}).get("trainable_parameters"),
                "kva_store": record.get("kva_store")}
         row.update(metrics)
@@ -39,31 +45,117 @@ def collect_runs(root: Path) -> list[dict[str, Any]]:
 
 
 def _task_key(rows: list[dict[str, Any]]) -> str | None:
-    keys = sorted({k for r in rows for k in r if k.startswith("task/") and k.endswith("/after")})
+    """The task's overall score (``task/<name>/<metric>/after``), not a category's."""
+    keys = sorted({k for r in rows for k in r if k.startswith("task/") and k.endswith("/after")},
+                  key=lambda k: (k.count("/"), k))
     return keys[0] if keys else None
 
 
 def write_table(rows: list[dict[str, Any]], root: Path) -> list[str]:
-    fixed = ["run", "method", "strategy", "quota", "trainable_parameters"]
-    metric_cols = sorted({k for r in rows for k in r if "/" in k and not k.endswith("/delta")})
+    fixed = ["run", "method", "strategy", "quota", "lr", "trainable_parameters"]
+    metric_cols = sorted({k for r in rows for k in r if "/" in k})
     columns = fixed + [c for c in metric_cols if c != "forgetting/avg"] + ["forgetting/avg"]
     with open(root / "report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    short = fixed[1:] + [c for c in columns if c.endswith("/after") or c == "forgetting/avg"]
-    task_before = _task_key(rows)
-
-    def fmt(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
-
-    lines = ["| " + " | ".join(short) + " |", "|" + " --- |" * len(short)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in short) + " |" for r in rows]
-    if task_before:
-        base = next((r.get(task_before.replace("/after", "/before")) for r in rows), None)
-        lines.append(f"\nBase model: {task_before.replace('/after', '')} = {fmt(base)}")
+    task = _task_key(rows)
+    delta = task.replace("/after", "/delta") if task else None
+    # (column, the value's key, the key its interval hangs on)
+    summary = [("task gain", delta, delta),
+               ("Avg forgetting %", "forgetting/avg", "forgetting/avg"),
+               ("Avg, benchmarks only %", "forgetting/avg_benchmarks", "forgetting/avg_benchmarks"),
+               ("KL drift", "drift/kl/after", "drift/kl"),
+               ("format damage", "drift/format_damage/delta", "drift/format_damage/delta")]
+    summary = [s for s in summary if s[1] and any(s[1] in r for r in rows)]
+    head = ["method", "quota", "lr"] + [label for label, _, _ in summary]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [r["method"], _fmt(r["quota"]), _fmt(r.get("lr"))]
+        cells += [_with_interval(r, key, ci) for _, key, ci in summary]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("\nIntervals: 95% paired bootstrap over the same items before and after "
+                 "(`*`: excludes 0). Avg forgetting: lower is better.")
+    if task:
+        base = next((r.get(task.replace("/after", "/before")) for r in rows), None)
+        lines.append(f"Base model: {task.replace('/after', '')} = {_fmt(base)}")
+    lines += significant_differences(rows, task)
     (root / "report.md").write_text("\n".join(lines) + "\n")
     return lines
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+def _with_interval(row: dict[str, Any], key: str, ci: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return ""
+    low, high = row.get(f"{ci}/ci_low"), row.get(f"{ci}/ci_high")
+    if low is None or low != low:
+        return _fmt(value)
+    star = "*" if low > 0 or high < 0 else ""
+    return f"{value:.3g}{star} [{low:.3g}, {high:.3g}]"
+
+
+def _load_items(row: dict[str, Any]) -> dict[str, Any]:
+    if not row.get("items"):
+        return {}
+    try:
+        return json.loads(Path(row["items"]).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def significant_differences(rows: list[dict[str, Any]], task: str | None) -> list[str]:
+    """Pairs of runs of different methods whose task gain or Avg forgetting differ, with the
+    95% paired bootstrap interval of the difference over the same items."""
+    from loki_exp.evaluation.bootstrap import avg_difference_ci, paired_difference_ci, significant
+
+    items = {r["run"]: _load_items(r) for r in rows}
+    task_item = task.removesuffix("/after") if task else None
+    found = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            if a["method"] == b["method"] or not items[a["run"]] or not items[b["run"]]:
+                continue
+            ia, ib = items[a["run"]], items[b["run"]]
+            if task_item in ia and task_item in ib:
+                ci = paired_difference_ci(ia[task_item]["after"], ib[task_item]["after"])
+                if significant(ci):
+                    found.append((a, b, "task score (b - a)", ci))
+            keys = [k for k in _forgetting_items(ia, a.get("forgetting_metric")) if k in ib]
+            if keys:
+                signs = {k: -1.0 for k in keys if k.startswith("bpb/")}
+                ci = avg_difference_ci({k: ia[k]["before"] for k in keys},
+                                       {k: ia[k]["after"] for k in keys},
+                                       {k: ib[k]["after"] for k in keys}, signs)
+                if significant(ci):
+                    found.append((a, b, "Avg forgetting % (b - a)", ci))
+    if not found:
+        return ["\nNo difference between runs of different methods is significant (95%)."]
+    out = ["\nSignificant differences between methods (95% paired bootstrap):\n",
+           "| run a | run b | measure | interval |", "| --- | --- | --- | --- |"]
+    for a, b, what, (low, high) in found:
+        out.append(f"| {_label(a)} | {_label(b)} | {what} | [{low:.3g}, {high:.3g}] |")
+    return out
+
+
+def _forgetting_items(items: dict[str, Any], primary: str | None) -> list[str]:
+    """The per-item keys that make up ``forgetting/avg``: each benchmark's primary metric
+    (``acc`` where it has none) and the bits-per-byte sets."""
+    keys = [k for k in items if k.startswith("bpb/")]
+    benches = {k.split("/")[1] for k in items if k.startswith("bench/")}
+    for bench in sorted(benches):
+        key = f"bench/{bench}/{primary}"
+        keys.append(key if key in items else f"bench/{bench}/acc")
+    return [k for k in keys if k in items and items[k].get("before") is not None]
+
+
+def _label(row: dict[str, Any]) -> str:
+    quota = f" q={row['quota']:g}" if str(row["method"]).startswith("loki") else ""
+    return f"{row['method']}{quota} lr={_fmt(row.get('lr'))}"
 
 
 def plot_forgetting_vs_task(rows: list[dict[str, Any]], root: Path) -> Path | None:
@@ -93,6 +185,69 @@ def plot_forgetting_vs_task(rows: list[dict[str, Any]], root: Path) -> Path | No
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = root / "forgetting_vs_task.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated points (more gain, less forgetting), by gain."""
+    keep = [i for i, (g, f) in enumerate(points)
+            if not any(g2 >= g and f2 <= f and (g2, f2) != (g, f) for g2, f2 in points)]
+    return sorted(keep, key=lambda i: points[i][0])
+
+
+def _err(row: dict[str, Any], value: float, ci: str) -> tuple[float, float]:
+    low, high = row.get(f"{ci}/ci_low"), row.get(f"{ci}/ci_high")
+    if low is None or low != low:
+        return 0.0, 0.0
+    return value - low, high - value
+
+
+def plot_pareto(rows: list[dict[str, Any]], root: Path) -> Path | None:
+    """Task gain against Avg forgetting (and against KL drift where measured), one front per
+    method, 95% interval bars on both axes, as Biderman et al. (2024) compare methods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task = _task_key(rows)
+    if not task:
+        return None
+    gain_key = task.replace("/after", "/delta")
+    panels = [(k, ci, label) for k, ci, label in
+              [("forgetting/avg", "forgetting/avg", "Avg forgetting, % of base (lower is better)"),
+               ("drift/kl/after", "drift/kl", "KL(base || tuned), nats/token (lower is better)")]
+              if any(r.get(k) is not None for r in rows)]
+    points = [r for r in rows if r.get(gain_key) is not None]
+    if not points or not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.8), squeeze=False)
+    for ax, (key, ci, ylabel) in zip(axes[0], panels):
+        for n, method in enumerate(sorted({r["method"] for r in points})):
+            mine = [r for r in points if r["method"] == method and r.get(key) is not None]
+            if not mine:
+                continue
+            color = f"C{n}"
+            xy = [(r[gain_key], r[key]) for r in mine]
+            xerr = np.array([_err(r, r[gain_key], gain_key) for r in mine]).T
+            yerr = np.array([_err(r, r[key], ci) for r in mine]).T
+            ax.errorbar([p[0] for p in xy], [p[1] for p in xy], xerr=xerr, yerr=yerr, fmt="o",
+                        color=color, alpha=0.55, capsize=2, lw=0.8)
+            front = _front(xy)
+            ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], "-o", color=color,
+                    label=f"{method} (front)")
+            for r, (x, y) in zip(mine, xy):
+                ax.annotate(f"lr {_fmt(r.get('lr'))}", (x, y), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7, color=color)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel(f"task gain: {gain_key.removesuffix('/delta')} after - before (accuracy)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    fig.suptitle("Learning vs forgetting, one front per method (bars: 95% paired bootstrap)")
+    fig.tight_layout()
+    path = root / "pareto.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -137,10 +292,11 @@ def make_report(root: str | Path) -> dict[str, Any]:
     rows = collect_runs(root)
     table = write_table(rows, root)
     plot = plot_forgetting_vs_task(rows, root)
+    pareto = plot_pareto(rows, root)
     store = next((r["kva_store"] for r in rows if r.get("kva_store")
                   and Path(r["kva_store"]).exists()), None)
     heatmap = plot_kva_heatmap(store, root) if store else None
-    return {"rows": rows, "table": table, "plot": plot, "heatmap": heatmap}
+    return {"rows": rows, "table": table, "plot": plot, "pareto": pareto, "heatmap": heatmap}
 
 
 def log_to_wandb(out: dict[str, Any], project: str, group: str) -> None:
@@ -152,7 +308,7 @@ def log_to_wandb(out: dict[str, Any], project: str, group: str) -> None:
     run = wandb.init(project=project, group=group, job_type="report", name=f"{group}-report")
     run.log({"report/table": wandb.Table(columns=columns,
                                          data=[[r.get(c) for c in columns] for r in rows])})
-    for key in ("plot", "heatmap"):
+    for key in ("plot", "pareto", "heatmap"):
         if out[key]:
             run.log({f"report/{Path(out[key]).stem}": wandb.Image(str(out[key]))})
     run.finish()
@@ -169,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.wandb_project:
         log_to_wandb(out, args.wandb_project, Path(args.multirun_dir).name)
     print("\n".join(out["table"]))
-    for key in ("plot", "heatmap"):
+    for key in ("plot", "pareto", "heatmap"):
         if out[key]:
             print(out[key])
 

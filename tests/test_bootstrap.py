@@ -59,3 +59,16 @@ def test_forgetting_avg_interval_brackets_the_score():
 
 def test_too_few_items_give_no_interval():
     assert all(np.isnan(paired_delta_ci([1.0], [0.0])))
+
+
+def test_avg_difference_between_two_runs_on_the_same_items():
+    from loki_exp.evaluation.bootstrap import avg_difference_ci
+
+    rng = np.random.default_rng(4)
+    before = {"a": rng.binomial(1, 0.7, 300).astype(float)}
+    kept = {"a": before["a"].copy()}
+    lost = {"a": np.where(rng.random(300) < 0.3, 0.0, before["a"])}  # ~30% of right answers lost
+    low, high = avg_difference_ci(before, kept, lost)
+    assert 20 < low < 30 < high < 40  # run b forgets ~30% more (relative), run a nothing
+    same_low, same_high = avg_difference_ci(before, lost, lost)
+    assert same_low == same_high == 0.0

@@ -55,13 +55,63 @@ def test_lm_eval_offline_tasks_on_a_tiny_model(tiny_models, tmp_path):
     """Both task forms (shared context; WinoGrande's one context per choice) score in [0, 1]."""
     from loki_exp.evaluation.benchmarks import run_suite, task_dir
 
+    from loki_exp.evaluation.benchmarks import make_lm
+
     loaded = tiny_models["tiny_qwen"]
-    scores = run_suite(loaded.model, loaded.tokenizer, ["arc_easy", "winogrande"], limit=6,
-                       batch_size=4)
+    scores, items = run_suite(make_lm(loaded.model, loaded.tokenizer, 4),
+                              ["arc_easy", "winogrande"], limit=6)
     for task in ("arc_easy", "winogrande"):
         assert set(scores[task]) == {"acc", "acc_norm"}
         assert all(0.0 <= v <= 1.0 for v in scores[task].values())
+        # Per item, in document order: their mean is the score.
+        for metric, value in scores[task].items():
+            assert len(items[task][metric]) == 6 and set(items[task][metric]) <= {0.0, 1.0}
+            assert sum(items[task][metric]) / 6 == pytest.approx(value)
     yaml = (task_dir(["winogrande"]) / "winogrande.yaml").read_text()
     assert 'doc_to_choice: "{{contexts}}"' in yaml and "dataset_path: json" in yaml
     with pytest.raises(LokiError, match="offline benchmarks are"):
         task_dir(["mmlu_pro"])
+
+
+def test_flat_metrics_carry_paired_intervals_and_signed_forgetting():
+    from loki_exp.evaluation.evaluate import flat_metrics
+
+    before = {"bench": {"arc": {"acc": 0.5}}, "bpb": {"gsm8k": 1.0}, "task": {"accuracy": 0.1},
+              "items": {"bench/arc/acc": [1.0, 0.0] * 50, "bpb/gsm8k": [1.0] * 100,
+                        "task/bfcl/accuracy": [0.0] * 90 + [1.0] * 10,
+                        "drift/format_damage": [0.0] * 10}}
+    after = {"bench": {"arc": {"acc": 0.4}}, "bpb": {"gsm8k": 1.2}, "task": {"accuracy": 0.5},
+             "items": {"bench/arc/acc": [1.0, 0.0] * 40 + [0.0] * 20, "bpb/gsm8k": [1.2] * 100,
+                       "task/bfcl/accuracy": [0.0] * 50 + [1.0] * 50,
+                       "drift/format_damage": [1.0] * 3 + [0.0] * 7,
+                       "drift/kl": [0.1, 0.3, 0.2]}}
+    m = flat_metrics("bfcl", before, after, "acc")
+    assert m["task/bfcl/accuracy/delta"] == pytest.approx(0.4)
+    assert m["task/bfcl/accuracy/delta/ci_low"] > 0.25  # 40 of 100 items went right
+    assert m["bench/arc/acc/delta/ci_high"] < 0  # 10 of 100 went wrong
+    # bits per byte rose 20% (worse), accuracy fell 20%: both +20 in the signed Avg.
+    assert m["bpb/gsm8k/delta"] == pytest.approx(0.2)
+    assert m["forgetting/avg_benchmarks"] == pytest.approx(20.0)
+    assert m["forgetting/avg"] == pytest.approx(20.0)
+    assert m["forgetting/avg/ci_low"] < 20.0 < m["forgetting/avg/ci_high"]
+    assert m["drift/format_damage/after"] == pytest.approx(0.3)
+    assert m["drift/kl/after"] == pytest.approx(0.2)
+    assert 0 < m["drift/kl/ci_low"] < 0.2 < m["drift/kl/ci_high"]
+
+
+def test_bfcl_irrelevance_scores_calling_nothing_as_right():
+    from loki_exp.data.bfcl import IRRELEVANCE, heldout_by_category
+    from loki_exp.evaluation.task_metric import bfcl_correct
+
+    held = heldout_by_category(["irrelevance", "simple_python"], 0.2, 5)
+    irrelevant = held["irrelevance"][0]
+    assert irrelevant.category in IRRELEVANCE and irrelevant.ground_truth == []
+    assert len(held["irrelevance"]) == 5 and len(held["simple_python"]) == 5
+    for text, right in [("None of the functions can compute a triangle's area.", True),
+                        ("[]", True),
+                        ("[determine_body_mass_index(weight=10, height=5)]", False),
+                        ("determine_body_mass_index(10, 5)", False),
+                        ('{"name": "determine_body_mass_index", "arguments": {}}', False)]:
+        assert bfcl_correct(text, irrelevant) is right, text
+    simple = held["simple_python"][0]
+    assert bfcl_correct(simple.target, simple) and not bfcl_correct("I cannot.", simple)

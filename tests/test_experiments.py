@@ -64,3 +64,17 @@ def test_epochs_give_the_scheduler_lightnings_own_step_count(compose_cfg, tiny_m
                         enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(tuner, train_dataloaders=DataLoader([batch] * 10, batch_size=None))
     assert trainer.global_step == steps
+
+
+@pytest.mark.parametrize("arm,base", [("loki_q10", 1e-3), ("lora", 1e-3), ("full", 1e-4)])
+def test_cpu_pareto_sweeps_each_method_over_its_own_rates(compose_cfg, arm, base):
+    from omegaconf import OmegaConf
+
+    from tests.conftest import CONF_DIR
+
+    sweep = OmegaConf.load(CONF_DIR / "experiment" / "cpu_pareto.yaml").hydra.sweeper.params
+    assert sweep["+arm"] == "loki_q10,lora,full" and sweep["lr_mult"] == "0.1,1.0,10.0"
+    for mult in (0.1, 1.0, 10.0):
+        cfg = compose_cfg("experiment=cpu_pareto", f"+arm={arm}", f"lr_mult={mult}")
+        assert learning_rate(cfg) == pytest.approx(base * mult)
+    assert compose_cfg("experiment=cpu_pareto", "+arm=lora").method.rank == 16

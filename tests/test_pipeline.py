@@ -23,7 +23,9 @@ def _run(compose_cfg, tmp_path, *overrides):
     cfg = compose_cfg("model=tiny_llama", "kva.limit=4", "trainer.max_steps=3",
                       "trainer.batch_size=2", "trainer.precision=32-true",
                       "eval.benchmarks=[arc_easy]", "eval.limit=4", "eval.task_limit=3",
-                      "eval.max_new_tokens=8", "trainer.log_every_n_steps=1",
+                      "eval.max_new_tokens=8", "eval.bpb_limit=3", "eval.drift_prompts=3",
+                      "eval.drift_max_new_tokens=8", "eval.bfcl_per_category=2",
+                      "trainer.log_every_n_steps=1",
                       f"paths.cache_dir={tmp_path / 'cache'}",
                       f"paths.output_dir={tmp_path / 'run'}", *overrides)
     return cfg, run(cfg, tmp_path / "run")
@@ -42,7 +44,21 @@ def test_loki_run_writes_positions_model_and_record(compose_cfg, tmp_path, isola
                                         "evaluate"}
     metrics = json.loads((out / "metrics.json").read_text())
     assert record["metrics"] == metrics
-    assert metrics["task/bfcl/accuracy/before"] == 0.0  # a random model writes no valid call
+    # BFCL per leaderboard category: a random model writes no valid call, which is right
+    # only where no function fits (irrelevance); the overall is the categories' mean.
+    categories = list(cfg.eval.bfcl_categories)
+    per = {c: metrics[f"task/bfcl/{c}/accuracy/before"] for c in categories}
+    assert per == {c: 1.0 if "irrelevance" in c else 0.0 for c in categories}
+    assert metrics["task/bfcl/accuracy/before"] == pytest.approx(sum(per.values()) / len(per))
+    assert metrics["task/bfcl/irrelevance/accuracy/delta/ci_low"] <= 0.0
+    # The continuous measures: bits per byte as shipped and chat-rendered, KL drift and
+    # format damage, each with its interval; per-item scores for the report.
+    for name in ("gsm8k", "gsm8k_chat", "humaneval", "naturalqs_chat", "jeopardy"):
+        assert metrics[f"bpb/{name}/before"] > 0 and f"bpb/{name}/delta/ci_low" in metrics
+    assert metrics["drift/kl/after"] > 0 and metrics["drift/kl/ci_low"] <= metrics["drift/kl/after"]
+    assert 0.0 <= metrics["drift/format_damage/after"] <= 1.0
+    items = json.loads((out / "items.json").read_text())
+    assert len(items["bpb/gsm8k"]["before"]) == len(items["bpb/gsm8k"]["after"]) == 3
     for when in ("before", "after"):
         assert 0.0 <= metrics[f"bench/arc_easy/acc_norm/{when}"] <= 1.0
     assert metrics["bench/arc_easy/acc/delta"] == pytest.approx(
@@ -96,7 +112,11 @@ def test_smoke_experiment_on_smollm2(compose_cfg, tmp_path):
     assert tuned.config.num_hidden_layers == 30
     metrics = state.artifacts["metrics"]
     assert 0.25 <= metrics["bench/arc_easy/acc/before"] <= 0.8  # SmolLM2 is far above chance
-    assert metrics["task/bfcl/accuracy/before"] <= 0.25  # the base model answers in prose
+    assert metrics["task/bfcl/simple_python/accuracy/before"] == 0.0  # it answers in prose
+    assert 0.0 <= metrics["task/bfcl/accuracy/before"] <= 1.0
+    # Gold answers cost a real model around a bit per byte (a random one: ~15-20).
+    assert 0.2 < metrics["bpb/naturalqs/before"] < 3.0
+    assert metrics["bpb/humaneval_chat/before"] < 3.0
     assert np.isfinite(metrics["forgetting/avg"])
 
 

@@ -12,6 +12,7 @@ def _fake_run(root, name, method, quota, task_after, forgetting, store=None):
     run = root / name
     run.mkdir(parents=True)
     metrics = {"task/bfcl/accuracy/before": 0.0, "task/bfcl/accuracy/after": task_after,
+               "task/bfcl/accuracy/delta": task_after,
                "bench/arc_easy/acc_norm/before": 0.5, "bench/arc_easy/acc_norm/after": 0.45,
                "forgetting/avg": forgetting}
     record = {"config": {"method": {"name": method}, "strategy": {"name": "layer_balanced"},
@@ -34,10 +35,11 @@ def test_report_writes_table_and_both_plots(tmp_path):
     out = make_report(root)
     assert len(out["rows"]) == 4
     csv_text = (root / "report.csv").read_text().splitlines()
-    assert csv_text[0].startswith("run,method,strategy,quota,trainable_parameters")
+    assert csv_text[0].startswith("run,method,strategy,quota,lr,trainable_parameters")
     assert len(csv_text) == 5 and csv_text[0].endswith("forgetting/avg")
     md = (root / "report.md").read_text()
-    assert "| loki | layer_balanced | 10 | 10000 |" in md and "| full |" in md
+    assert "| method | quota | lr | task gain | Avg forgetting % |" in md
+    assert "| loki | 10 |  | 0.3 | 1 |" in md and "| full |" in md
     assert (root / "forgetting_vs_task.png").stat().st_size > 10_000
     assert (root / "kva_heatmap.png").stat().st_size > 5_000
     high, low = kva_extremes_per_layer(str(store), 10)
@@ -53,7 +55,7 @@ def test_report_cli_logs_to_wandb_offline(tmp_path, monkeypatch, capsys):
     _fake_run(root, "1", "lora", 10, 0.4, 4.0)
     main([str(root), "--wandb-project", "loki_exp_test"])
     printed = capsys.readouterr().out
-    assert "| lora | layer_balanced | 10 |" in printed and "forgetting_vs_task.png" in printed
+    assert "| lora | 10 |" in printed and "forgetting_vs_task.png" in printed
 
 
 def test_report_on_a_dir_without_runs(tmp_path):
@@ -61,3 +63,43 @@ def test_report_on_a_dir_without_runs(tmp_path):
         make_report(tmp_path)
     with pytest.raises(LokiError, match="is not a directory"):
         make_report(tmp_path / "nope")
+
+
+def _item_run(root, name, method, lr, task_after_items, arc_after_items):
+    """A run with per-item scores (items.json) and the metrics the evaluate stage writes."""
+    from loki_exp.evaluation.evaluate import flat_metrics
+
+    before = {"bench": {"arc": {"acc": 0.5}}, "bpb": {}, "task": {"accuracy": 0.0},
+              "items": {"bench/arc/acc": [1.0, 0.0] * 50, "task/bfcl/accuracy": [0.0] * 100}}
+    after = {"bench": {"arc": {"acc": float(np.mean(arc_after_items))}}, "bpb": {},
+             "task": {"accuracy": float(np.mean(task_after_items))},
+             "items": {"bench/arc/acc": arc_after_items, "task/bfcl/accuracy": task_after_items}}
+    run = root / name
+    run.mkdir(parents=True)
+    record = {"config": {"method": {"name": method, "lr": lr}, "strategy": {"name": "layer_balanced"},
+                         "quota": 10, "eval": {"forgetting_metric": "acc_norm"}},
+              "metrics": flat_metrics("bfcl", before, after, "acc_norm")}
+    (run / "run.json").write_text(json.dumps(record))
+    items = {k: {"before": before["items"][k], "after": v} for k, v in after["items"].items()}
+    (run / "items.json").write_text(json.dumps(items))
+
+
+def test_report_intervals_significance_and_pareto_fronts(tmp_path):
+    root = tmp_path / "multirun"
+    keep = [1.0, 0.0] * 50
+    forget = [1.0, 0.0] * 25 + [0.0] * 50  # half the right answers lost
+    _item_run(root, "0", "loki", 1e-4, [1.0] * 30 + [0.0] * 70, keep)
+    _item_run(root, "1", "loki", 1e-3, [1.0] * 50 + [0.0] * 50, keep)
+    _item_run(root, "2", "full", 1e-5, [1.0] * 50 + [0.0] * 50, forget)
+    out = make_report(root)
+    md = (root / "report.md").read_text()
+    # The task gain with its interval, marked: excludes 0.
+    assert "| loki | 10 | 0.0001 | 0.3* [0.21, 0.39] |" in md
+    # full forgets 50% (relative), significantly more than either LoKI run; its task score
+    # equals loki lr=1e-3's, so that pair differs only in forgetting.
+    assert "Significant differences between methods" in md
+    rows = [line for line in md.splitlines() if line.startswith("| loki q=10 lr=0.001 | full")]
+    assert len(rows) == 1 and "Avg forgetting" in rows[0]
+    assert any(line.startswith("| loki q=10 lr=0.0001 | full") and "task score" in line
+               for line in md.splitlines())
+    assert out["pareto"].stat().st_size > 10_000

@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 CATEGORIES = ("simple_python", "simple_java", "simple_javascript", "multiple", "parallel",
               "parallel_multiple", "live_simple", "live_multiple", "live_parallel",
               "live_parallel_multiple")
+# Relevance detection: none of the functions fits, calling none is the right answer. No
+# ground truth to train on: scored only (held-out items, like the others).
+IRRELEVANCE = ("irrelevance", "live_irrelevance")
+# The leaderboard's single-turn AST categories ("simple" = its Python part: our matcher
+# parses Python calls), each scored on its own; the overall score is their unweighted mean.
+LEADERBOARD = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple",
+               "live_multiple", "live_parallel", "live_parallel_multiple", "irrelevance",
+               "live_irrelevance")
 SYSTEM_PROMPT = (
     "You are an expert in composing function calls. You are given a question and a set of "
     "possible functions. Based on the question, make the appropriate function call(s). "
@@ -79,17 +87,20 @@ def _read_jsonl(package_member: str, cache) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def load_items(categories: list[str], cache: str | os.PathLike | None = None) -> tuple[list[BFCLItem], int]:
+def load_items(categories: list[str], cache: str | os.PathLike | None = None,
+               key: str = "dataset.categories",
+               known: tuple[str, ...] = CATEGORIES) -> tuple[list[BFCLItem], int]:
     """All items of the categories, and how many rows were skipped as malformed."""
-    unknown = [c for c in categories if c not in CATEGORIES]
+    unknown = [c for c in categories if c not in known]
     if unknown:
-        raise LokiError(f"dataset.categories has {unknown}; expected BFCL single-turn categories "
-                        f"with ground truth: {list(CATEGORIES)}")
+        raise LokiError(f"{key} has {unknown}; expected BFCL single-turn categories: "
+                        f"{list(known)}")
     items, skipped = [], 0
     for category in categories:
         questions = _read_jsonl(f"bfcl_eval/data/BFCL_v4_{category}.json", cache)
-        answers = {a.get("id"): a for a in
-                   _read_jsonl(f"bfcl_eval/data/possible_answer/BFCL_v4_{category}.json", cache)}
+        answers = ({} if category in IRRELEVANCE else
+                   {a.get("id"): a for a in _read_jsonl(
+                       f"bfcl_eval/data/possible_answer/BFCL_v4_{category}.json", cache)})
         for row in questions:
             item = parse_row(row, answers.get(row.get("id")), category)
             if item is None:
@@ -107,8 +118,9 @@ def parse_row(row: dict, answer: dict | None, category: str) -> BFCLItem | None:
     try:
         turns = row["question"][0]
         functions = row["function"]
-        truth = answer["ground_truth"]
-        if not turns or not functions or not truth or not all(len(c) == 1 for c in truth):
+        truth = [] if category in IRRELEVANCE else answer["ground_truth"]
+        if (not turns or not functions or not all(len(c) == 1 for c in truth)
+                or (not truth and category not in IRRELEVANCE)):
             return None
         system = SYSTEM_PROMPT.format(functions=json.dumps(functions, indent=1))
         messages = [{"role": "system", "content": system}]
@@ -116,6 +128,18 @@ def parse_row(row: dict, answer: dict | None, category: str) -> BFCLItem | None:
         return BFCLItem(row["id"], category, messages, functions, truth, canonical_calls(truth))
     except (KeyError, IndexError, TypeError, AttributeError, ValueError):
         return None
+
+
+def heldout_by_category(categories: list[str], test_fraction: float, per_category: int | None,
+                        cache: str | os.PathLike | None = None) -> dict[str, list[BFCLItem]]:
+    """Each category's held-out items (the same hash split as training), the first
+    ``per_category`` of them."""
+    out = {}
+    for category in categories:
+        items, _ = load_items([category], cache, "eval.bfcl_categories", CATEGORIES + IRRELEVANCE)
+        test = [i for i in items if in_test_split(i.id, test_fraction)]
+        out[category] = test if per_category is None else test[:per_category]
+    return out
 
 
 def load_split(categories: list[str], test_fraction: float,

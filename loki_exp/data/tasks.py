@@ -25,12 +25,13 @@ class TaskData:
     train: list[Example]
     test: list[Any]  # task items for the task metric (BFCLItem) or Examples
     skipped: dict[str, int] = field(default_factory=dict)
+    test_fraction: float | None = None  # the hash split's held-out share (BFCL categories)
 
 
 def _bfcl(cfg: DictConfig, cache: Any) -> TaskData:
     split = bfcl.load_split(list(cfg.categories), float(cfg.test_fraction), cache)
     train = [Example(i.id, i.messages, i.target) for i in split.train]
-    return TaskData("bfcl", train, split.test, dict(split.skipped))
+    return TaskData("bfcl", train, split.test, dict(split.skipped), float(cfg.test_fraction))
 
 
 def example_from_record(record: Any, where: str) -> Example:

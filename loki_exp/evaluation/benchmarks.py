@@ -92,12 +92,19 @@ def task_dir(tasks: list[str], cache: str | os.PathLike | None = None) -> Path:
     return root
 
 
-def run_suite(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int = 8,
-              source: str = "offline", cache: str | os.PathLike | None = None,
-              seed: int = 1234) -> dict[str, dict[str, float]]:
-    """{benchmark: {"acc": .., "acc_norm": ..}} for an in-memory HF model."""
-    import lm_eval
+def make_lm(model, tokenizer, batch_size: int = 8):
+    """lm-eval's wrapper around an in-memory HF model."""
     from lm_eval.models.huggingface import HFLM
+
+    device = str(next(model.parameters()).device)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+
+
+def run_suite(lm, tasks: list[str], limit: int | None, source: str = "offline",
+              cache: str | os.PathLike | None = None,
+              seed: int = 1234) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list]]]:
+    """({benchmark: {"acc": .., "acc_norm": ..}}, the same per item in doc order)."""
+    import lm_eval
     from lm_eval.tasks import TaskManager
 
     if source == "offline":
@@ -107,15 +114,16 @@ def run_suite(model, tokenizer, tasks: list[str], limit: int | None, batch_size:
         manager, names = TaskManager(), list(tasks)
     else:
         raise LokiError(f"eval.source={source!r} is not known; expected 'offline' or 'lm_eval'")
-    device = str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
-                                  log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                  log_samples=True, random_seed=seed, numpy_random_seed=seed,
                                   torch_random_seed=seed, fewshot_random_seed=seed,
                                   bootstrap_iters=0)
-    scores = {}
+    scores, items = {}, {}
     for task, name in zip(tasks, names):
         res = out["results"][name]
         scores[task] = {m: float(res[f"{m},none"]) for m in ("acc", "acc_norm")
                         if f"{m},none" in res}
-    return scores
+        samples = sorted((s for s in out["samples"][name] if s["filter"] == "none"),
+                         key=lambda s: s["doc_id"])
+        items[task] = {m: [float(s[m]) for s in samples] for m in scores[task]}
+    return scores, items

@@ -58,6 +58,25 @@ def forgetting_avg_ci(before: dict[str, Sequence[float]], after: dict[str, Seque
     return _interval(tuple(np.arange(len(b), dtype=float) for b, _ in pairs), avg, paired=False)
 
 
+def avg_difference_ci(before: dict[str, Sequence[float]], after_a: dict[str, Sequence[float]],
+                      after_b: dict[str, Sequence[float]],
+                      signs: dict[str, float] | None = None) -> tuple[float, float]:
+    """95% interval of Avg(b) - Avg(a) for two runs scored on the same items (the base
+    scores shared): each benchmark's items resampled with all three values together."""
+    names = sorted(before)
+    rows = [tuple(np.asarray(d[n], float) for d in (before, after_a, after_b)) for n in names]
+    sign = [1.0 if signs is None else signs.get(n, 1.0) for n in names]
+
+    def diff(*indices: np.ndarray) -> float:
+        terms = []
+        for s, (b, a1, a2), idx in zip(sign, rows, indices):
+            idx = idx.astype(int)
+            terms.append(s * (a1[idx].mean() - a2[idx].mean()) / b[idx].mean())
+        return 100.0 * float(np.mean(terms))
+
+    return _interval(tuple(np.arange(len(r[0]), dtype=float) for r in rows), diff, paired=False)
+
+
 def paired_difference_ci(first: Sequence[float], second: Sequence[float]) -> tuple[float, float]:
     """95% interval of mean(second - first) over the same items scored by two runs."""
     return paired_delta_ci(first, second)

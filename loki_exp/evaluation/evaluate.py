@@ -1,9 +1,13 @@
-"""The evaluate stage: general benchmarks and the task metric, base vs tuned, and forgetting.
+"""The evaluate stage: general benchmarks, continuous measures and the task metric, base vs
+tuned, with paired bootstrap intervals, and forgetting.
 
-Base-model scores are cached by content key (weights fingerprint, eval settings, test
-items) under ``<cache>/eval``, so a sweep scores the base model once. Metric names are flat
-and self-explaining: ``task/bfcl/accuracy/before``, ``bench/arc_easy/acc_norm/after``,
-``bench/arc_easy/acc_norm/delta``, ``forgetting/avg``.
+Base-model scores (per item) are cached by content key (weights fingerprint, eval settings,
+test items) under ``<cache>/eval``, so a sweep scores the base model once. Metric names are
+flat and self-explaining: ``task/bfcl/accuracy/before``, ``bench/arc_easy/acc_norm/after``,
+``bench/arc_easy/acc_norm/delta`` with ``/ci_low`` and ``/ci_high`` (95% paired bootstrap
+over the same items), ``bpb/gsm8k_chat/after``, ``drift/kl/after``,
+``drift/format_damage/after``, ``forgetting/avg``. Per-item scores go to ``items.json`` so
+the report can test differences between runs.
 """
 
 from __future__ import annotations
@@ -18,13 +22,25 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from loki_exp.data import assets
+from loki_exp.data import assets, bfcl
 from loki_exp.data.sft import PadCollator, encode_all
 from loki_exp.data.tasks import TaskData
-from loki_exp.evaluation.benchmarks import run_suite
+from loki_exp.evaluation.benchmarks import make_lm, run_suite
+from loki_exp.evaluation.bootstrap import forgetting_avg_ci, paired_delta_ci
+from loki_exp.evaluation.bpb import score_bpb
+from loki_exp.evaluation.drift import (
+    answer_logprobs,
+    chat_prompts,
+    drift_questions,
+    kl_per_item,
+    looks_like_call,
+)
 from loki_exp.evaluation.scores import forgetting_avg
-from loki_exp.evaluation.task_metric import bfcl_accuracy
+from loki_exp.evaluation.task_metric import bfcl_accuracy, generate
 from loki_exp.models import LoadedModel, load_model
+
+# Base-score cache layout; bump when what a cached entry holds changes.
+CACHE_FORMAT = 2
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +64,73 @@ def _heldout_loss(model, tokenizer, examples, max_length: int, overflow: str) ->
     return sum(losses) / len(losses)
 
 
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if v == v]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def _score_task(cfg: DictConfig, model, tokenizer, task: TaskData) -> tuple[dict, dict]:
+    """Task scores and their per-item values; BFCL per leaderboard category when asked."""
+    ev = cfg.eval
+    tokens, batch = int(ev.max_new_tokens), int(ev.batch_size)
+    if task.name == "bfcl" and ev.get("bfcl_categories"):
+        held = bfcl.heldout_by_category(list(ev.bfcl_categories), task.test_fraction,
+                                        ev.get("bfcl_per_category"), cfg.paths.cache_dir)
+        scores, items = {}, {}
+        for category, cat_items in held.items():
+            acc, rows = bfcl_accuracy(model, tokenizer, cat_items, tokens, batch)
+            scores[f"{category}/accuracy"] = acc
+            items[f"task/bfcl/{category}/accuracy"] = [float(r["correct"]) for r in rows]
+        # The overall score: the unweighted mean over categories (README "BFCL").
+        scores["accuracy"] = _mean([scores[f"{c}/accuracy"] for c in held])
+        return scores, items
+    test = _test_items(cfg, task)
+    if task.name == "bfcl":
+        acc, rows = bfcl_accuracy(model, tokenizer, test, tokens, batch)
+        return ({"accuracy": acc, "n": len(rows)},
+                {"task/bfcl/accuracy": [float(r["correct"]) for r in rows]})
+    return ({"loss": _heldout_loss(model, tokenizer, test, int(cfg.dataset.max_length),
+                                   cfg.dataset.get("overflow", "drop")), "n": len(test)}, {})
+
+
 def score_model(cfg: DictConfig, model, tokenizer, task: TaskData) -> dict[str, Any]:
-    """{"bench": {name: {metric: value}}, "task": {metric: value}} for one model."""
+    """{"bench": {name: {metric: value}}, "bpb": {set: value}, "task": {metric: value},
+    "drift": {"answers": [...]}, "items": {metric key: per-item values}} for one model."""
     ev = cfg.eval
     model.eval()
-    bench = run_suite(model, tokenizer, list(ev.benchmarks), ev.limit, int(ev.batch_size),
-                      ev.source, cfg.paths.cache_dir) if ev.benchmarks else {}
-    items = _test_items(cfg, task)
-    if task.name == "bfcl":
-        acc, rows = bfcl_accuracy(model, tokenizer, items, int(ev.max_new_tokens),
-                                  int(ev.batch_size))
-        task_scores = {"accuracy": acc, "n": len(rows)}
-    else:
-        task_scores = {"loss": _heldout_loss(model, tokenizer, items, int(cfg.dataset.max_length),
-                                             cfg.dataset.get("overflow", "drop")),
-                       "n": len(items)}
-    return {"bench": bench, "task": task_scores}
+    out: dict[str, Any] = {"bench": {}, "bpb": {}, "task": {}, "drift": {}, "items": {}}
+    lm = make_lm(model, tokenizer, int(ev.batch_size))
+    if ev.benchmarks:
+        out["bench"], per_item = run_suite(lm, list(ev.benchmarks), ev.limit, ev.source,
+                                           cfg.paths.cache_dir)
+        for bench, metrics in per_item.items():
+            out["items"].update({f"bench/{bench}/{m}": v for m, v in metrics.items()})
+    for name, values in score_bpb(lm, tokenizer, list(ev.get("bpb") or []), ev.get("bpb_limit"),
+                                  cfg.paths.cache_dir).items():
+        out["bpb"][name] = _mean(values)
+        out["items"][f"bpb/{name}"] = values
+    out["task"], task_items = _score_task(cfg, model, tokenizer, task)
+    out["items"].update(task_items)
+    if int(ev.get("drift_prompts") or 0):
+        questions = drift_questions(int(ev.drift_prompts), cfg.paths.cache_dir)
+        answers = generate(model, tokenizer, [[{"role": "user", "content": q}] for q in questions],
+                           int(ev.drift_max_new_tokens), int(ev.batch_size))
+        out["drift"]["answers"] = answers
+        out["items"]["drift/format_damage"] = [float(looks_like_call(a)) for a in answers]
+    return out
+
+
+def drift_kl(cfg: DictConfig, tuned, tokenizer, base_answers: list[str]) -> list[float]:
+    """Per question, the mean per-token KL(base || tuned) on the base model's own answers."""
+    prompts = chat_prompts(tokenizer, drift_questions(len(base_answers), cfg.paths.cache_dir))
+    base = load_model(cfg.model, cfg.paths.cache_dir).model.to(next(tuned.parameters()).device)
+    base_lp = answer_logprobs(base, tokenizer, prompts, base_answers)
+    del base
+    return kl_per_item(base_lp, answer_logprobs(tuned, tokenizer, prompts, base_answers))
 
 
 def _base_key(cfg: DictConfig, loaded: LoadedModel, task: TaskData) -> str:
-    spec = {"weights": loaded.fingerprint,
+    spec = {"format": CACHE_FORMAT, "weights": loaded.fingerprint,
             "eval": OmegaConf.to_container(cfg.eval, resolve=True),
             "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
             "test_ids": [getattr(i, "id", None) for i in _test_items(cfg, task)]}
@@ -89,42 +152,94 @@ def base_scores(cfg: DictConfig, loaded: LoadedModel, task: TaskData) -> dict[st
     return scores
 
 
+def _with_ci(out: dict[str, float], key: str, before: list[float] | None,
+             after: list[float] | None) -> None:
+    if before is not None and after is not None and len(before) == len(after):
+        out[f"{key}/ci_low"], out[f"{key}/ci_high"] = paired_delta_ci(before, after)
+
+
 def flat_metrics(task_name: str, before: dict, after: dict, primary: str) -> dict[str, float]:
+    """Flat before/after/delta metrics, the deltas' 95% intervals, and Avg forgetting.
+
+    ``forgetting/avg`` is over every measure with a non-zero base score: the benchmarks'
+    ``primary`` metric (higher is better) and the bits-per-byte sets (lower is better, sign
+    flipped); ``forgetting/avg_benchmarks`` is the paper's (benchmarks only).
+    """
+    bi, ai = before.get("items", {}), after.get("items", {})
     out: dict[str, float] = {}
     for metric, value in after["task"].items():
         if metric == "n":
             continue
-        out[f"task/{task_name}/{metric}/before"] = before["task"][metric]
-        out[f"task/{task_name}/{metric}/after"] = value
-        out[f"task/{task_name}/{metric}/delta"] = value - before["task"][metric]
-    primary_before, primary_after = {}, {}
+        key = f"task/{task_name}/{metric}"
+        out[f"{key}/before"] = before["task"][metric]
+        out[f"{key}/after"] = value
+        out[f"{key}/delta"] = value - before["task"][metric]
+        _with_ci(out, f"{key}/delta", bi.get(key), ai.get(key))
+    primary_before, primary_after, items_before, items_after = {}, {}, {}, {}
     for bench, metrics in after["bench"].items():
         for metric, value in metrics.items():
             b = before["bench"][bench][metric]
-            out[f"bench/{bench}/{metric}/before"] = b
-            out[f"bench/{bench}/{metric}/after"] = value
-            out[f"bench/{bench}/{metric}/delta"] = value - b
-        key = primary if primary in metrics else "acc"
-        primary_before[bench], primary_after[bench] = before["bench"][bench][key], metrics[key]
-    if primary_before:
-        # Relative forgetting is undefined where the base scores 0: leave those out, say so.
-        zero = sorted(b for b, v in primary_before.items() if v == 0)
-        if zero:
-            log.warning("forgetting/avg leaves out %s: the base model scores 0 there", zero)
-        kept = [b for b in primary_before if b not in zero]
-        out["forgetting/avg"] = (forgetting_avg({b: primary_before[b] for b in kept},
-                                                {b: primary_after[b] for b in kept})
-                                 if kept else float("nan"))
+            key = f"bench/{bench}/{metric}"
+            out[f"{key}/before"], out[f"{key}/after"], out[f"{key}/delta"] = b, value, value - b
+            _with_ci(out, f"{key}/delta", bi.get(key), ai.get(key))
+        m = primary if primary in metrics else "acc"
+        primary_before[bench], primary_after[bench] = before["bench"][bench][m], metrics[m]
+        items_before[bench], items_after[bench] = bi.get(f"bench/{bench}/{m}"), ai.get(f"bench/{bench}/{m}")
+    signs = {}
+    for name, value in after.get("bpb", {}).items():
+        key = f"bpb/{name}"
+        b = before["bpb"][name]
+        out[f"{key}/before"], out[f"{key}/after"], out[f"{key}/delta"] = b, value, value - b
+        _with_ci(out, f"{key}/delta", bi.get(key), ai.get(key))
+        primary_before[key], primary_after[key] = b, value
+        items_before[key], items_after[key] = bi.get(key), ai.get(key)
+        signs[key] = -1.0
+    if "drift/format_damage" in ai:
+        key = "drift/format_damage"
+        b, a = _mean(bi.get(key, [])), _mean(ai[key])
+        out[f"{key}/before"], out[f"{key}/after"], out[f"{key}/delta"] = b, a, a - b
+        _with_ci(out, f"{key}/delta", bi.get(key), ai[key])
+    if "drift/kl" in ai:
+        kl = [v for v in ai["drift/kl"] if v == v]
+        out["drift/kl/after"] = _mean(kl)
+        _with_ci(out, "drift/kl", [0.0] * len(kl), kl)
+    _forgetting(out, "forgetting/avg_benchmarks",
+                {b: primary_before[b] for b in after["bench"]},
+                {b: primary_after[b] for b in after["bench"]}, items_before, items_after, {})
+    _forgetting(out, "forgetting/avg", primary_before, primary_after, items_before, items_after,
+                signs)
     return out
+
+
+def _forgetting(out, key, before, after, items_before, items_after, signs) -> None:
+    if not before:
+        return
+    # Relative forgetting is undefined where the base scores 0: leave those out, say so.
+    zero = sorted(b for b, v in before.items() if v == 0)
+    if zero:
+        log.warning("%s leaves out %s: the base model scores 0 there", key, zero)
+    kept = [b for b in before if b not in zero]
+    if not kept:
+        out[key] = float("nan")
+        return
+    out[key] = forgetting_avg({b: before[b] for b in kept}, {b: after[b] for b in kept}, signs)
+    if all(items_before.get(b) is not None and items_after.get(b) is not None for b in kept):
+        out[f"{key}/ci_low"], out[f"{key}/ci_high"] = forgetting_avg_ci(
+            {b: items_before[b] for b in kept}, {b: items_after[b] for b in kept}, signs)
 
 
 def run_evaluate(cfg: DictConfig, loaded: LoadedModel, task: TaskData,
                  output_dir: Path) -> dict[str, float]:
     before = base_scores(cfg, loaded, task)
     after = score_model(cfg, loaded.model, loaded.tokenizer, task)
+    if before.get("drift", {}).get("answers"):
+        after["items"]["drift/kl"] = drift_kl(cfg, loaded.model, loaded.tokenizer,
+                                              before["drift"]["answers"])
     metrics = flat_metrics(task.name, before, after, str(cfg.eval.forgetting_metric))
-    path = output_dir / "metrics.json"
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    items = {key: {"before": before.get("items", {}).get(key), "after": values}
+             for key, values in after["items"].items()}
+    (output_dir / "items.json").write_text(json.dumps(items, sort_keys=True))
     log.info("evaluate: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
                                        if k.endswith(("/after", "avg"))))
     return metrics

@@ -5,12 +5,19 @@ from __future__ import annotations
 from loki_exp.errors import LokiError
 
 
-def forgetting_avg(before: dict[str, float], after: dict[str, float]) -> float:
-    """``Avg = 100/N * sum_i (S_o_i - S_t_i) / S_o_i`` over the N benchmarks (lower is better)."""
+def forgetting_avg(before: dict[str, float], after: dict[str, float],
+                   signs: dict[str, float] | None = None) -> float:
+    """``Avg = 100/N * sum_i s_i (S_o_i - S_t_i) / S_o_i`` over N measures (lower is better).
+
+    ``s_i`` is +1 for a higher-is-better score (accuracy) and -1 for a lower-is-better one
+    (bits per byte), so a positive term is always a loss: the paper's formula for the first,
+    its mirror for the second (README "Measures")."""
     if not before or before.keys() != after.keys():
         raise LokiError(f"forgetting needs the same benchmarks before and after; got "
                         f"{sorted(before)} and {sorted(after)}")
     zero = [k for k, v in before.items() if v == 0]
     if zero:
         raise LokiError(f"base score is 0 on {zero}: relative forgetting is undefined there")
-    return 100.0 / len(before) * sum((before[k] - after[k]) / before[k] for k in before)
+    sign = signs or {}
+    return 100.0 / len(before) * sum(sign.get(k, 1.0) * (before[k] - after[k]) / before[k]
+                                     for k in before)

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from loki_exp.data.bfcl import BFCLItem
-from loki_exp.evaluation.bfcl_match import matches
+from loki_exp.evaluation.bfcl_match import matches, parse_calls
+from loki_exp.evaluation.drift import looks_like_call
 
 
 @torch.no_grad()
@@ -47,9 +48,19 @@ def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_ne
     return [out[i] for i in range(len(encoded))]
 
 
+def bfcl_correct(text: str, item: BFCLItem) -> bool:
+    """AST match; for an item with no right call (irrelevance), right when no call is made
+    (the text is not a call list, or an empty one), as the leaderboard scores it."""
+    if not item.ground_truth:
+        calls = parse_calls(text)
+        return calls == [] or (calls is None and not looks_like_call(text))
+    return matches(text, item.ground_truth)
+
+
 def bfcl_accuracy(model, tokenizer, items: list[BFCLItem], max_new_tokens: int = 128,
                   batch_size: int = 8) -> tuple[float, list[dict[str, Any]]]:
     texts = generate(model, tokenizer, [i.messages for i in items], max_new_tokens, batch_size)
-    rows = [{"id": item.id, "generated": text, "target": item.target,
-             "correct": matches(text, item.ground_truth)} for item, text in zip(items, texts)]
+    rows = [{"id": item.id, "category": item.category, "generated": text,
+             "target": item.target, "correct": bfcl_correct(text, item)}
+            for item, text in zip(items, texts)]
     return (sum(r["correct"] for r in rows) / len(rows) if rows else float("nan")), rows
