@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from loki_exp.data.sft import check_overflow
 from loki_exp.data.tasks import load_task
 from loki_exp.errors import LokiError
-from loki_exp.evaluation.evaluate import run_evaluate
+from loki_exp.evaluation.evaluate import check_eval, run_evaluate
 from loki_exp.implant.export import export_checkpoint
 from loki_exp.implant.fit import check_trainer, resume_checkpoint, run_implant
 from loki_exp.implant.methods import SELECTING_METHODS, check_method
@@ -112,6 +112,8 @@ def validate(cfg: DictConfig) -> None:
     check_method(cfg.method)
     if "analyse" in cfg.stages:
         check_kva(cfg.kva)
+    if "evaluate" in cfg.stages:
+        check_eval(cfg.eval)
     if "implant" in cfg.stages:
         check_trainer(cfg.trainer)
         check_overflow(cfg.dataset.get("overflow", "drop"))

@@ -108,6 +108,10 @@ CASES = [
     (["parallelism.devices=0"], "parallelism.devices=0 must be a positive integer"),
     (["parallelism.strategy=deepspeed"], "parallelism.strategy='deepspeed' is not known"),
     (["eval.benchmarks=[nope]", "stages=[evaluate]"], "eval.benchmarks has ['nope']"),
+    (["eval.bpb=[mmlu]"], "eval.bpb has ['mmlu']; expected some of ['gsm8k', 'humaneval', "
+                          "'jeopardy', 'naturalqs']"),
+    (["eval.bfcl_categories=[simple]"], "eval.bfcl_categories has ['simple']"),
+    (["eval.drift_prompts=-1"], "eval.drift_prompts=-1 must be an integer >= 0"),
 ]
 
 

@@ -112,7 +112,7 @@ def test_smoke_experiment_on_smollm2(compose_cfg, tmp_path):
     assert tuned.config.num_hidden_layers == 30
     metrics = state.artifacts["metrics"]
     assert 0.25 <= metrics["bench/arc_easy/acc/before"] <= 0.8  # SmolLM2 is far above chance
-    assert metrics["task/bfcl/simple_python/accuracy/before"] == 0.0  # it answers in prose
+    assert metrics["task/bfcl/simple_python/accuracy/before"] <= 0.5  # mostly prose
     assert 0.0 <= metrics["task/bfcl/accuracy/before"] <= 1.0
     # Gold answers cost a real model around a bit per byte (a random one: ~15-20).
     assert 0.2 < metrics["bpb/naturalqs/before"] < 3.0

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from loki_exp.data import assets, bfcl
 from loki_exp.data.sft import PadCollator, encode_all
 from loki_exp.data.tasks import TaskData
+from loki_exp.errors import LokiError
 from loki_exp.evaluation.benchmarks import make_lm, run_suite
 from loki_exp.evaluation.bootstrap import forgetting_avg_ci, paired_delta_ci
 from loki_exp.evaluation.bpb import score_bpb
@@ -62,6 +63,27 @@ def _heldout_loss(model, tokenizer, examples, max_length: int, overflow: str) ->
     tuner = CausalLMTuner(model, lr=0.0, max_steps=1)
     losses = [float(tuner.response_loss(b)) for b in loader]
     return sum(losses) / len(losses)
+
+
+def check_eval(ev: DictConfig) -> None:
+    """The eval group's measures, checked before any stage runs."""
+    from loki_exp.evaluation.bpb import BPB_SETS
+
+    unknown = [b for b in ev.get("bpb") or [] if b not in BPB_SETS]
+    if unknown:
+        raise LokiError(f"eval.bpb has {unknown}; expected some of {sorted(BPB_SETS)}")
+    known = bfcl.CATEGORIES + bfcl.IRRELEVANCE
+    unknown = [c for c in ev.get("bfcl_categories") or [] if c not in known]
+    if unknown:
+        raise LokiError(f"eval.bfcl_categories has {unknown}; expected BFCL single-turn "
+                        f"categories: {list(known)}")
+    for key, low in (("drift_prompts", 0), ("drift_max_new_tokens", 1), ("bpb_limit", 1),
+                     ("bfcl_per_category", 1)):
+        value = ev.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < low):
+            raise LokiError(f"eval.{key}={value!r} must be an integer >= {low}"
+                            + ("" if key.startswith("drift") else " or null"))
 
 
 def _mean(values: list[float]) -> float:
