@@ -447,11 +447,19 @@ class FastKVA:
                 for layer, (out, z) in enumerate(zip(clean.layer_out, clean.z))]
         deltas = [z[:, -1:] - zb for z, zb in zip(clean.z, z_base)]  # [B, 1, D]
         n_layers, m = len(self.layers), self.alphas.numel()
+        # Each layer's visible clean prefix, once for all groups of layers: keys and values
+        # [B, H, P, d] and which of them are real tokens [B, 1, P, 1]. Left padding's
+        # keys/values are zeroed so nothing undefined meets a zero attention weight.
+        prefixes = []
+        for j, kv in enumerate(clean.cache.layers):
+            seen = view.visible_prefix(j, keep[:, None, :-1, None])
+            prefixes.append((view.visible_prefix(j, kv.keys[:, :, :-1]) * seen,
+                             view.visible_prefix(j, kv.values[:, :, :-1]) * seen, seen[:, 0, :, 0]))
         grads: list[torch.Tensor] = []
         for start in range(0, n_layers, self.STREAM_GROUP):
             group = list(range(start, min(start + self.STREAM_GROUP, n_layers)))
-            grads += self._last_position_streams(group, mids, z_base, deltas, clean, keep,
-                                                 positions, targets, record)
+            grads += self._last_position_streams(group, mids, z_base, deltas, prefixes,
+                                                 clean.tables, positions, targets, record)
         out = []
         for row in range(batch):
             scores = [d[row, 0].float() * (g[row].float() * self.weights.view(m, 1)).sum(0)
@@ -460,7 +468,7 @@ class FastKVA:
             out.append(Attribution(torch.stack(scores), target, float(probs[row, target])))
         return out
 
-    def _last_position_streams(self, group, mids, z_base, deltas, clean, keep, positions,
+    def _last_position_streams(self, group, mids, z_base, deltas, prefixes, tables, positions,
                                targets, record):
         """d prob / d z_l(a_k) [B, m, D] for the layers of ``group``: stream (l, k) joins at
         layer l+1 as a query token at its prompt's last position."""
@@ -478,15 +486,11 @@ class FastKVA:
                 if j == n_layers:
                     break
                 n = active.shape[1]
-                kv = clean.cache.layers[j]
-                seen = view.visible_prefix(j, keep[:, None, :-1, None])  # [B, 1, P, 1]
-                # Left padding's keys/values are masked out; zero them so nothing undefined
-                # meets a zero attention weight.
-                cache.update(view.visible_prefix(j, kv.keys[:, :, :-1]) * seen,
-                             view.visible_prefix(j, kv.values[:, :, :-1]) * seen, j)
+                keys, values, seen = prefixes[j]
+                cache.update(keys, values, j)
                 active = self.layers[j](
-                    active, attention_mask=self._stream_mask(seen[:, 0, :, 0], n),
-                    position_embeddings=tuple(t[:, -1:].expand(-1, n, -1) for t in clean.tables[j]),
+                    active, attention_mask=self._stream_mask(seen, n),
+                    position_embeddings=tuple(t[:, -1:].expand(-1, n, -1) for t in tables[j]),
                     position_ids=positions[:, -1:].expand(-1, n), cache=cache, use_cache=True)
             logits = view.logits(active)  # [B, streams, V]
             index = targets.view(-1, 1, 1).expand(-1, logits.shape[1], 1)
