@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from loki_exp.errors import LokiError, report_user_errors
+from loki_exp.evaluation.benchmarks import primary_metric
 
 
 def collect_runs(root: Path) -> list[dict[str, Any]]:
@@ -144,12 +145,12 @@ def significant_differences(rows: list[dict[str, Any]], task: str | None) -> lis
 
 def _forgetting_items(items: dict[str, Any], primary: str | None) -> list[str]:
     """The per-item keys that make up ``forgetting/avg``: each benchmark's primary metric
-    (``acc`` where it has none) and the bits-per-byte sets."""
+    (:func:`~loki_exp.evaluation.benchmarks.primary_metric`) and the bits-per-byte sets."""
     keys = [k for k in items if k.startswith("bpb/")]
     benches = {k.split("/")[1] for k in items if k.startswith("bench/")}
     for bench in sorted(benches):
-        key = f"bench/{bench}/{primary}"
-        keys.append(key if key in items else f"bench/{bench}/acc")
+        metrics = [k.split("/")[2] for k in items if k.startswith(f"bench/{bench}/")]
+        keys.append(f"bench/{bench}/{primary_metric(bench, metrics, primary)}")
     return [k for k in keys if k in items and items[k].get("before") is not None]
 
 

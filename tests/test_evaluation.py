@@ -53,9 +53,7 @@ def test_forgetting_avg_on_known_numbers():
 
 def test_lm_eval_offline_tasks_on_a_tiny_model(tiny_models, tmp_path):
     """Both task forms (shared context; WinoGrande's one context per choice) score in [0, 1]."""
-    from loki_exp.evaluation.benchmarks import run_suite, task_dir
-
-    from loki_exp.evaluation.benchmarks import make_lm
+    from loki_exp.evaluation.benchmarks import make_lm, run_suite, task_dir
 
     loaded = tiny_models["tiny_qwen"]
     scores, items = run_suite(make_lm(loaded.model, loaded.tokenizer, 4),

