@@ -145,26 +145,39 @@ def resolve_pretrained_dir(name_or_path: str) -> Path:
         raise LokiError(f"could not download {name_or_path!r} from the hub: {err}") from None
 
 
-def _dir_fingerprint(path: Path) -> str:
-    """Identifies weights by their safetensors headers and sizes (cheap even for 16 GB).
-
-    The header lists every tensor's name, dtype, shape and byte offsets; together with the
-    file size and a hash of the first and last MiB of data this changes whenever the
-    weights do in practice, without reading whole multi-GB files.
-    """
+def _file_sha256(file: Path, cache: str | os.PathLike | None) -> str:
+    """sha256 of a whole file, remembered under the cache by (path, size, mtime) so a 16 GB
+    checkpoint is read once, not on every run."""
+    stat = file.stat()
+    seen = {"path": str(file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    memo = (assets.cache_dir(cache) / "fingerprints" /
+            f"{hashlib.sha256(seen['path'].encode()).hexdigest()[:24]}.json")
+    try:
+        entry = json.loads(memo.read_text())
+        if entry.get("file") == seen:
+            return str(entry["sha256"])
+    except (OSError, ValueError):
+        pass  # absent or unreadable: hash again
     digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"file": seen, "sha256": digest.hexdigest()}))
+    tmp.replace(memo)
+    return digest.hexdigest()
+
+
+def _dir_fingerprint(path: Path, cache: str | os.PathLike | None = None) -> str:
+    """Identifies weights by the sha256 of every safetensors file, whole: any changed weight
+    changes it (a LoKI export never shares its base's KVA store or base scores)."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise LokiError(f"{path} has no *.safetensors weights; loki_exp only loads safetensors")
+    digest = hashlib.sha256()
     for file in files:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            digest.update(f.read(header_len))
-            digest.update(f.read(1 << 20))
-            f.seek(max(size - (1 << 20), 0))
-            digest.update(f.read())
-        digest.update(f"{file.name}:{size}".encode())
+        digest.update(f"{file.name}:{_file_sha256(file, cache)}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -186,13 +199,13 @@ def load_model(cfg: DictConfig, cache: str | os.PathLike | None = None) -> Loade
         raise LokiError(f"model.source={source!r} is not known; expected one of {list(SOURCES)}")
     if source == "gguf_asset":
         base_dir = converted_gguf_dir(cfg.asset.package, cfg.asset.member, cache)
-        fingerprint = _dir_fingerprint(base_dir)  # first: refuses a folder without safetensors
+        fingerprint = _dir_fingerprint(base_dir, cache)  # first: refuses a folder without safetensors
         model, tokenizer = _load_from_dir(base_dir, cfg)
     elif source == "pretrained":
         if not cfg.get("name_or_path"):
             raise LokiError("model.name_or_path is empty; set a hub id or a local directory")
         base_dir = resolve_pretrained_dir(str(cfg.name_or_path))
-        fingerprint = _dir_fingerprint(base_dir)
+        fingerprint = _dir_fingerprint(base_dir, cache)
         model, tokenizer = _load_from_dir(base_dir, cfg)
     else:
         model, tokenizer = _build_random(cfg, cache)

@@ -125,3 +125,31 @@ def test_gguf_conversion_waits_for_a_concurrent_one(tmp_path, monkeypatch):
         (target / "config.json").write_text("{}")
     waiter.join(timeout=10)
     assert result["dir"] == target
+
+
+def test_fingerprint_changes_with_any_weight_and_is_remembered(tmp_path, monkeypatch):
+    """A change in the middle of a large file changes it (the old header + first/last MiB
+    fingerprint did not: a LoKI export could share its base's caches); an unchanged file is
+    not read again."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from loki_exp import models
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    weights = {"a": torch.zeros(3 << 20), "b": torch.ones(16)}  # 12 MiB + a small one
+    save_file(weights, str(model_dir / "model.safetensors"))
+    cache = tmp_path / "cache"
+    before = models._dir_fingerprint(model_dir, cache)
+    weights["a"][1 << 20] = 1.0  # 4 MiB into the data: neither first nor last MiB
+    save_file(weights, str(model_dir / "model.safetensors"))
+    assert models._dir_fingerprint(model_dir, cache) != before
+    calls = []
+    real = models.hashlib.sha256
+    monkeypatch.setattr(models.hashlib, "sha256", lambda *a: calls.append(a) or real(*a))
+    again = models._dir_fingerprint(model_dir, cache)
+    assert len(calls) == 2  # the memo's name and the directory digest: the file is not read
+    os.utime(model_dir / "model.safetensors", ns=(1, 1))  # touched: read again, same value
+    assert models._dir_fingerprint(model_dir, cache) == again
