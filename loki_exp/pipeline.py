@@ -5,7 +5,6 @@ Each stage is a function of the composed config and a shared ``RunState``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from loki_exp import atomic
 from loki_exp.data.sft import check_overflow
 from loki_exp.data.tasks import load_task
 from loki_exp.errors import LokiError
@@ -171,7 +171,4 @@ def write_run_record(state: RunState) -> Path:
         "metrics": art.get("metrics"),
         "timings_s": {k: round(v, 3) for k, v in state.timings.items()},
     }
-    state.output_dir.mkdir(parents=True, exist_ok=True)
-    path = state.output_dir / "run.json"
-    path.write_text(json.dumps(record, indent=2, default=str))
-    return path
+    return atomic.write_json(state.output_dir / "run.json", record, indent=2, default=str)

@@ -16,21 +16,41 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from loki_exp import atomic
 from loki_exp.errors import LokiError, report_user_errors
 from loki_exp.evaluation.benchmarks import primary_metric
+
+log = logging.getLogger(__name__)
+
+
+def _read_json(path: Path) -> Any:
+    """The file's JSON, or None (with a warning naming it) when it cannot be read."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        log.warning("report: skipping %s: %s", path, err)
+        return None
 
 
 def collect_runs(root: Path) -> list[dict[str, Any]]:
     rows = []
     for record_path in sorted(root.rglob("run.json")):
-        record = json.loads(record_path.read_text())
+        record = _read_json(record_path)
+        if not isinstance(record, dict) or "config" not in record:
+            continue
         cfg = record["config"]
         metrics = record.get("metrics") or {}
+        metrics_path = record_path.parent / "metrics.json"
+        if metrics_path.exists():  # the evaluate stage's own file, if the record lacks them
+            metrics = _read_json(metrics_path)
+            if metrics is None:
+                continue
         items = record_path.parent / "items.json"
         row = {"run": str(record_path.parent.relative_to(root)), "method": cfg["method"]["name"],
                "strategy": cfg["strategy"]["name"], "quota": cfg["quota"],
@@ -41,7 +61,8 @@ def collect_runs(root: Path) -> list[dict[str, Any]]:
         row.update(metrics)
         rows.append(row)
     if not rows:
-        raise LokiError(f"{root} holds no run.json: expected a Hydra multirun dir of loki_exp runs")
+        raise LokiError(f"{root} holds no readable run.json: expected a Hydra multirun dir of "
+                        "loki_exp runs")
     return rows
 
 
@@ -56,7 +77,7 @@ def write_table(rows: list[dict[str, Any]], root: Path) -> list[str]:
     fixed = ["run", "method", "strategy", "quota", "lr", "trainable_parameters"]
     metric_cols = sorted({k for r in rows for k in r if "/" in k})
     columns = fixed + [c for c in metric_cols if c != "forgetting/avg"] + ["forgetting/avg"]
-    with open(root / "report.csv", "w", newline="") as f:
+    with atomic.writing(root / "report.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -81,7 +102,7 @@ def write_table(rows: list[dict[str, Any]], root: Path) -> list[str]:
         base = next((r.get(task.replace("/after", "/before")) for r in rows), None)
         lines.append(f"Base model: {task.replace('/after', '')} = {_fmt(base)}")
     lines += significant_differences(rows, task)
-    (root / "report.md").write_text("\n".join(lines) + "\n")
+    atomic.write_text(root / "report.md", "\n".join(lines) + "\n")
     return lines
 
 
@@ -186,7 +207,8 @@ def plot_forgetting_vs_task(rows: list[dict[str, Any]], root: Path) -> Path | No
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = root / "forgetting_vs_task.png"
-    fig.savefig(path, dpi=120)
+    with atomic.writing(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -249,7 +271,8 @@ def plot_pareto(rows: list[dict[str, Any]], root: Path) -> Path | None:
     fig.suptitle("Learning vs forgetting, one front per method (bars: 95% paired bootstrap)")
     fig.tight_layout()
     path = root / "pareto.png"
-    fig.savefig(path, dpi=120)
+    with atomic.writing(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -281,7 +304,8 @@ def plot_kva_heatmap(store: str, root: Path, quota: float = 10.0) -> Path:
     fig.colorbar(image, ax=ax, label="nodes")
     fig.tight_layout()
     path = root / "kva_heatmap.png"
-    fig.savefig(path, dpi=120)
+    with atomic.writing(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 

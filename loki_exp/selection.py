@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loki_exp import atomic
 from loki_exp.errors import LokiError
 
 STRATEGIES = ("layer_balanced", "global_lowest", "global_highest")
@@ -150,12 +151,7 @@ def validate_positions(positions: object, n_layers: int, n_nodes: int,
 
 
 def save_positions(positions: list[list[int]], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps([sorted(int(i) for i in rows) for rows in positions]))
-    tmp.replace(path)
-    return path
+    return atomic.write_json(path, [sorted(int(i) for i in rows) for rows in positions])
 
 
 def load_positions(path: str | os.PathLike, n_layers: int, n_nodes: int) -> list[list[int]]:

@@ -59,7 +59,7 @@ def test_report_cli_logs_to_wandb_offline(tmp_path, monkeypatch, capsys):
 
 
 def test_report_on_a_dir_without_runs(tmp_path):
-    with pytest.raises(LokiError, match="holds no run.json"):
+    with pytest.raises(LokiError, match="holds no readable run.json"):
         make_report(tmp_path)
     with pytest.raises(LokiError, match="is not a directory"):
         make_report(tmp_path / "nope")
@@ -103,3 +103,37 @@ def test_report_intervals_significance_and_pareto_fronts(tmp_path):
     assert any(line.startswith("| loki q=10 lr=0.0001 | full") and "task score" in line
                for line in md.splitlines())
     assert out["pareto"].stat().st_size > 10_000
+
+
+def test_report_skips_a_run_with_a_truncated_metrics_file_and_names_it(tmp_path, caplog):
+    root = tmp_path / "multirun"
+    _fake_run(root, "0", "loki", 10, 0.3, 1.0)
+    _fake_run(root, "1", "lora", 10, 0.4, 4.0)
+    (root / "1" / "metrics.json").write_text('{"task/bfcl/accuracy/after": 0.')  # cut short
+    with caplog.at_level("WARNING"):
+        out = make_report(root)
+    assert [r["method"] for r in out["rows"]] == ["loki"]
+    assert str(root / "1" / "metrics.json") in caplog.text
+    assert not list(root.glob(".*.tmp"))  # the report's own files went through temp + rename
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
+    from loki_exp import atomic
+
+    target = tmp_path / "metrics.json"
+    atomic.write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError), atomic.writing(target) as tmp:
+        tmp.write_text('{"a": 2')  # a crash mid-write
+        raise RuntimeError("killed")
+    assert json.loads(target.read_text()) == {"a": 1} and list(tmp_path.iterdir()) == [target]
+    folder = tmp_path / "model"
+    with atomic.writing_dir(folder) as tmp:
+        (tmp / "w").write_text("old")
+    with pytest.raises(RuntimeError), atomic.writing_dir(folder) as tmp:
+        (tmp / "w").write_text("half")
+        raise RuntimeError("killed")
+    assert (folder / "w").read_text() == "old"
+    with atomic.writing_dir(folder) as tmp:
+        (tmp / "w").write_text("new")
+    assert (folder / "w").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "model"]

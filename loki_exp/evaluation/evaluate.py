@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from loki_exp import atomic
 from loki_exp.data import assets, bfcl
 from loki_exp.data.sft import PadCollator, encode_all
 from loki_exp.data.tasks import TaskData
@@ -184,10 +185,7 @@ def base_scores(cfg: DictConfig, loaded: LoadedModel, task: TaskData) -> dict[st
         return json.loads(path.read_text())
     base = load_model(cfg.model, cfg.paths.cache_dir)
     scores = score_model(cfg, base.model, base.tokenizer, task)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(scores))
-    tmp.replace(path)
+    atomic.write_json(path, scores)
     return scores
 
 
@@ -275,10 +273,10 @@ def run_evaluate(cfg: DictConfig, loaded: LoadedModel, task: TaskData,
         after["items"]["drift/kl"] = drift_kl(cfg, loaded.model, loaded.tokenizer,
                                               before["drift"]["answers"])
     metrics = flat_metrics(task.name, before, after, str(cfg.eval.forgetting_metric))
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    atomic.write_json(output_dir / "metrics.json", metrics, indent=2, sort_keys=True)
     items = {key: {"before": before.get("items", {}).get(key), "after": values}
              for key, values in after["items"].items()}
-    (output_dir / "items.json").write_text(json.dumps(items, sort_keys=True))
+    atomic.write_json(output_dir / "items.json", items, sort_keys=True)
     log.info("evaluate: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
                                        if k.endswith(("/after", "avg"))))
     return metrics

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from loki_exp.atomic import writing_dir
 from loki_exp.implant import methods
 from loki_exp.models import LoadedModel
 
@@ -16,11 +16,7 @@ def export_checkpoint(cfg: DictConfig, loaded: LoadedModel, output_dir: Path) ->
     model = methods.export(cfg.method, loaded.model)
     loaded.model = model
     target = output_dir / "model"
-    tmp = output_dir / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export
-    model.save_pretrained(tmp, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    with writing_dir(target) as tmp:  # the new folder in place before the old one goes
+        model.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
     return target
