@@ -310,3 +310,34 @@ def test_fp32_masters_resume_from_a_checkpoint_exactly(compose_cfg, tmp_path):
     assert whole.keys() == resumed.keys()
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
+
+
+def test_resume_refuses_a_checkpoint_of_other_rows_or_method(compose_cfg, tmp_path):
+    """A LoKI checkpoint resumed with other rows of the same shape used to load its trained
+    values into the wrong rows silently; now the run's identity must match."""
+    from loki_exp.implant.fit import run_implant
+    from loki_exp.models import load_model
+
+    common = ["model=tiny_llama", "trainer.batch_size=2", "trainer.precision=32-true",
+              "trainer.checkpoint_every_n_steps=1", "trainer.warmup_ratio=0"]
+    cfg = compose_cfg(*common, "trainer.max_steps=1")
+    task = load_task(cfg.dataset)
+    task.train = task.train[:8]
+    rows = [[1], [2], [3]]
+    run_implant(cfg, load_model(cfg.model), rows, task, tmp_path / "a", loggers=[])
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    resume = compose_cfg(*common, "trainer.max_steps=2", f"trainer.resume_from={ckpt}")
+    with pytest.raises(LokiError, match=r"was trained with other rows than this run"):
+        run_implant(resume, load_model(cfg.model), [[4], [2], [3]], task, tmp_path / "b", [])
+    lora = compose_cfg(*common, "method=lora", "trainer.max_steps=2",
+                       f"trainer.resume_from={ckpt}")
+    with pytest.raises(LokiError, match=r"other method, rows than"):
+        run_implant(lora, load_model(cfg.model), None, task, tmp_path / "c", [])
+    other_data = copy.copy(task)
+    other_data.train = task.train[1:9]
+    with pytest.raises(LokiError, match=r"other data than"):
+        run_implant(resume, load_model(cfg.model), rows, other_data, tmp_path / "d", [])
+    loaded = load_model(cfg.model)  # the same rows, method, weights and data: resumes
+    run_implant(resume, loaded, rows, task, tmp_path / "e", [])
+    assert torch.load(tmp_path / "e" / "checkpoints" / "last.ckpt",
+                      weights_only=True)["global_step"] == 2

@@ -27,6 +27,7 @@ from loki_exp.errors import LokiError, check_int_at_least, check_positive_int
 from loki_exp.implant import methods
 from loki_exp.implant.loki_linear import trainable_parameters
 from loki_exp.implant.module import CausalLMTuner, is_fsdp_sharded
+from loki_exp.implant.run_identity import check_resume, run_identity
 from loki_exp.models import LoadedModel, load_model
 from loki_exp.parallel import lightning_strategy
 
@@ -169,15 +170,18 @@ def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]]
     lr = learning_rate(cfg)
     log.info("implant: method=%s, %d trainable parameters, lr=%.3g, %d train examples "
              "(%d test held out)", cfg.method.name, n_trainable, lr, len(train), len(task.test))
+    identity = run_identity(str(cfg.method.name), positions, loaded.fingerprint, train)
+    resume = resume_checkpoint(cfg, output_dir)
+    check_resume(resume, identity)
     tuner = CausalLMTuner(model, lr=lr, max_steps=total_steps(cfg.trainer, len(train)),
                           warmup_ratio=float(cfg.trainer.warmup_ratio),
-                          weight_decay=float(cfg.trainer.weight_decay))
+                          weight_decay=float(cfg.trainer.weight_decay), identity=identity)
     pad_id = loaded.tokenizer.pad_token_id
     data = SFTDataModule(train, int(cfg.trainer.batch_size),
                          pad_id if pad_id is not None else loaded.tokenizer.eos_token_id,
                          seed=int(cfg.seed))
     trainer = build_trainer(cfg, output_dir, loggers)
-    trainer.fit(tuner, datamodule=data, ckpt_path=resume_checkpoint(cfg, output_dir),
+    trainer.fit(tuner, datamodule=data, ckpt_path=resume,
                 weights_only=True)  # a checkpoint never needs arbitrary unpickling
     if is_fsdp_sharded(tuner.lm):
         loaded.model = unsharded_copy(cfg, tuner.model, positions)

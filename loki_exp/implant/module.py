@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from loki_exp.data.sft import IGNORE
+from loki_exp.implant import run_identity
 from loki_exp.implant.master_weights import MasterWeights
 from loki_exp.model_access import decoder_layers
 
@@ -58,8 +59,11 @@ class ResponseLM(nn.Module):
 
 class CausalLMTuner(L.LightningModule):
     def __init__(self, model: nn.Module, lr: float, max_steps: int, warmup_ratio: float = 0.1,
-                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)):
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 identity: dict[str, str] | None = None):
         super().__init__()
+        # What this run trains (implant/run_identity.py): saved with every checkpoint.
+        self.identity = identity
         self.lm = ResponseLM(model)
         self.lr = lr
         self.max_steps = max_steps
@@ -104,11 +108,17 @@ class CausalLMTuner(L.LightningModule):
                                     if k in trainable}
         if self.masters:
             checkpoint["fp32_master_weights"] = self.masters.state_dict()
+        if self.identity is not None:
+            checkpoint[run_identity.KEY] = dict(self.identity)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Single process / DDP restore this before configure_optimizers builds the masters,
         # so they resume at full precision (under FSDP2 the fp32 shards are the masters).
         self._saved_masters = checkpoint.get("fp32_master_weights")
+        if self.identity is not None:  # run_implant checks first; this guards direct use
+            diff = run_identity.differences(checkpoint.get(run_identity.KEY), self.identity)
+            if diff:
+                raise run_identity.refusal("<checkpoint>", diff, checkpoint.get(run_identity.KEY))
 
     def on_fit_start(self) -> None:
         # Models are loaded in eval mode; Lightning keeps the submodule modes it finds.
