@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from loki_exp.errors import LokiError
+from loki_exp.upstream import batches_processed
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +176,7 @@ class SFTDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         sampler = GlobalBatchSampler(len(self.train), self.batch_size, rank, world, self.seed)
         if trainer is not None:  # resumed mid-epoch: continue after the batches already trained
-            # processed, not completed: a step-end checkpoint is written before "completed"
-            # counts its batch.
-            sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            sampler.skip = batches_processed(trainer)
             sampler.epoch = trainer.current_epoch
             if sampler.skip:
                 log.info("resumed in epoch %d: skipping its %d batches already trained",

@@ -8,12 +8,11 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.connector import _PRECISION_INPUT_STR
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
@@ -30,6 +29,7 @@ from loki_exp.implant.module import CausalLMTuner, is_fsdp_sharded
 from loki_exp.implant.run_identity import check_resume, run_identity
 from loki_exp.models import LoadedModel, load_model
 from loki_exp.parallel import lightning_strategy
+from loki_exp.upstream import lightning_precisions
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def check_trainer(tr: DictConfig) -> None:
         check_positive_int(f"trainer.{key}", tr.get(key))
     check_int_at_least("trainer.checkpoint_every_n_steps", tr.get("checkpoint_every_n_steps"), 0,
                        " (0: no checkpoints)")
-    precisions = get_args(_PRECISION_INPUT_STR)  # Lightning's own list of precision names
+    precisions = lightning_precisions()
     if str(tr.precision) not in precisions:
         raise LokiError(f"trainer.precision={tr.precision!r} is not known; expected one of "
                         f"{list(precisions)}")

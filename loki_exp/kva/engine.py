@@ -47,7 +47,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from captum.attr._utils.approximation_methods import SUPPORTED_METHODS, approximation_parameters
 from torch import nn
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -55,6 +54,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from loki_exp.errors import LokiError
 from loki_exp.kva.decoder_view import DecoderView, capture_block_inputs, refuse
 from loki_exp.model_access import down_projs
+from loki_exp.upstream import captum_quadrature
 
 BASELINES = ("zero", "token")
 SCALE_POSITIONS = ("all", "last")
@@ -71,9 +71,10 @@ class KVASettings:
     engine: str = "fast"
 
     def __post_init__(self) -> None:
-        if self.method not in SUPPORTED_METHODS:
+        supported, _ = captum_quadrature()
+        if self.method not in supported:
             raise LokiError(f"kva.method={self.method!r} is not known; expected one of "
-                            f"{SUPPORTED_METHODS}")
+                            f"{supported}")
         min_steps = 1 if self.method == "gausslegendre" else 2
         if not isinstance(self.steps, int) or self.steps < min_steps:
             raise LokiError(f"kva.steps={self.steps!r} must be an integer >= {min_steps} "
@@ -92,7 +93,7 @@ class KVASettings:
 
     def quadrature(self) -> tuple[list[float], list[float]]:
         """Captum's integration points and weights (not re-derived: see docs/method.md)."""
-        step_sizes, alphas = approximation_parameters(self.method)
+        step_sizes, alphas = captum_quadrature()[1](self.method)
         return list(alphas(self.steps)), list(step_sizes(self.steps))
 
 
