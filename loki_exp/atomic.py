@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 
 def _temp_name(path: Path) -> Path:
     # pid + thread + random: two jobs (or threads) writing the same target never share a temp.
@@ -47,6 +49,14 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any, **dumps: Any) -> Path:
     return write_text(path, json.dumps(obj, **dumps))
+
+
+def cache_lock(path: str | os.PathLike) -> FileLock:
+    """The lock of one cache entry (a KVA store key, a base-score key, a converted model):
+    jobs sharing a cache compute an entry once; the others wait, then find it finished."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path.parent / f".{path.name}.lock")
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from loki_exp import atomic
 from loki_exp.data import assets
 from loki_exp.errors import LokiError
 
@@ -80,15 +81,14 @@ def task_dir(tasks: list[str], cache: str | os.PathLike | None = None) -> Path:
         yaml_path = root / f"{task}.yaml"
         if yaml_path.exists():
             continue
-        docs = _documents(task, cache)
-        root.mkdir(parents=True, exist_ok=True)
-        data = root / f"{task}.jsonl"
-        tmp = data.with_name(f".{data.name}.tmp")
-        tmp.write_text("".join(json.dumps(d) + "\n" for d in docs))
-        tmp.replace(data)
-        tmp_yaml = yaml_path.with_name(f".{yaml_path.name}.tmp")
-        tmp_yaml.write_text(_yaml(task, data, "contexts" in docs[0]))
-        tmp_yaml.replace(yaml_path)  # written last: its presence means the task is complete
+        with atomic.cache_lock(yaml_path):  # jobs sharing the cache write a task once
+            if yaml_path.exists():
+                continue
+            docs = _documents(task, cache)
+            data = atomic.write_text(root / f"{task}.jsonl",
+                                     "".join(json.dumps(d) + "\n" for d in docs))
+            # written last: its presence means the task is complete
+            atomic.write_text(yaml_path, _yaml(task, data, "contexts" in docs[0]))
     return root
 
 

@@ -180,13 +180,14 @@ def _base_key(cfg: DictConfig, loaded: LoadedModel, task: TaskData) -> str:
 def base_scores(cfg: DictConfig, loaded: LoadedModel, task: TaskData) -> dict[str, Any]:
     path = (assets.cache_dir(cfg.paths.cache_dir) / "eval" / loaded.name /
             f"{_base_key(cfg, loaded, task)}.json")
-    if path.exists():
-        log.info("evaluate: base scores from cache %s", path)
-        return json.loads(path.read_text())
-    base = load_model(cfg.model, cfg.paths.cache_dir)
-    scores = score_model(cfg, base.model, base.tokenizer, task)
-    atomic.write_json(path, scores)
-    return scores
+    with atomic.cache_lock(path):  # jobs sharing the cache score the base once
+        if path.exists():
+            log.info("evaluate: base scores from cache %s", path)
+            return json.loads(path.read_text())
+        base = load_model(cfg.model, cfg.paths.cache_dir)
+        scores = score_model(cfg, base.model, base.tokenizer, task)
+        atomic.write_json(path, scores)
+        return scores
 
 
 def _with_ci(out: dict[str, float], key: str, before: list[float] | None,

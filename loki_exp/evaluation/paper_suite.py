@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loki_exp import atomic
 from loki_exp.errors import LokiError
 
 PAPER_TASKS = ("triviaqa", "gsm8k", "hellaswag", "winogrande", "humaneval", "ifeval")
@@ -158,10 +159,7 @@ def _humaneval_task(data: Path | None, cache: str | os.PathLike | None) -> dict[
 
         path = assets.cache_dir(cache) / "paper_tasks" / "humaneval.jsonl"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text("".join(json.dumps(p) + "\n" for p in humaneval_problems()))
-            tmp.replace(path)
+            atomic.write_text(path, "".join(json.dumps(p) + "\n" for p in humaneval_problems()))
         data = path.parent
     cfg = {
         "_paper": "humaneval", "task": TASK_PREFIX + "humaneval", "output_type": "generate_until",

@@ -7,6 +7,7 @@ under ``<cache_dir>/kva/<model name>/<key>.h5``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -21,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 import loki_exp
+from loki_exp import atomic
 from loki_exp.callbacks import user_callbacks
 from loki_exp.data import assets
 from loki_exp.data.mmlu import (
@@ -37,7 +39,7 @@ from loki_exp.kva.lightning import KVAModule, KVAStoreWriter, ProbeDataModule, c
 from loki_exp.kva.store import STORE_DTYPES, StoreView, completed_rows, merge_shards
 from loki_exp.model_access import node_grid
 from loki_exp.models import LoadedModel, torch_dtype
-from loki_exp.parallel import kva_strategy
+from loki_exp.parallel import is_global_zero, kva_strategy
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,17 @@ def run_analyse(cfg: DictConfig, loaded: LoadedModel) -> Path:
     key = store_key(loaded.fingerprint, rows, settings, dtype, cfg.kva.store_dtype,
                     cfg.kva.get("preset"))
     path = store_path(cfg.paths.cache_dir, loaded.name, key)
+    # Jobs sharing the cache (a sweep, SLURM tasks) compute a store key once: rank 0 of each
+    # job holds the key's lock from the check to the merge; the others find it finished.
+    # (A job's other ranks follow its rank 0 through the trainer's barriers.)
+    lock = atomic.cache_lock(path) if is_global_zero() else contextlib.nullcontext()
+    with lock:
+        return _analyse_locked(cfg, loaded, settings, dtype, rows, grid, key, path)
+
+
+def _analyse_locked(cfg: DictConfig, loaded: LoadedModel, settings: KVASettings, dtype: str,
+                    rows: list[dict[str, Any]], grid: tuple[int, int], key: str,
+                    path: Path) -> Path:
     if path.exists():
         with StoreView(path) as view:
             view.check_grid(*grid)

@@ -24,6 +24,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from loki_exp import atomic
 from loki_exp.errors import LokiError
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,9 @@ class ShardRows:
 def completed_rows(final: Path) -> dict[int, ShardRows]:
     """Probe index -> (shard, row) for every sample the partial shards already hold.
 
-    A shard that cannot be read (the process died inside an HDF5 write) is moved aside
-    and its samples are computed again.
+    A shard that cannot be read (the process died inside an HDF5 write) is skipped and its
+    samples are computed again; it is never renamed or deleted here, since it may be another
+    process's live file (the store's lock, taken by ``run_analyse``, keeps other jobs out).
     """
     done: dict[int, ShardRows] = {}
     pdir = partial_dir(final)
@@ -97,7 +99,6 @@ def completed_rows(final: Path) -> dict[int, ShardRows]:
         except (OSError, KeyError) as err:
             log.warning("KVA shard %s is unreadable (%s); its samples will be recomputed",
                         shard.name, err)
-            shard.replace(shard.with_suffix(".h5.bad"))
     return done
 
 
@@ -109,13 +110,12 @@ def merge_shards(final: Path, n_samples: int, attrs: dict) -> Path:
         raise LokiError(f"cannot finish KVA store {final.name}: {len(missing)} of {n_samples} "
                         f"samples are missing (first: {missing[:5]})")
     handles: dict[Path, h5py.File] = {}
-    tmp = final.with_name(f".{final.name}.tmp")
     try:
         for rows in done.values():
             if rows.path not in handles:
                 handles[rows.path] = h5py.File(rows.path, "r")
         first = next(iter(handles.values()))["attributions"]
-        with h5py.File(tmp, "w") as out:
+        with atomic.writing(final) as tmp, h5py.File(tmp, "w") as out:
             shape = (n_samples, *first.shape[1:])
             out.create_dataset("attributions", shape, first.dtype, chunks=(1, *shape[1:]))
             for name, dtype in (("sample_id", STR), ("prompt", STR), ("target_token", np.int64),
@@ -128,13 +128,9 @@ def merge_shards(final: Path, n_samples: int, attrs: dict) -> Path:
                     out[name][index] = src[name][row]
             out.attrs.update({k: v for k, v in attrs.items() if v is not None})
             out.attrs["n_samples"] = n_samples
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     finally:
         for h in handles.values():
             h.close()
-    os.replace(tmp, final)
     shutil.rmtree(partial_dir(final), ignore_errors=True)
     return final
 
