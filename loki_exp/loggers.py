@@ -9,17 +9,30 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 
+def sweep_group(output_dir: str | os.PathLike) -> str:
+    """``<date>_<time>`` of ``multirun/<date>/<time>/<job>``; a single run's own dir name
+    under its date (``outputs/<date>/<time>``) otherwise."""
+    out = Path(output_dir)
+    if out.name.isdigit():  # a multirun job number
+        out = out.parent
+    return f"{out.parent.name}_{out.name}"
+
+
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
     loggers: list[Logger] = [CSVLogger(output_dir, name="csv", version="")]
     wb = cfg.logger.get("wandb")
     if wb:
-        os.environ.setdefault("WANDB_MODE", str(wb.mode))
+        # WANDB_MODE (e.g. disabled in tests) wins over the config; passed to wandb.init
+        # itself, since W&B reads its environment only once per process.
+        mode = os.environ.get("WANDB_MODE") or str(wb.mode)
         config = OmegaConf.to_container(cfg, resolve=True)
-        # One group per sweep (the multirun dir), one run per job, named by its choices.
-        group = wb.get("group") or Path(output_dir).parent.name
+        # One group per sweep, one run per job, named by its choices. The group is the
+        # multirun dir's date and time (multirun/<date>/<time>/<job>): the time alone would
+        # join sweeps started at the same time on different days.
+        group = wb.get("group") or sweep_group(output_dir)
         name = f"{cfg.method.name}-{cfg.strategy.name}-q{cfg.quota}"
         loggers.append(WandbLogger(project=str(wb.project), group=group, name=name,
-                                   save_dir=str(output_dir), config=config))
+                                   save_dir=str(output_dir), config=config, mode=mode))
     return loggers
 
 

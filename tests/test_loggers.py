@@ -8,11 +8,33 @@ def test_csv_always_and_wandb_when_configured(compose_cfg, tmp_path, monkeypatch
     out = f"paths.output_dir={tmp_path}"
     plain = build_loggers(compose_cfg("logger=csv", out), tmp_path / "a")
     assert [type(lg) for lg in plain] == [CSVLogger]
-    loggers = build_loggers(compose_cfg("logger=wandb", "quota=30", out), tmp_path / "sweep" / "3")
+    job = tmp_path / "2026-11-30" / "23-55-38" / "3"
+    loggers = build_loggers(compose_cfg("logger=wandb", "quota=30", out), job)
     assert [type(lg) for lg in loggers] == [CSVLogger, WandbLogger]
     wb = loggers[1]
-    assert wb._wandb_init["group"] == "sweep" and wb._wandb_init["name"] == "loki-layer_balanced-q30"
+    assert wb._wandb_init["group"] == "2026-11-30_23-55-38" and wb._wandb_init["name"] == "loki-layer_balanced-q30"
     assert wb._wandb_init["config"]["quota"] == 30
     log_final_metrics(loggers, {"forgetting/avg": 1.5, "task/bfcl/accuracy/after": 0.4})
     close_loggers(loggers, "success")
-    assert "forgetting/avg" in (tmp_path / "sweep" / "3" / "csv" / "metrics.csv").read_text()
+    assert "forgetting/avg" in (job / "csv" / "metrics.csv").read_text()
+
+
+def test_wandb_offline_run_holds_config_metrics_and_group(compose_cfg, tmp_path, monkeypatch):
+    """A real offline W&B run, read back from its run file (tests/wandb_records.py)."""
+    from tests.wandb_records import run_summary
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    job = tmp_path / "multirun" / "2026-11-30" / "23-55-38" / "4"
+    cfg = compose_cfg("logger=wandb", "quota=30", "method=loki", f"paths.output_dir={job}")
+    loggers = build_loggers(cfg, job)
+    metrics = {"forgetting/avg": 1.5, "task/bfcl/accuracy/after": 0.4,
+               "bench/arc_easy/acc_norm/delta/ci_low": -0.05}
+    log_final_metrics(loggers, metrics)
+    close_loggers(loggers, "success")
+    run_file, = job.glob("wandb/offline-run-*/run-*.wandb")
+    run = run_summary(run_file)
+    assert run["group"] == "2026-11-30_23-55-38" and run["name"] == "loki-layer_balanced-q30"
+    assert run["config"]["quota"] == 30 and run["config"]["method"]["name"] == "loki"
+    assert {k: run["summary"][k] for k in metrics} == metrics
+    assert any(h.get("forgetting/avg") == 1.5 for h in run["history"])

@@ -1,0 +1,66 @@
+"""Read back the records of an offline W&B run (``run-<id>.wandb``) in tests.
+
+wandb >= 0.2x ships no Python reader for its run files (the old ``datastore`` module is
+gone; the Go core writes them), so this reads the container by hand: a ``:W&B`` header,
+then LevelDB-log framing (32 KiB blocks; per record a 4-byte checksum, 2-byte length,
+1-byte type FULL/FIRST/MIDDLE/LAST), each payload one ``wandb_internal_pb2.Record``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+BLOCK = 32 * 1024
+HEADER = 7  # ":W&B", a 2-byte magic, a 1-byte version
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def records(path: str | Path) -> list[Any]:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    out, pos, pending = [], HEADER, b""
+    while pos + 7 <= len(data):
+        left_in_block = BLOCK - pos % BLOCK
+        if left_in_block < 7:  # the block's tail is padding
+            pos += left_in_block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        payload = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            break
+        pending = payload if kind in (FULL, FIRST) else pending + payload
+        if kind in (FULL, LAST):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+    return out
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)  # W&B stores some keys split at "/"
+
+
+def run_summary(path: str | Path) -> dict[str, Any]:
+    """{"group", "name", "config": {key: value}, "history": [{key: value}], "summary": {..}}."""
+    out: dict[str, Any] = {"config": {}, "history": [], "summary": {}}
+    for record in records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out["group"], out["name"] = record.run.run_group, record.run.display_name
+            for item in record.run.config.update:
+                out["config"][_key(item)] = json.loads(item.value_json)
+        elif kind == "config":
+            for item in record.config.update:
+                out["config"][_key(item)] = json.loads(item.value_json)
+        elif kind == "history":
+            out["history"].append({_key(i): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "summary":
+            for item in record.summary.update:
+                out["summary"][_key(item)] = json.loads(item.value_json)
+    return out
