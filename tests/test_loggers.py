@@ -12,7 +12,8 @@ def test_csv_always_and_wandb_when_configured(compose_cfg, tmp_path, monkeypatch
     loggers = build_loggers(compose_cfg("logger=wandb", "quota=30", out), job)
     assert [type(lg) for lg in loggers] == [CSVLogger, WandbLogger]
     wb = loggers[1]
-    assert wb._wandb_init["group"] == "2026-11-30_23-55-38" and wb._wandb_init["name"] == "loki-layer_balanced-q30"
+    assert wb._wandb_init["group"] == "2026-11-30_23-55-38"
+    assert wb._wandb_init["name"] == "loki-layer_balanced-q30"
     assert wb._wandb_init["config"]["quota"] == 30
     log_final_metrics(loggers, {"forgetting/avg": 1.5, "task/bfcl/accuracy/after": 0.4})
     close_loggers(loggers, "success")
