@@ -11,8 +11,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from loki_exp.errors import report_user_errors
-from loki_exp.kva.analyse import check_kva, run_analyse
+from loki_exp.cli import report_user_errors
+from loki_exp.kva.stage import check_kva, run_analyse
 from loki_exp.models import load_model
 from loki_exp.parallel import check_parallelism, is_global_zero
 from loki_exp.sweep_job import ran_in_own_process

@@ -19,7 +19,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from loki_exp.errors import LokiError, report_user_errors
+from loki_exp.cli import report_user_errors
+from loki_exp.errors import LokiError
 from loki_exp.kva.store import StoreView
 from loki_exp.selection import SCORES, STRATEGIES, load_positions, select
 

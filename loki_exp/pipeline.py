@@ -22,7 +22,7 @@ from loki_exp.evaluation.evaluate import check_eval, run_evaluate
 from loki_exp.implant.export import export_checkpoint
 from loki_exp.implant.fit import check_trainer, resume_checkpoint, run_implant
 from loki_exp.implant.methods import SELECTING_METHODS, check_method
-from loki_exp.kva.analyse import check_kva, run_analyse
+from loki_exp.kva.stage import check_kva, run_analyse
 from loki_exp.kva.store import StoreView
 from loki_exp.loggers import build_loggers, close_loggers, log_final_metrics
 from loki_exp.model_access import node_grid

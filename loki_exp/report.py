@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from loki_exp import atomic
-from loki_exp.errors import LokiError, report_user_errors
+from loki_exp.cli import report_user_errors
+from loki_exp.errors import LokiError
 from loki_exp.evaluation.benchmarks import primary_metric
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from loki_exp.errors import report_user_errors
+from loki_exp.cli import report_user_errors
 from loki_exp.parallel import check_parallelism
 from loki_exp.pipeline import run
 from loki_exp.sweep_job import ran_in_own_process

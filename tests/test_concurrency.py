@@ -26,7 +26,7 @@ def _job(cache: str, out: str) -> None:
 
     from loki_exp.data.tasks import load_task
     from loki_exp.evaluation.evaluate import base_scores
-    from loki_exp.kva.analyse import run_analyse
+    from loki_exp.kva.stage import run_analyse
     from loki_exp.kva.store import StoreView
     from loki_exp.models import load_model
 

@@ -28,7 +28,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from loki_exp.errors import LokiError, report_user_errors
+from loki_exp.cli import report_user_errors
+from loki_exp.errors import LokiError
 
 DEFAULT_CACHE = "~/.cache/loki_exp"
 
