@@ -1,38 +1,47 @@
-"""Training-step cost on the real SmolLM2-135M: LoKI q=10 vs the original split module,
-LoRA r16 and full fine-tuning, batch 4 x 256 tokens, bf16 autocast, AdamW.
+"""Training-step cost on the real SmolLM2-135M: LoKI q=10 against LoRA r16, full
+fine-tuning and a reconstruction of the original LoKI code's split module; batch 4 x 256
+tokens, AdamW.
 
-Each method runs in its own child process (so peak RSS is its own), one after another,
-from this one script run. Last line:
+Like with like: all four models live in this one process and their steps are interleaved
+(repeat r runs every method once, in a rotated order), so machine noise hits every arm
+alike; every arm's frozen ``nn.Linear`` weights are handled the same way (``FrozenLinear``,
+as ``apply_loki`` does for LoKI); memory is each training step's own peak above what was
+allocated before it (CPU: the peak RSS, reset before the step through
+``/proc/self/clear_refs``, after giving freed heap back with ``malloc_trim``; GPU:
+``torch.cuda.max_memory_allocated``), plus the persistent training state (trainable
+parameters, their gradients and AdamW's moments) counted from the tensors. Each ratio is
+the median over repeats of the per-repeat ratio, with its min and max. Last line:
 
-    loki_vs_lora_time=<a> loki_vs_lora_mem=<b> loki_vs_split_time=<c> loki_vs_full_time=<d>
+    loki_vs_lora_time=<median> [<min>, <max>] loki_vs_lora_step_mem=... loki_vs_lora_state=...
+    loki_vs_split_time=... loki_vs_full_time=...
 
-    .venv/bin/python benchmarks/train_step.py [--steps 6]
+    .venv/bin/python benchmarks/train_step.py [--repeats 5 --steps 3]
 
-On a GPU: ``--device cuda --arch llama-1b --batch 8 --seq 1024`` runs a random model of
-Llama-3.2-1B's shape (no weights needed; cost does not depend on their values) and
-reports peak CUDA memory (torch.cuda.max_memory_allocated) instead of RSS.
+Precision: bf16 autocast where the CPU has bf16 hardware, else fp32 (``--autocast``).
+On a GPU: ``--device cuda --arch llama-1b --batch 8 --seq 1024`` (a random model of
+Llama-3.2-1B's shape; cost does not depend on the weights' values).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
-import queue as queue_module
-import resource
+import contextlib
+import ctypes
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-METHODS = ("loki", "split", "lora", "full")
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("loki", "lora", "full", "split")
 
 
 class SplitLinear(nn.Module):
-    """The original LoKI code's module, from its description: an ``active`` Linear for the
-    selected rows and a ``frozen`` one for the rest, concatenated and re-ordered by gather."""
+    """A reconstruction of the original LoKI code's module from its description (not its
+    code): an ``active`` Linear for the selected rows and a ``frozen`` one for the rest,
+    concatenated and re-ordered by gather."""
 
     def __init__(self, base: nn.Linear, rows: list[int]):
         super().__init__()
@@ -52,6 +61,15 @@ class SplitLinear(nn.Module):
         return torch.gather(y, -1, self.order.expand(*y.shape[:-1], -1))
 
 
+def _freeze_linears(model: nn.Module) -> None:
+    """Every frozen plain Linear becomes a FrozenLinear, in every arm alike."""
+    from loki_exp.implant.loki_linear import FrozenLinear
+
+    for module in model.modules():
+        if type(module) is nn.Linear and not module.weight.requires_grad:
+            module.__class__ = FrozenLinear
+
+
 def _prepare(method: str, model: nn.Module, positions: list[list[int]]) -> nn.Module:
     from omegaconf import OmegaConf
 
@@ -61,9 +79,12 @@ def _prepare(method: str, model: nn.Module, positions: list[list[int]]) -> nn.Mo
         model.requires_grad_(False)
         for block, rows in zip(model.model.layers, positions):
             block.mlp.down_proj = SplitLinear(block.mlp.down_proj, rows)
-        return model
-    cfg = OmegaConf.create({"name": method, "rank": 16, "alpha": 32, "target_modules": "all-linear"})
-    return methods.prepare(cfg, model, positions)
+    else:
+        cfg = OmegaConf.create({"name": method, "rank": 16, "alpha": 32,
+                                "target_modules": "all-linear"})
+        model = methods.prepare(cfg, model, positions)
+    _freeze_linears(model)
+    return model
 
 
 def _model(arch: str) -> nn.Module:
@@ -83,78 +104,134 @@ def _model(arch: str) -> nn.Module:
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def _child(method: str, args: argparse.Namespace, queue: mp.Queue) -> None:
-    from loki_exp.implant.module import CausalLMTuner
-    from loki_exp.model_access import node_grid
-    from loki_exp.selection import select_layer_balanced
+class StepPeak:
+    """The memory a training step adds at its peak over what was allocated before it (MiB)."""
 
-    steps, device = args.steps, torch.device(args.device)
-    model = _model(args.arch)
-    # q=10 rows from random scores: cost does not depend on which rows are chosen.
-    scores = np.random.default_rng(0).normal(size=(8, *node_grid(model)))
-    model = _prepare(method, model, select_layer_balanced(scores, 10)).to(device)
-    model.train()
-    tuner = CausalLMTuner(model, lr=1e-4, max_steps=steps)
-    optimizer = tuner.configure_optimizers()["optimizer"]
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 40000, (args.batch, args.seq), generator=gen)
-    labels = ids.clone()
-    labels[:, : args.seq * 3 // 4] = -100  # loss on the last quarter, like prompt + response
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
-    batch = {k: v.to(device) for k, v in batch.items()}
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(steps + 2):
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = tuner.response_loss(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.libc = None if self.cuda else ctypes.CDLL("libc.so.6")
+
+    @staticmethod
+    def _status(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])  # kB
+        raise RuntimeError(f"/proc/self/status has no {field}")
+
+    @contextlib.contextmanager
+    def measure(self, out: list[float]):
+        if self.cuda:
             torch.cuda.synchronize()
-        if step >= 2:  # two warm-up steps
-            times.append(time.perf_counter() - start)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    queue.put({"method": method, "ms_per_step": 1000 * float(np.median(times)),
-               "peak_rss_mb": peak, "trainable": n_trainable})
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            yield
+            torch.cuda.synchronize()
+            out.append((torch.cuda.max_memory_allocated() - before) / 2**20)
+            return
+        self.libc.malloc_trim(0)  # freed heap back to the OS, so RSS is what is in use
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM)
+        before = self._status("VmRSS")
+        yield
+        out.append((self._status("VmHWM") - before) / 1024)
+
+
+def _state_mb(model: nn.Module, optimizer) -> float:
+    """Trainable parameters + their gradients + AdamW's moments (and fp32 masters)."""
+    tensors = [p for p in model.parameters() if p.requires_grad]
+    tensors += [p.grad for p in tensors if p.grad is not None]
+    tensors += [t for state in optimizer.state.values() for t in state.values()
+                if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+class Arm:
+    def __init__(self, method: str, args: argparse.Namespace, batch: dict):
+        from loki_exp.implant.module import CausalLMTuner
+        from loki_exp.model_access import node_grid
+        from loki_exp.selection import select_layer_balanced
+
+        model = _model(args.arch)
+        # q=10 rows from random scores: cost does not depend on which rows are chosen.
+        scores = np.random.default_rng(0).normal(size=(8, *node_grid(model)))
+        self.model = _prepare(method, model, select_layer_balanced(scores, 10)).to(args.device)
+        self.model.train()
+        self.tuner = CausalLMTuner(self.model, lr=1e-4, max_steps=1000)
+        self.optimizer = self.tuner.configure_optimizers()["optimizer"]
+        self.batch, self.device, self.autocast = batch, torch.device(args.device), args.autocast
+        self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def step(self) -> None:
+        ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast == "bf16"
+               else contextlib.nullcontext())
+        with ctx:
+            loss = self.tuner.response_loss(self.batch)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def _spread(values: list[float]) -> str:
+    return f"{np.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
 
 def main() -> None:
+    from loki_exp.resolvers import cpu_has_native_bf16
+
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per arm per repeat")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--arch", choices=["smollm2", "llama-1b"], default="smollm2")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--autocast", choices=["bf16", "none"], default=None,
+                        help="default: bf16 on a GPU or a CPU with bf16 hardware, else none")
     args = parser.parse_args()
-    ctx = mp.get_context("spawn")
-    results = {}
-    for method in METHODS:
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(method, args, queue))
-        proc.start()
-        while True:  # a child that dies puts nothing: report it instead of waiting forever
-            try:
-                results[method] = queue.get(timeout=10)
-                break
-            except queue_module.Empty:
-                if not proc.is_alive():
-                    raise SystemExit(f"{method}: child died (exit code {proc.exitcode})") from None
-        proc.join()
-        r = results[method]
-        print(f"{method:6s} {r['ms_per_step']:8.0f} ms/step  peak mem {r['peak_rss_mb']:7.0f} MB  "
-              f"trainable {r['trainable']:,}", flush=True)
-    loki, lora, split, full = (results[m] for m in ("loki", "lora", "split", "full"))
-    print(json.dumps(results))
-    print(f"loki_vs_lora_time={loki['ms_per_step'] / lora['ms_per_step']:.3f} "
-          f"loki_vs_lora_mem={loki['peak_rss_mb'] / lora['peak_rss_mb']:.3f} "
-          f"loki_vs_split_time={loki['ms_per_step'] / split['ms_per_step']:.3f} "
-          f"loki_vs_full_time={loki['ms_per_step'] / full['ms_per_step']:.3f}")
+    if args.autocast is None:
+        args.autocast = "bf16" if args.device != "cpu" or cpu_has_native_bf16() else "none"
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 40000, (args.batch, args.seq), generator=gen)
+    labels = ids.clone()
+    labels[:, : args.seq * 3 // 4] = -100  # loss on the last quarter, like prompt + response
+    batch = {k: v.to(args.device) for k, v in
+             {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}.items()}
+    arms = {m: Arm(m, args, batch) for m in METHODS}
+    for arm in arms.values():  # warm-up: allocates AdamW's state, fills caches
+        arm.step()
+    peak = StepPeak(torch.device(args.device))
+    ms = {m: [] for m in METHODS}
+    mem = {m: [] for m in METHODS}
+    for r in range(args.repeats):
+        order = METHODS[r % len(METHODS):] + METHODS[: r % len(METHODS)]
+        for m in order:
+            times = []
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                with peak.measure(mem[m]):
+                    arms[m].step()
+                times.append(time.perf_counter() - start)
+            ms[m].append(1000 * float(np.median(times)))
+    state = {m: _state_mb(a.model, a.optimizer) for m, a in arms.items()}
+    print(f"{args.arch}, batch {args.batch} x {args.seq}, autocast {args.autocast}, "
+          f"{args.repeats} interleaved repeats x {args.steps} steps")
+    for m in METHODS:
+        print(f"{m:6s} {np.median(ms[m]):8.0f} ms/step [{min(ms[m]):.0f}, {max(ms[m]):.0f}]  "
+              f"step peak {np.median(mem[m]):7.0f} MiB  state {state[m]:7.0f} MiB  "
+              f"trainable {arms[m].trainable:,}", flush=True)
+
+    def ratio(a: str, b: str, series: dict) -> str:
+        return _spread([x / y for x, y in zip(series[a], series[b])])
+
+    steps_per_repeat = args.steps
+    mem_r = {m: [float(np.median(mem[m][i:i + steps_per_repeat]))
+                 for i in range(0, len(mem[m]), steps_per_repeat)] for m in METHODS}
+    print(f"loki_vs_lora_time={ratio('loki', 'lora', ms)} "
+          f"loki_vs_lora_step_mem={ratio('loki', 'lora', mem_r)} "
+          f"loki_vs_lora_state={state['loki'] / state['lora']:.3f} "
+          f"loki_vs_split_time={ratio('loki', 'split', ms)} "
+          f"loki_vs_full_time={ratio('loki', 'full', ms)}")
 
 
 if __name__ == "__main__":

@@ -122,6 +122,8 @@ def test_paper_config_checks(compose_cfg, tmp_path):
         check_eval(compose_cfg("eval=paper", "eval.benchmarks=[arc_easy]").eval)
     with pytest.raises(LokiError, match="has no gsm8k.jsonl"):
         run_suite(Oracle(True), ["gsm8k"], 1, "paper", paper_data=tmp_path)
+    with pytest.raises(LokiError, match=r"eval.forgetting_metric='acc_nrom' is not a score"):
+        check_eval(compose_cfg("eval.forgetting_metric=acc_nrom").eval)  # fell back to acc
     with pytest.raises(LokiError, match="eval.paper_data='/no/such/dir' is not a directory"):
         check_eval(compose_cfg("eval=paper", "eval.allow_code_execution=true",
                                "eval.paper_data=/no/such/dir").eval)

@@ -85,6 +85,13 @@ def check_eval(ev: DictConfig) -> None:
         if data is not None and not Path(str(data)).is_dir():
             raise LokiError(f"eval.paper_data={data!r} is not a directory; expected one with a "
                             "<task>.jsonl file per task, or null for the hub")
+    from loki_exp.evaluation.benchmarks import RC_METRICS
+    from loki_exp.evaluation.paper_suite import METRICS
+
+    names = sorted({m[0] for m in RC_METRICS} | {m.key for ms in METRICS.values() for m in ms})
+    if ev.get("forgetting_metric") not in names:
+        raise LokiError(f"eval.forgetting_metric={ev.get('forgetting_metric')!r} is not a score "
+                        f"the suites report; expected one of {names}")
     unknown = [b for b in ev.get("bpb") or [] if b not in BPB_SETS]
     if unknown:
         raise LokiError(f"eval.bpb has {unknown}; expected some of {sorted(BPB_SETS)}")
