@@ -29,10 +29,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from loki_exp.data.mmlu import ProbeSpec, load_probe, render_prompt
-from loki_exp.kva.stage import kva_settings, model_for_kva
 from loki_exp.kva.engine import CaptumKVA, FastKVA, KVASettings
 from loki_exp.kva.first_commit import first_commit_kva
 from loki_exp.kva.lightning import common_prefix
+from loki_exp.kva.stage import kva_settings, model_for_kva
 from loki_exp.models import load_model, torch_dtype
 from loki_exp.selection import select_layer_balanced
 

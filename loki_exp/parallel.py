@@ -1,6 +1,8 @@
 """The ``parallelism`` group -> a Lightning strategy, and the checks on it.
 
-``single`` and ``ddp`` are Lightning strategy names as they are. ``fsdp2`` is FSDP2
+``parallelism.mode`` (not "strategy": that name is the row-selection group's) is ``auto``
+(one process), ``ddp`` or ``fsdp2``; ``auto`` and ``ddp`` are Lightning strategy names as
+they are. ``fsdp2`` is FSDP2
 (``fully_shard``) through Lightning's ModelParallelStrategy, which also runs on CPU (gloo),
 where Lightning's FSDPStrategy refuses a CPU accelerator. The sharding itself is applied by
 ``CausalLMTuner.configure_model``.
@@ -14,30 +16,30 @@ from omegaconf import DictConfig
 
 from loki_exp.errors import LokiError, check_positive_int
 
-STRATEGIES = ("auto", "ddp", "fsdp2")
+MODES = ("auto", "ddp", "fsdp2")
 
 
 def check_parallelism(par: DictConfig) -> None:
-    if par.strategy not in STRATEGIES:
-        raise LokiError(f"parallelism.strategy={par.strategy!r} is not known; expected one of "
-                        f"{list(STRATEGIES)} (parallelism=single|ddp|fsdp)")
+    if par.mode not in MODES:
+        raise LokiError(f"parallelism.mode={par.mode!r} is not known; expected one of "
+                        f"{list(MODES)} (parallelism=single|ddp|fsdp)")
     for key in ("devices", "num_nodes"):
         check_positive_int(f"parallelism.{key}", par.get(key))
 
 
 def lightning_strategy(par: DictConfig) -> str | Strategy:
-    if par.strategy == "fsdp2":
+    if par.mode == "fsdp2":
         return ModelParallelStrategy(
             data_parallel_size=int(par.devices) * int(par.num_nodes), tensor_parallel_size=1,
             save_distributed_checkpoint=bool(par.get("save_distributed_checkpoint", False)))
-    return par.strategy
+    return par.mode
 
 
 def kva_strategy(par: DictConfig) -> str | Strategy:
     """KVA splits the probe prompts over the ranks, each holding the whole model; under
     ``fsdp2`` that is DDP (sharding would only add gathers: the attribution is a forward and
     backward per prompt, and the paper ran it for the 8B model on one GPU)."""
-    return "ddp" if par.strategy == "fsdp2" else lightning_strategy(par)
+    return "ddp" if par.mode == "fsdp2" else lightning_strategy(par)
 
 
 def is_global_zero() -> bool:

@@ -31,7 +31,7 @@ def needs_own_process(cfg: DictConfig) -> bool:
     """A multi-process job of a local sweep (under SLURM every task already is one rank)."""
     par = cfg.parallelism
     ranks = int(par.devices) * int(par.num_nodes)
-    return in_multirun() and par.strategy != "auto" and ranks > 1 and not SLURMEnvironment.detect()
+    return in_multirun() and par.mode != "auto" and ranks > 1 and not SLURMEnvironment.detect()
 
 
 def ran_in_own_process(cfg: DictConfig, module: str) -> bool:

@@ -106,7 +106,7 @@ CASES = [
     (["trainer.callbacks=[{_target_:nope.Nope}]", "stages=[implant]", "method=lora"],
      "callback 'nope.Nope' could not be built"),
     (["parallelism.devices=0"], "parallelism.devices=0 must be a positive integer"),
-    (["parallelism.strategy=deepspeed"], "parallelism.strategy='deepspeed' is not known"),
+    (["parallelism.mode=deepspeed"], "parallelism.mode='deepspeed' is not known"),
     (["eval.benchmarks=[nope]", "stages=[evaluate]"], "eval.benchmarks has ['nope']"),
     (["eval.bpb=[mmlu]"], "eval.bpb has ['mmlu']; expected some of ['gsm8k', 'humaneval', "
                           "'jeopardy', 'naturalqs']"),

