@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,6 +34,9 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
         name = f"{cfg.method.name}-{cfg.strategy.name}-q{cfg.quota}"
         loggers.append(WandbLogger(project=str(wb.project), group=group, name=name,
                                    save_dir=str(output_dir), config=config, mode=mode))
+    for spec in cfg.logger.get("extra") or []:
+        loggers.append(instantiate(spec, **({} if "save_dir" in spec else
+                                            {"save_dir": str(output_dir)})))
     return loggers
 
 

@@ -341,3 +341,20 @@ def test_resume_refuses_a_checkpoint_of_other_rows_or_method(compose_cfg, tmp_pa
     run_implant(resume, loaded, rows, task, tmp_path / "e", [])
     assert torch.load(tmp_path / "e" / "checkpoints" / "last.ckpt",
                       weights_only=True)["global_step"] == 2
+
+
+def test_any_lightning_trainer_flag_from_the_shell_and_none_of_ours(compose_cfg, tmp_path):
+    from loki_exp.implant.fit import check_trainer
+
+    cfg = compose_cfg("+trainer.lightning.limit_val_batches=0",
+                      "+trainer.lightning.num_sanity_val_steps=3", "trainer.precision=32-true")
+    check_trainer(cfg.trainer)
+    trainer = build_trainer(cfg, tmp_path, loggers=[])
+    assert (trainer.limit_val_batches, trainer.num_sanity_val_steps) == (0, 3)
+    assert trainer.precision == "32-true"
+    with pytest.raises(LokiError, match=r"trainer.lightning.precision is set through "
+                                        r"trainer.precision; set it there"):
+        check_trainer(compose_cfg("+trainer.lightning.precision=16-mixed").trainer)
+    with pytest.raises(LokiError, match=r"trainer.lightning has \['limit_val_batchez'\]: not "
+                                        r"flags of lightning.pytorch.Trainer"):
+        check_trainer(compose_cfg("+trainer.lightning.limit_val_batchez=0").trainer)

@@ -39,3 +39,12 @@ def test_wandb_offline_run_holds_config_metrics_and_group(compose_cfg, tmp_path,
     assert run["config"]["quota"] == 30 and run["config"]["method"]["name"] == "loki"
     assert {k: run["summary"][k] for k in metrics} == metrics
     assert any(h.get("forgetting/avg") == 1.5 for h in run["history"])
+
+
+
+def test_any_lightning_logger_from_the_shell(compose_cfg, tmp_path):
+    loggers = build_loggers(compose_cfg(
+        "logger.extra=[{_target_:lightning.pytorch.loggers.CSVLogger,name:extra}]",
+        f"paths.output_dir={tmp_path}"), tmp_path)
+    assert [type(lg) for lg in loggers] == [CSVLogger, CSVLogger]
+    assert loggers[1].name == "extra" and loggers[1].save_dir == str(tmp_path)

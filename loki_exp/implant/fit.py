@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
@@ -54,7 +55,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list | None = None
     checkpoints = [ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True,
                                    save_top_k=0, every_n_train_steps=every)] if every else []
     callbacks = [*checkpoints, *user_callbacks(tr.get("callbacks"))]
-    return L.Trainer(
+    ours = dict(
         # Off only when no checkpoint callback is given at all (Lightning would add its own);
         # a user's ModelCheckpoint in trainer.callbacks still works with every=0.
         enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
@@ -65,10 +66,14 @@ def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list | None = None
         accumulate_grad_batches=int(tr.accumulate_grad_batches),
         gradient_clip_val=tr.get("gradient_clip_val"), log_every_n_steps=int(tr.log_every_n_steps),
         logger=loggers if loggers is not None else [CSVLogger(output_dir, name="csv", version="")],
-        callbacks=callbacks, enable_model_summary=False,
+        callbacks=callbacks,
         deterministic=bool(tr.deterministic),
         default_root_dir=output_dir,
     )
+    spec = tr.get("lightning") or {"_target_": "lightning.pytorch.Trainer"}
+    # partial: the user's flags through Hydra, ours (objects: strategy, loggers, callbacks)
+    # passed as they are, never copied into a config.
+    return instantiate(spec, _partial_=True)(**ours)
 
 
 def total_steps(tr: DictConfig, n_train: int) -> int:
@@ -83,8 +88,40 @@ def total_steps(tr: DictConfig, n_train: int) -> int:
     return int(tr.max_epochs) * math.ceil(batches / int(tr.accumulate_grad_batches))
 
 
+# Trainer flags loki_exp sets from its own keys: trainer.lightning must not set them too.
+OWNED_FLAGS = {
+    "accelerator": "parallelism.accelerator", "devices": "parallelism.devices",
+    "num_nodes": "parallelism.num_nodes", "strategy": "parallelism.mode",
+    "precision": "trainer.precision", "max_steps": "trainer.max_steps",
+    "max_epochs": "trainer.max_epochs", "accumulate_grad_batches": "trainer.accumulate_grad_batches",
+    "gradient_clip_val": "trainer.gradient_clip_val", "log_every_n_steps": "trainer.log_every_n_steps",
+    "deterministic": "trainer.deterministic", "callbacks": "trainer.callbacks",
+    "logger": "the logger group", "default_root_dir": "hydra.run.dir",
+    "enable_checkpointing": "trainer.checkpoint_every_n_steps",
+    "use_distributed_sampler": "nothing (loki_exp's sampler splits the global batch)",
+}
+
+
+def check_lightning_flags(lightning: DictConfig | None) -> None:
+    """``trainer.lightning``: real Trainer flags, none of those loki_exp sets itself."""
+    import inspect
+
+    flags = [k for k in (lightning or {}) if k != "_target_"]
+    for key in flags:
+        if key in OWNED_FLAGS:
+            raise LokiError(f"trainer.lightning.{key} is set through {OWNED_FLAGS[key]}; "
+                            "set it there")
+    if (lightning or {}).get("_target_", "lightning.pytorch.Trainer") == "lightning.pytorch.Trainer":
+        known = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+        unknown = [k for k in flags if k not in known]
+        if unknown:
+            raise LokiError(f"trainer.lightning has {unknown}: not flags of lightning.pytorch."
+                            f"Trainer {L.__version__}")
+
+
 def check_trainer(tr: DictConfig) -> None:
     """The settings Lightning would only reject after the KVA stage has run."""
+    check_lightning_flags(tr.get("lightning"))
     if (tr.get("max_steps") is None) == (tr.get("max_epochs") is None):
         raise LokiError(f"trainer.max_steps={tr.get('max_steps')!r} and trainer.max_epochs="
                         f"{tr.get('max_epochs')!r}: set exactly one (the other null)")
