@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from loki_exp.implant.fit import learning_rate, total_steps
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("method,lr,rank", [("loki", 1e-5, None), ("loki_lora", 1e-5, 32),
@@ -78,3 +82,35 @@ def test_cpu_pareto_sweeps_each_method_over_its_own_rates(compose_cfg, arm, base
         cfg = compose_cfg("experiment=cpu_pareto", f"+arm={arm}", f"lr_mult={mult}")
         assert learning_rate(cfg) == pytest.approx(base * mult)
     assert compose_cfg("experiment=cpu_pareto", "+arm=lora").method.rank == 16
+
+
+def _sweep(experiment: str) -> list[list[str]]:
+    """Every job's overrides of an experiment's own sweep (the product of its params)."""
+    import itertools
+
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.load(ROOT / "conf" / "experiment" / f"{experiment}.yaml")
+    params = OmegaConf.select(raw, "hydra.sweeper.params") or {}
+    axes = [[f"{k}={v}" for v in str(values).split(",")] for k, values in params.items()]
+    return [list(job) for job in itertools.product(*axes)] or [[]]
+
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_and_every_job_of_its_sweep_validates(compose_cfg, experiment, tmp_path):
+    from loki_exp.pipeline import validate
+
+    jobs = _sweep(experiment)
+    for job in jobs:
+        validate(compose_cfg(f"paths.output_dir={tmp_path}", f"experiment={experiment}", *job))
+    assert experiment != "cpu_pareto" or len(jobs) == 9
+
+
+@pytest.mark.parametrize("arm", sorted(p.stem for p in (ROOT / "conf" / "arm").glob("*.yaml")))
+def test_every_arm_validates(compose_cfg, arm, tmp_path):
+    from loki_exp.pipeline import validate
+
+    validate(compose_cfg(f"paths.output_dir={tmp_path}", f"+arm={arm}"))
