@@ -85,3 +85,17 @@ def test_slurm_launcher_config_takes_nodes_and_tasks_from_parallelism():
     lines = proc.stdout.splitlines()
     assert "    nodes: 4" in lines and "    tasks_per_node: 8" in lines
     assert "    gpus_per_node: 8" in lines
+
+
+def test_help_is_this_project_s_and_lists_every_group_with_its_options():
+    out = run_cli("--help", timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert text.startswith("loki_exp: LoKI") and "Powered by Hydra" not in text
+    for stage in ("analyse", "select", "implant", "export", "evaluate"):
+        assert f"\n  {stage} " in text
+    assert "python -m loki_exp.train --multirun quota=5,10,30 method=loki,lora,full" in text
+    assert "multirun/<date>/<time>/<job>/" in text
+    for group in sorted(p for p in (ROOT / "conf").iterdir() if p.is_dir() and p.name != "hydra"):
+        options = ", ".join(sorted(f.stem for f in group.glob("*.yaml")))
+        assert f"\n{group.name}: {options}\n" in text, group.name
