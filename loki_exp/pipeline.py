@@ -22,6 +22,7 @@ from loki_exp.evaluation.evaluate import check_eval, run_evaluate
 from loki_exp.implant.export import export_checkpoint
 from loki_exp.implant.fit import check_trainer, resume_checkpoint, run_implant
 from loki_exp.implant.methods import SELECTING_METHODS, check_method
+from loki_exp.implant.model_card import write_model_card
 from loki_exp.kva.stage import check_kva, run_analyse
 from loki_exp.kva.store import StoreView
 from loki_exp.loggers import build_loggers, close_loggers, log_final_metrics
@@ -83,11 +84,15 @@ def evaluate(state: RunState) -> None:
     task = state.artifacts.get("eval_task", state.artifacts["task"])
     metrics = run_evaluate(state.cfg, state.loaded, task, state.output_dir)
     state.artifacts["metrics"] = metrics
+    if state.artifacts.get("model_dir"):  # the card gets the before/after table
+        write_model_card(state.cfg, state.artifacts["model_dir"], state.artifacts.get("implant"),
+                         metrics)
     log_final_metrics(state.loggers, metrics)
 
 
 def export(state: RunState) -> None:
     state.artifacts["model_dir"] = export_checkpoint(state.cfg, state.loaded, state.output_dir)
+    write_model_card(state.cfg, state.artifacts["model_dir"], state.artifacts.get("implant"))
 
 
 # Under DDP/FSDP every rank runs analyse, select and implant together; the rest runs once.

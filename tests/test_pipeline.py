@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from loki_exp.errors import LokiError
@@ -77,6 +78,18 @@ def test_loki_run_writes_positions_model_and_record(compose_cfg, tmp_path, isola
     for (name, p0), (_, p1) in zip(base.named_parameters(), tuned.named_parameters()):
         if "down_proj" not in name:
             assert torch.equal(p0, p1), name
+    # The export's Hugging Face model card holds what was trained and the run's numbers.
+    card = (out / "model" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "transformers" and "quota:30" in front["tags"]
+    assert "strategy `layer_balanced`" in card and "KVA preset `published`" in card
+    assert f"Trainable parameters: {3 * 19 * 96:,}" in card
+    key = "bench/arc_easy/acc_norm"
+    row = (f"| {key} | {metrics[key + '/before']:.4g} | {metrics[key + '/after']:.4g} | "
+           f"{metrics[key + '/delta']:.4g} | [{metrics[key + '/delta/ci_low']:.4g}, "
+           f"{metrics[key + '/delta/ci_high']:.4g}] |")
+    assert row in card
+    assert f"`forgetting/avg` (percent, positive = forgot): {metrics['forgetting/avg']:.4g}" in card
 
 
 def test_baseline_run_skips_kva(compose_cfg, tmp_path, isolated_cache):

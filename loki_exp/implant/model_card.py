@@ -1,0 +1,103 @@
+"""The exported model's ``README.md``: a Hugging Face model card (YAML front matter + text).
+
+Written at export (what was trained, how) and written again after evaluation with the
+before/after table and its 95% intervals, so the export folder can be uploaded to a hub as
+it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from loki_exp import atomic
+
+SELECTING = ("loki", "loki_lora", "suppress")
+
+
+def _base_model(cfg: DictConfig) -> str:
+    model = cfg.model
+    if model.get("source") == "pretrained" and model.get("name_or_path"):
+        return str(model.name_or_path)
+    return str(model.get("hub_id") or model.name)
+
+
+def _fmt(value: Any) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _results(metrics: dict[str, float]) -> list[str]:
+    rows = []
+    for key in sorted(k for k in metrics if k.endswith("/after")):
+        base = key.removesuffix("/after")
+        delta = metrics.get(f"{base}/delta")
+        low, high = metrics.get(f"{base}/delta/ci_low"), metrics.get(f"{base}/delta/ci_high")
+        interval = f"[{_fmt(low)}, {_fmt(high)}]" if low is not None else ""
+        rows.append(f"| {base} | {_fmt(metrics.get(f'{base}/before'))} | {_fmt(metrics[key])} | "
+                    f"{_fmt(delta)} | {interval} |")
+    out = ["| measure | before | after | change | 95% interval of the change |",
+           "| --- | ---: | ---: | ---: | --- |", *rows]
+    for key in ("forgetting/avg", "forgetting/avg_benchmarks"):
+        if key in metrics:
+            low, high = metrics.get(f"{key}/ci_low"), metrics.get(f"{key}/ci_high")
+            interval = f" [{_fmt(low)}, {_fmt(high)}]" if low is not None else ""
+            out.append(f"\n`{key}` (percent, positive = forgot): {_fmt(metrics[key])}{interval}")
+    return out
+
+
+def _config_yaml(cfg: DictConfig) -> str:
+    """The run's resolved config, without machine paths."""
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an interpolation only a Hydra run resolves: show it unresolved
+        container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("paths", None)
+    return yaml.safe_dump(container, sort_keys=False).rstrip()
+
+
+def write_model_card(cfg: DictConfig, model_dir: Path, implant: dict[str, Any] | None = None,
+                     metrics: dict[str, float] | None = None) -> Path:
+    method, dataset = cfg.method, cfg.dataset
+    selecting = method.name in SELECTING and not cfg.get("positions_file")
+    front = {"base_model": _base_model(cfg), "library_name": "transformers",
+             "tags": ["loki_exp", f"method:{method.name}"]
+             + ([f"quota:{cfg.quota}", f"strategy:{cfg.strategy.name}"] if selecting else [])}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+             f"# {cfg.model.name}, {method.name} on {dataset.get('name', 'the task')}", "",
+             "Made with loki_exp (LoKI: Low-damage Knowledge Implanting). A plain transformers "
+             "checkpoint: `AutoModelForCausalLM.from_pretrained(this folder)`.", "",
+             "## Training", "",
+             f"- Base model: `{front['base_model']}` (loki_exp model `{cfg.model.name}`)",
+             f"- Method: `{method.name}`, learning rate "
+             f"{_fmt((implant or {}).get('lr') or method.get('lr'))}"]
+    if selecting:
+        probe = cfg.kva.probe
+        lines += [f"- Quota: {cfg.quota}% of all MLP down_proj rows, strategy "
+                  f"`{cfg.strategy.name}`",
+                  f"- KVA preset `{cfg.kva.get('preset')}` ({cfg.kva.method} x {cfg.kva.steps}, "
+                  f"{cfg.kva.baseline} baseline, scale_positions={cfg.kva.scale_positions}); "
+                  f"probe: MMLU ({probe.source}), {probe.samples_per_subject} rows per subject, "
+                  f"subjects {probe.subjects}, {probe.shots}-shot"
+                  + (f", limit {cfg.kva.limit} prompts" if cfg.kva.get("limit") else "")]
+    elif method.name in SELECTING:
+        lines.append(f"- Rows: given by `{cfg.positions_file}`")
+    tr = cfg.trainer
+    length = (f"{tr.max_steps} steps" if tr.get("max_steps") is not None
+              else f"{tr.max_epochs} epochs")
+    lines += [f"- Training data: `{dataset.get('name', '?')}`"
+              + (f", {implant['train_examples']} examples" if implant and "train_examples" in implant
+                 else ""),
+              f"- {length}, global batch {tr.batch_size}, precision {tr.precision}, seed {cfg.seed}"]
+    if implant and implant.get("trainable_parameters") is not None:
+        lines.append(f"- Trainable parameters: {implant['trainable_parameters']:,}")
+    lines += ["", "## Evaluation", ""]
+    if metrics:
+        lines += ["Base model against this one on the same items; intervals: 95% paired "
+                  "bootstrap over items.", "", *_results(metrics)]
+    else:
+        lines.append("Not evaluated (the run's `stages` had no `evaluate`).")
+    lines += ["", "## Configuration", "", "```yaml", _config_yaml(cfg), "```", ""]
+    return atomic.write_text(Path(model_dir) / "README.md", "\n".join(lines))
