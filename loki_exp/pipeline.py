@@ -19,9 +19,10 @@ from loki_exp.data.sft import check_overflow
 from loki_exp.data.tasks import load_task
 from loki_exp.errors import LokiError
 from loki_exp.evaluation.evaluate import check_eval, run_evaluate
+from loki_exp.implant.adapter import save_adapter
 from loki_exp.implant.export import export_checkpoint
 from loki_exp.implant.fit import check_trainer, resume_checkpoint, run_implant
-from loki_exp.implant.methods import SELECTING_METHODS, check_method
+from loki_exp.implant.methods import LOKI_METHODS, SELECTING_METHODS, check_method
 from loki_exp.implant.model_card import write_model_card
 from loki_exp.kva.stage import check_kva, run_analyse
 from loki_exp.kva.store import StoreView
@@ -92,6 +93,10 @@ def evaluate(state: RunState) -> None:
 
 def export(state: RunState) -> None:
     state.artifacts["model_dir"] = export_checkpoint(state.cfg, state.loaded, state.output_dir)
+    if state.cfg.method.name in LOKI_METHODS and state.artifacts.get("positions"):
+        state.artifacts["adapter_dir"] = save_adapter(
+            state.cfg, state.loaded.fingerprint, state.loaded.model, state.artifacts["positions"],
+            state.output_dir / "adapter")
     write_model_card(state.cfg, state.artifacts["model_dir"], state.artifacts.get("implant"))
 
 
@@ -172,6 +177,7 @@ def write_run_record(state: RunState) -> Path:
         "kva_store": str(art["kva_store"]) if art.get("kva_store") else None,
         "positions": str(art["positions_path"]) if art.get("positions_path") else None,
         "model_dir": str(art["model_dir"]) if art.get("model_dir") else None,
+        "adapter_dir": str(art["adapter_dir"]) if art.get("adapter_dir") else None,
         "implant": art.get("implant"),
         "metrics": art.get("metrics"),
         "timings_s": {k: round(v, 3) for k, v in state.timings.items()},

@@ -18,7 +18,7 @@ from loki_exp import atomic
 SELECTING = ("loki", "loki_lora", "suppress")
 
 
-def _base_model(cfg: DictConfig) -> str:
+def base_model_name(cfg: DictConfig) -> str:
     model = cfg.model
     if model.get("source") == "pretrained" and model.get("name_or_path"):
         return str(model.name_or_path)
@@ -62,7 +62,7 @@ def write_model_card(cfg: DictConfig, model_dir: Path, implant: dict[str, Any] |
                      metrics: dict[str, float] | None = None) -> Path:
     method, dataset = cfg.method, cfg.dataset
     selecting = method.name in SELECTING and not cfg.get("positions_file")
-    front = {"base_model": _base_model(cfg), "library_name": "transformers",
+    front = {"base_model": base_model_name(cfg), "library_name": "transformers",
              "tags": ["loki_exp", f"method:{method.name}"]
              + ([f"quota:{cfg.quota}", f"strategy:{cfg.strategy.name}"] if selecting else [])}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
