@@ -153,12 +153,17 @@ def score_model(cfg: DictConfig, model, tokenizer, task: TaskData) -> dict[str, 
     out: dict[str, Any] = {"bench": {}, "bpb": {}, "task": {}, "drift": {}, "items": {}}
     lm = make_lm(model, tokenizer, int(ev.batch_size))
     if ev.benchmarks:
+        log.info("evaluate: %d benchmarks through lm-eval (%s items each): %s",
+                 len(ev.benchmarks), ev.limit or "all", ", ".join(ev.benchmarks))
         out["bench"], per_item = run_suite(
             lm, list(ev.benchmarks), ev.limit, ev.source, cfg.paths.cache_dir,
             paper_data=ev.get("paper_data"), allow_code=bool(ev.get("allow_code_execution")),
             max_new_tokens=ev.get("paper_max_new_tokens"))
         for bench, metrics in per_item.items():
             out["items"].update({f"bench/{bench}/{m}": v for m, v in metrics.items()})
+    if ev.get("bpb"):
+        log.info("evaluate: bits per byte of %s (%s items each, as shipped and chat-rendered)",
+                 ", ".join(ev.bpb), ev.get("bpb_limit") or "all")
     for name, values in score_bpb(lm, tokenizer, list(ev.get("bpb") or []), ev.get("bpb_limit"),
                                   cfg.paths.cache_dir).items():
         out["bpb"][name] = _mean(values)
@@ -168,7 +173,7 @@ def score_model(cfg: DictConfig, model, tokenizer, task: TaskData) -> dict[str, 
     if int(ev.get("drift_prompts") or 0):
         questions = drift_questions(int(ev.drift_prompts), cfg.paths.cache_dir)
         answers = generate(model, tokenizer, [[{"role": "user", "content": q}] for q in questions],
-                           int(ev.drift_max_new_tokens), int(ev.batch_size))
+                           int(ev.drift_max_new_tokens), int(ev.batch_size), "drift answers")
         out["drift"]["answers"] = answers
         out["items"]["drift/format_damage"] = [float(looks_like_call(a)) for a in answers]
     return out

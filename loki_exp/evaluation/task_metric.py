@@ -13,11 +13,12 @@ import torch
 from loki_exp.data.bfcl import BFCLItem
 from loki_exp.evaluation.bfcl_match import matches, parse_calls
 from loki_exp.evaluation.drift import looks_like_call
+from loki_exp.progress import track
 
 
 @torch.no_grad()
 def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_new_tokens: int,
-             batch_size: int) -> list[str]:
+             batch_size: int, what: str = "generation") -> list[str]:
     """Greedy completions, batched with left padding, longest prompts first (less padding)."""
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
                for c in conversations]
@@ -29,7 +30,8 @@ def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_ne
     model.eval()
     out: dict[int, str] = {}
     try:
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        for start in track(starts, what, len(starts)):
             chunk = order[start:start + batch_size]
             width = max(len(encoded[i]) for i in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
@@ -59,7 +61,8 @@ def bfcl_correct(text: str, item: BFCLItem) -> bool:
 
 def bfcl_accuracy(model, tokenizer, items: list[BFCLItem], max_new_tokens: int = 128,
                   batch_size: int = 8) -> tuple[float, list[dict[str, Any]]]:
-    texts = generate(model, tokenizer, [i.messages for i in items], max_new_tokens, batch_size)
+    texts = generate(model, tokenizer, [i.messages for i in items], max_new_tokens, batch_size,
+                     "BFCL generation")
     rows = [{"id": item.id, "category": item.category, "generated": text,
              "target": item.target, "correct": bfcl_correct(text, item)}
             for item, text in zip(items, texts)]

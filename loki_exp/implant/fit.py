@@ -30,6 +30,7 @@ from loki_exp.implant.module import CausalLMTuner, is_fsdp_sharded
 from loki_exp.implant.run_identity import check_resume, run_identity
 from loki_exp.models import LoadedModel, load_model
 from loki_exp.parallel import lightning_strategy
+from loki_exp.progress import progress_callbacks
 from loki_exp.upstream import lightning_precisions
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,9 @@ def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list | None = None
     # model-plus-optimizer last.ckpt (1.6 GB for SmolLM2) per job that the export makes moot.
     checkpoints = [ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True,
                                    save_top_k=0, every_n_train_steps=every)] if every else []
-    callbacks = [*checkpoints, *user_callbacks(tr.get("callbacks"))]
-    ours = dict(
+    bar, lines = progress_callbacks("implant")  # a bar on a terminal, plain lines in a log
+    callbacks = [*checkpoints, *lines, *user_callbacks(tr.get("callbacks"))]
+    ours = dict(enable_progress_bar=bar,
         # Off only when no checkpoint callback is given at all (Lightning would add its own);
         # a user's ModelCheckpoint in trainer.callbacks still works with every=0.
         enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
@@ -99,6 +101,7 @@ OWNED_FLAGS = {
     "logger": "the logger group", "default_root_dir": "hydra.run.dir",
     "enable_checkpointing": "trainer.checkpoint_every_n_steps",
     "use_distributed_sampler": "nothing (loki_exp's sampler splits the global batch)",
+    "enable_progress_bar": "nothing (a bar on a terminal, plain lines otherwise)",
 }
 
 

@@ -40,6 +40,7 @@ from loki_exp.kva.store import STORE_DTYPES, StoreView, completed_rows, merge_sh
 from loki_exp.model_access import node_grid
 from loki_exp.models import LoadedModel, torch_dtype
 from loki_exp.parallel import is_global_zero, kva_strategy
+from loki_exp.progress import progress_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +133,12 @@ def _provenance(cfg: DictConfig, loaded: LoadedModel, settings: KVASettings, key
 
 def kva_trainer(cfg: DictConfig, callbacks: list) -> L.Trainer:
     par = cfg.parallelism
+    bar, lines = progress_callbacks("analyse (KVA)")  # a bar on a terminal, else plain lines
     return L.Trainer(accelerator=par.accelerator, devices=par.devices, num_nodes=par.num_nodes,
                      strategy=kva_strategy(par), inference_mode=False, logger=False,
                      enable_checkpointing=False, enable_model_summary=False,
-                     callbacks=[*callbacks, *user_callbacks(cfg.kva.get("callbacks"))])
+                     enable_progress_bar=bar,
+                     callbacks=[*callbacks, *lines, *user_callbacks(cfg.kva.get("callbacks"))])
 
 
 def run_analyse(cfg: DictConfig, loaded: LoadedModel) -> Path:
