@@ -300,9 +300,9 @@ def plot_kva_heatmap(store: str, root: Path, quota: float = 10.0) -> Path:
     fig, ax = plt.subplots(figsize=(8, 2.4))
     image = ax.imshow(np.stack([high, low]), aspect="auto", cmap="viridis")
     ax.set_yticks([0, 1], [f"top {quota:g}% highest", f"top {quota:g}% lowest"])
-    ax.set_xlabel("layer")
+    ax.set_xlabel("decoder layer (0 = first)")
     ax.set_title("Where the most-often highest / lowest KVA nodes sit")
-    fig.colorbar(image, ax=ax, label="nodes")
+    fig.colorbar(image, ax=ax, label="nodes (count)")
     fig.tight_layout()
     path = root / "kva_heatmap.png"
     with atomic.writing(path) as tmp:
@@ -346,13 +346,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("multirun_dir")
     parser.add_argument("--wandb-project", default=None,
                         help="also log the table and images to W&B (mode from WANDB_MODE)")
+    parser.add_argument("--html", action="store_true",
+                        help="also write report.html: one self-contained page (tables, plots)")
     args = parser.parse_args(argv)
     out = make_report(args.multirun_dir)
+    if args.html:
+        from loki_exp.report_html import write_html
+
+        out["html"] = write_html(out, Path(args.multirun_dir))
     if args.wandb_project:
         log_to_wandb(out, args.wandb_project, Path(args.multirun_dir).name)
     print("\n".join(out["table"]))
-    for key in ("plot", "pareto", "heatmap"):
-        if out[key]:
+    for key in ("plot", "pareto", "heatmap", "html"):
+        if out.get(key):
             print(out[key])
 
 

@@ -137,3 +137,28 @@ def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
         (tmp / "w").write_text("new")
     assert (folder / "w").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "model"]
+
+
+def test_html_report_is_one_page_that_renders_with_its_table_and_plots(tmp_path):
+    """Rendered in headless Chromium where it is installed (Debian: apt-get install chromium)."""
+    import shutil
+    import subprocess
+
+    from loki_exp.report import main
+
+    root = tmp_path / "multirun"
+    _fake_run(root, "0", "loki", 10, 0.3, 1.0)
+    _fake_run(root, "1", "lora", 10, 0.4, 4.0)
+    main([str(root), "--html"])
+    page = (root / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "<td>lora</td>" in page
+    assert "src=\"file:" not in page and "report.md" not in page  # nothing outside the page
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium to render the page (Debian: apt-get install chromium)")
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                          "--virtual-time-budget=5000", "--dump-dom",
+                          (root / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert 'data-images-loaded="2"' in dom
+    assert dom.count("<tr>") >= 3 and "<td>loki</td>" in dom
