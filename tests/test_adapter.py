@@ -45,28 +45,29 @@ def test_adapter_applied_to_its_base_is_the_export_bit_for_bit(compose_cfg, tmp_
     assert (applied / "model.safetensors").read_bytes() == (
         out / "model" / "model.safetensors").read_bytes()
     assert json.loads((out / "run.json").read_text())["adapter_dir"] == str(out / "adapter")
-    # The CLI, and the one-line refusals: another base, a folder that is not an adapter.
-    other = _base(compose_cfg, tmp_path / "other")
+    if method == "loki":
+        _refusals(compose_cfg, tmp_path, out / "adapter")
+
+
+def _refusals(compose_cfg, tmp_path, adapter):
+    """One line and nothing written: another base (unless --force), a folder that is not an
+    adapter, rows whose shapes do not fit the base."""
     from safetensors.torch import load_file, save_file
 
+    other = _base(compose_cfg, tmp_path / "other")
     weights = load_file(str(other / "model.safetensors"))
-    weights["lm_head.weight" if "lm_head.weight" in weights else next(iter(weights))][0, 0] += 1.0
+    next(iter(weights.values())).view(-1)[0] += 1.0  # one weight: another base
     save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
-    cli = subprocess.run([sys.executable, "-m", "loki_exp.apply", str(other), str(out / "adapter"),
+    cli = subprocess.run([sys.executable, "-m", "loki_exp.apply", str(other), str(adapter),
                           str(tmp_path / "refused")], cwd=ROOT, capture_output=True, text=True)
     assert cli.returncode == 2 and "is not this adapter's base" in cli.stderr
     assert "--force" in cli.stderr and not (tmp_path / "refused").exists()
-    forced = apply_adapter(other, out / "adapter", tmp_path / "forced", force=True)
+    forced = apply_adapter(other, adapter, tmp_path / "forced", force=True)
     assert (forced / "model.safetensors").exists()
-
-
-def test_apply_refuses_a_non_adapter_and_misfitting_shapes_writing_nothing(compose_cfg, tmp_path):
-    base = _base(compose_cfg, tmp_path)
     with pytest.raises(LokiError, match="is not a loki_exp adapter: expected adapter.json"):
-        apply_adapter(base, tmp_path, tmp_path / "out")
-    out = _loki_run(compose_cfg, tmp_path, base, "loki")
-    qwen = _base(compose_cfg, tmp_path, "tiny_qwen")  # 48-wide down_proj rows, not 96
+        apply_adapter(other, tmp_path, tmp_path / "out")
+    qwen = _base(compose_cfg, tmp_path, "tiny_qwen")  # 80-wide down_proj inputs, not 96
     with pytest.raises(LokiError, match=r"layer 0 rows have shape \(19, 96\), the base model's "
                                         r"down_proj needs \(19, 80\)"):
-        apply_adapter(qwen, out / "adapter", tmp_path / "out", force=True)
+        apply_adapter(qwen, adapter, tmp_path / "out", force=True)
     assert not (tmp_path / "out").exists()

@@ -101,22 +101,6 @@ def test_help_is_this_project_s_and_lists_every_group_with_its_options():
         assert f"\n{group.name}: {options}\n" in text, group.name
 
 
-def test_progress_is_plain_lines_in_a_log(tmp_path):
-    """Output sent to a file (as in CI or a batch job): one plain line per few percent with
-    an ETA, for the KVA prompts and the training steps (with the loss); no carriage returns."""
-    out = run_cli("model=tiny_llama", "stages=[analyse,select,implant]", "kva.limit=2",
-                  "kva.dtype=float32", "trainer.max_steps=4", "trainer.batch_size=2",
-                  "trainer.precision=32-true", "trainer.log_every_n_steps=1",
-                  f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}")
-    assert out.returncode == 0, out.stderr[-2000:]
-    text = out.stdout + out.stderr
-    assert "analyse (KVA) batches: 2/2 (100%)" in text
-    lines = [line for line in text.splitlines() if line.startswith("implant steps: ")]
-    assert lines[-1].startswith("implant steps: 4/4 (100%)") and "ETA 0m00s, loss " in lines[-1]
-    assert len(lines) == 4  # every step is >= 5% of 4 steps
-    assert "\r" not in text
-
-
 def test_progress_prints_every_five_percent_or_minute(monkeypatch):
     import io
 

@@ -358,3 +358,27 @@ def test_any_lightning_trainer_flag_from_the_shell_and_none_of_ours(compose_cfg,
     with pytest.raises(LokiError, match=r"trainer.lightning has \['limit_val_batchez'\]: not "
                                         r"flags of lightning.pytorch.Trainer"):
         check_trainer(compose_cfg("+trainer.lightning.limit_val_batchez=0").trainer)
+
+
+def test_progress_is_plain_lines_when_output_is_not_a_terminal(compose_cfg, tmp_path, capsys):
+    """As in CI or a batch job's log (pytest's capture is not a terminal): one plain line per
+    few percent with an ETA, for the KVA prompts and the training steps (with the loss)."""
+    from loki_exp.implant.fit import run_implant
+    from loki_exp.kva.stage import run_analyse
+    from loki_exp.models import load_model
+
+    cfg = compose_cfg("model=tiny_llama", "kva.limit=2", "kva.dtype=float32",
+                      "trainer.max_steps=4", "trainer.batch_size=2", "trainer.precision=32-true",
+                      "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=0",
+                      f"paths.cache_dir={tmp_path / 'cache'}")
+    loaded = load_model(cfg.model)
+    run_analyse(cfg, loaded)
+    task = load_task(cfg.dataset)
+    task.train = task.train[:8]
+    run_implant(cfg, loaded, [[1], [2], [3]], task, tmp_path / "run", loggers=[])
+    text = capsys.readouterr().err
+    assert "analyse (KVA) batches: 2/2 (100%)" in text
+    lines = [line for line in text.splitlines() if line.startswith("implant steps: ")]
+    assert len(lines) == 4  # every step is >= 5% of 4 steps
+    assert lines[-1].startswith("implant steps: 4/4 (100%)") and "ETA 0m00s, loss " in lines[-1]
+    assert "\r" not in text
