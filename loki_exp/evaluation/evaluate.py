@@ -45,9 +45,10 @@ from loki_exp.evaluation.drift import (
 from loki_exp.evaluation.scores import forgetting_avg
 from loki_exp.evaluation.task_metric import bfcl_accuracy, generate
 from loki_exp.models import LoadedModel, load_model
+from loki_exp.progress import track
 
 # Base-score cache layout; bump when what a cached entry holds changes.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: benchmarks scored one at a time
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +156,15 @@ def score_model(cfg: DictConfig, model, tokenizer, task: TaskData) -> dict[str, 
     if ev.benchmarks:
         log.info("evaluate: %d benchmarks through lm-eval (%s items each): %s",
                  len(ev.benchmarks), ev.limit or "all", ", ".join(ev.benchmarks))
-        out["bench"], per_item = run_suite(
-            lm, list(ev.benchmarks), ev.limit, ev.source, cfg.paths.cache_dir,
-            paper_data=ev.get("paper_data"), allow_code=bool(ev.get("allow_code_execution")),
-            max_new_tokens=ev.get("paper_max_new_tokens"))
-        for bench, metrics in per_item.items():
-            out["items"].update({f"bench/{bench}/{m}": v for m, v in metrics.items()})
+        # One benchmark at a time: a progress line (with ETA) per benchmark in a log.
+        for bench in track(list(ev.benchmarks), "benchmarks", len(ev.benchmarks)):
+            scores, per_item = run_suite(
+                lm, [bench], ev.limit, ev.source, cfg.paths.cache_dir,
+                paper_data=ev.get("paper_data"), allow_code=bool(ev.get("allow_code_execution")),
+                max_new_tokens=ev.get("paper_max_new_tokens"))
+            out["bench"].update(scores)
+            for name, metrics in per_item.items():
+                out["items"].update({f"bench/{name}/{m}": v for m, v in metrics.items()})
     if ev.get("bpb"):
         log.info("evaluate: bits per byte of %s (%s items each, as shipped and chat-rendered)",
                  ", ".join(ev.bpb), ev.get("bpb_limit") or "all")
