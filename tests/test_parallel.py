@@ -89,7 +89,7 @@ def test_multirun_with_ddp_leaves_one_complete_run_dir_per_job(tmp_path):
     for job, quota in (("0", 5), ("1", 10)):
         record = json.loads((sweep / job / "run.json").read_text())
         assert record["config"]["quota"] == quota
-        assert record["config"]["parallelism"]["strategy"] == "ddp"
+        assert record["config"]["parallelism"]["mode"] == "ddp"
         assert record["implant"]["trainable_parameters"] > 0
         assert (sweep / job / "model" / "model.safetensors").exists()
         assert (sweep / job / ".hydra" / "config.yaml").exists()
