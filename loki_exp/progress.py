@@ -75,6 +75,7 @@ class LineProgress(L.Callback):
     def __init__(self, what: str = "train"):
         self.what = what
         self.progress: Progress | None = None
+        self.done = 0  # predict batches seen (the predict loop keeps no global count)
 
     def on_train_start(self, trainer, pl_module) -> None:
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else \

