@@ -12,17 +12,17 @@ import hydra
 from omegaconf import DictConfig
 
 from loki_exp.cli import report_user_errors
-from loki_exp.kva.stage import check_kva, run_analyse
+from loki_exp.config_schema import check_config
+from loki_exp.kva.stage import run_analyse
 from loki_exp.models import load_model
-from loki_exp.parallel import check_parallelism, is_global_zero
+from loki_exp.parallel import is_global_zero
 from loki_exp.sweep_job import ran_in_own_process
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @report_user_errors
 def main(cfg: DictConfig) -> str:
-    check_parallelism(cfg.parallelism)
-    check_kva(cfg.kva)
+    check_config(cfg, groups=("paths", "model", "kva", "parallelism"))
     if ran_in_own_process(cfg, "loki_exp.analyse"):  # a DDP job of a --multirun
         return ""
     path = run_analyse(cfg, load_model(cfg.model, cfg.paths.cache_dir))

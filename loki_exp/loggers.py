@@ -20,7 +20,9 @@ def sweep_group(output_dir: str | os.PathLike) -> str:
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(output_dir, name="csv", version="")]
+    # csv/metrics.csv: the training curve next to the run (logger.csv=false leaves it out)
+    loggers: list[Logger] = [CSVLogger(output_dir, name="csv", version="")] \
+        if cfg.logger.get("csv", True) else []
     wb = cfg.logger.get("wandb")
     if wb:
         # WANDB_MODE (e.g. disabled in tests) wins over the config; passed to wandb.init

@@ -14,17 +14,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from loki_exp.errors import LokiError, check_positive_int
-
 MODES = ("auto", "ddp", "fsdp2")
-
-
-def check_parallelism(par: DictConfig) -> None:
-    if par.mode not in MODES:
-        raise LokiError(f"parallelism.mode={par.mode!r} is not known; expected one of "
-                        f"{list(MODES)} (parallelism=single|ddp|fsdp)")
-    for key in ("devices", "num_nodes"):
-        check_positive_int(f"parallelism.{key}", par.get(key))
 
 
 def lightning_strategy(par: DictConfig) -> str | Strategy:

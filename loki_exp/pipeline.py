@@ -15,22 +15,22 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from loki_exp import atomic
-from loki_exp.data.sft import check_overflow
+from loki_exp.config_schema import check_config
 from loki_exp.data.tasks import load_task
 from loki_exp.errors import LokiError
-from loki_exp.evaluation.evaluate import check_eval, run_evaluate
+from loki_exp.evaluation.evaluate import run_evaluate
 from loki_exp.implant.adapter import save_adapter
 from loki_exp.implant.export import export_checkpoint
-from loki_exp.implant.fit import check_trainer, resume_checkpoint, run_implant
-from loki_exp.implant.methods import LOKI_METHODS, SELECTING_METHODS, check_method
+from loki_exp.implant.fit import resume_checkpoint, run_implant
+from loki_exp.implant.methods import LOKI_METHODS, SELECTING_METHODS
 from loki_exp.implant.model_card import write_model_card
-from loki_exp.kva.stage import check_kva, run_analyse
+from loki_exp.kva.stage import run_analyse
 from loki_exp.kva.store import StoreView
 from loki_exp.loggers import build_loggers, close_loggers, log_final_metrics
 from loki_exp.model_access import node_grid
 from loki_exp.models import LoadedModel, load_model
-from loki_exp.parallel import check_parallelism, is_global_zero
-from loki_exp.selection import check_quota, load_positions, save_positions, select
+from loki_exp.parallel import is_global_zero
+from loki_exp.selection import load_positions, save_positions, select
 
 log = logging.getLogger(__name__)
 
@@ -113,20 +113,9 @@ STAGES: dict[str, Callable[[RunState], None]] = {
 
 
 def validate(cfg: DictConfig) -> None:
-    unknown = [s for s in cfg.stages if s not in STAGES]
-    if unknown:
-        raise LokiError(f"stages={list(cfg.stages)} has unknown entries {unknown}; "
-                        f"expected a subset of {list(STAGES)}")
-    check_quota(cfg.quota)
-    check_parallelism(cfg.parallelism)
-    check_method(cfg.method)
-    if "analyse" in cfg.stages:
-        check_kva(cfg.kva)
-    if "evaluate" in cfg.stages:
-        check_eval(cfg.eval)
+    """Every group against its schema, then what only a stage's inputs can tell."""
+    check_config(cfg)
     if "implant" in cfg.stages:
-        check_trainer(cfg.trainer)
-        check_overflow(cfg.dataset.get("overflow", "drop"))
         resume_checkpoint(cfg, Path(cfg.paths.output_dir))
 
 

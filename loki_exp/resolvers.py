@@ -13,7 +13,7 @@ from loki_exp.errors import LokiError
 def _mul(*factors):
     """``${mul:4,${parallelism.devices},${parallelism.num_nodes}}``: a per-device batch as the
     global batch (the paper experiments' LlamaFactory per_device_train_batch_size); also
-    ``${mul:1.0e-3,${lr_mult}}``, a swept multiple of a base learning rate."""
+    ``${mul:1.0e-3,${vars.lr_mult}}``, a swept multiple of a base learning rate."""
     if not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in factors):
         raise LokiError(f"${{mul:...}} needs numbers, got {list(factors)} (parallelism.devices "
                         "must be a number here, not 'auto')")

@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from loki_exp.cli import report_user_errors
-from loki_exp.parallel import check_parallelism
+from loki_exp.config_schema import check_config
 from loki_exp.pipeline import run
 from loki_exp.sweep_job import ran_in_own_process
 
@@ -22,7 +22,7 @@ log = logging.getLogger("loki_exp.train")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @report_user_errors
 def main(cfg: DictConfig) -> dict:
-    check_parallelism(cfg.parallelism)
+    check_config(cfg)  # before a multirun job launches its own processes
     if ran_in_own_process(cfg, "loki_exp.train"):  # a DDP job of a --multirun
         return {}
     state = run(cfg, Path(cfg.paths.output_dir))

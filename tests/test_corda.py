@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from loki_exp.config_schema import check_section
 from loki_exp.errors import LokiError
 from loki_exp.implant import methods
 from tests.conftest import linked_cache
@@ -135,10 +136,10 @@ def test_bad_covariance_source_and_rank(compose_cfg, tiny_models):
     cfg = _cfg(compose_cfg, "method.covariance.source=wikipedia")
     message = r"method.covariance.source='wikipedia' is not known; expected one of \['naturalqs_open'\]"
     with pytest.raises(LokiError, match=message):
-        methods.check_method(cfg)
+        check_section("method", cfg)
     loaded = tiny_models["tiny_llama"]
     with pytest.raises(LokiError, match=message):  # refused before any weight is touched
         methods.prepare(cfg, loaded.model, None, loaded=loaded)
     with pytest.raises(LokiError, match=r"method.rank=0 must be a positive integer"):
-        methods.check_method(_cfg(compose_cfg, "method.rank=0"))
-    methods.check_method(_cfg(compose_cfg))  # the shipped defaults pass
+        check_section("method", _cfg(compose_cfg, "method.rank=0"))
+    check_section("method", _cfg(compose_cfg))  # the shipped defaults pass

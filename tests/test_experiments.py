@@ -77,9 +77,9 @@ def test_cpu_pareto_sweeps_each_method_over_its_own_rates(compose_cfg, arm, base
     from tests.conftest import CONF_DIR
 
     sweep = OmegaConf.load(CONF_DIR / "experiment" / "cpu_pareto.yaml").hydra.sweeper.params
-    assert sweep["+arm"] == "loki_q10,lora,full" and sweep["lr_mult"] == "0.1,1.0,10.0"
+    assert sweep["+arm"] == "loki_q10,lora,full" and sweep["vars.lr_mult"] == "0.1,1.0,10.0"
     for mult in (0.1, 1.0, 10.0):
-        cfg = compose_cfg("experiment=cpu_pareto", f"+arm={arm}", f"lr_mult={mult}")
+        cfg = compose_cfg("experiment=cpu_pareto", f"+arm={arm}", f"vars.lr_mult={mult}")
         assert learning_rate(cfg) == pytest.approx(base * mult)
     assert compose_cfg("experiment=cpu_pareto", "+arm=lora").method.rank == 16
 

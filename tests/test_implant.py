@@ -146,7 +146,7 @@ def test_learning_rate_scales_with_quota_for_loki_only(compose_cfg):
 
 
 def test_unknown_method_and_missing_positions(compose_cfg, tiny_models):
-    with pytest.raises(LokiError, match="method='adapter' is not known"):
+    with pytest.raises(LokiError, match="method.name='adapter' is not known"):
         methods.prepare(compose_cfg("method.name=adapter").method, nn.Linear(2, 2), None)
     with pytest.raises(LokiError, match="needs positions"):
         methods.prepare(compose_cfg().method, tiny_models["tiny_llama"].model, None)
@@ -344,20 +344,23 @@ def test_resume_refuses_a_checkpoint_of_other_rows_or_method(compose_cfg, tmp_pa
 
 
 def test_any_lightning_trainer_flag_from_the_shell_and_none_of_ours(compose_cfg, tmp_path):
-    from loki_exp.implant.fit import check_trainer
+    from loki_exp.config_schema import check_config
+
+    def check_trainer(cfg):
+        check_config(cfg, groups=("trainer",))
 
     cfg = compose_cfg("+trainer.lightning.limit_val_batches=0",
                       "+trainer.lightning.num_sanity_val_steps=3", "trainer.precision=32-true")
-    check_trainer(cfg.trainer)
+    check_trainer(cfg)
     trainer = build_trainer(cfg, tmp_path, loggers=[])
     assert (trainer.limit_val_batches, trainer.num_sanity_val_steps) == (0, 3)
     assert trainer.precision == "32-true"
     with pytest.raises(LokiError, match=r"trainer.lightning.precision is set through "
                                         r"trainer.precision; set it there"):
-        check_trainer(compose_cfg("+trainer.lightning.precision=16-mixed").trainer)
+        check_trainer(compose_cfg("+trainer.lightning.precision=16-mixed"))
     with pytest.raises(LokiError, match=r"trainer.lightning has \['limit_val_batchez'\]: not "
                                         r"flags of lightning.pytorch.Trainer"):
-        check_trainer(compose_cfg("+trainer.lightning.limit_val_batchez=0").trainer)
+        check_trainer(compose_cfg("+trainer.lightning.limit_val_batchez=0"))
 
 
 def test_progress_is_plain_lines_when_output_is_not_a_terminal(compose_cfg, tmp_path, capsys):

@@ -3,11 +3,12 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from loki_exp.loggers import build_loggers, close_loggers, log_final_metrics
 
 
-def test_csv_always_and_wandb_when_configured(compose_cfg, tmp_path, monkeypatch):
+def test_csv_unless_turned_off_and_wandb_when_configured(compose_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")  # tests never reach W&B
     out = f"paths.output_dir={tmp_path}"
     plain = build_loggers(compose_cfg("logger=csv", out), tmp_path / "a")
     assert [type(lg) for lg in plain] == [CSVLogger]
+    assert build_loggers(compose_cfg("logger.csv=false", out), tmp_path / "b") == []
     job = tmp_path / "2026-11-30" / "23-55-38" / "3"
     loggers = build_loggers(compose_cfg("logger=wandb", "quota=30", out), job)
     assert [type(lg) for lg in loggers] == [CSVLogger, WandbLogger]

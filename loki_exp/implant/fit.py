@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from loki_exp.callbacks import user_callbacks
 from loki_exp.data.sft import SFTDataModule, encode_all
 from loki_exp.data.tasks import TaskData
-from loki_exp.errors import LokiError, check_int_at_least, check_positive_int
+from loki_exp.errors import LokiError
 from loki_exp.implant import methods
 from loki_exp.implant.loki_linear import trainable_parameters
 from loki_exp.implant.module import CausalLMTuner, is_fsdp_sharded
@@ -31,7 +31,6 @@ from loki_exp.implant.run_identity import check_resume, run_identity
 from loki_exp.models import LoadedModel, load_model
 from loki_exp.parallel import lightning_strategy
 from loki_exp.progress import progress_callbacks
-from loki_exp.upstream import lightning_precisions
 
 log = logging.getLogger(__name__)
 
@@ -103,40 +102,6 @@ OWNED_FLAGS = {
     "use_distributed_sampler": "nothing (loki_exp's sampler splits the global batch)",
     "enable_progress_bar": "nothing (a bar on a terminal, plain lines otherwise)",
 }
-
-
-def check_lightning_flags(lightning: DictConfig | None) -> None:
-    """``trainer.lightning``: real Trainer flags, none of those loki_exp sets itself."""
-    import inspect
-
-    flags = [k for k in (lightning or {}) if k != "_target_"]
-    for key in flags:
-        if key in OWNED_FLAGS:
-            raise LokiError(f"trainer.lightning.{key} is set through {OWNED_FLAGS[key]}; "
-                            "set it there")
-    if (lightning or {}).get("_target_", "lightning.pytorch.Trainer") == "lightning.pytorch.Trainer":
-        known = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
-        unknown = [k for k in flags if k not in known]
-        if unknown:
-            raise LokiError(f"trainer.lightning has {unknown}: not flags of lightning.pytorch."
-                            f"Trainer {L.__version__}")
-
-
-def check_trainer(tr: DictConfig) -> None:
-    """The settings Lightning would only reject after the KVA stage has run."""
-    check_lightning_flags(tr.get("lightning"))
-    if (tr.get("max_steps") is None) == (tr.get("max_epochs") is None):
-        raise LokiError(f"trainer.max_steps={tr.get('max_steps')!r} and trainer.max_epochs="
-                        f"{tr.get('max_epochs')!r}: set exactly one (the other null)")
-    length = "max_steps" if tr.get("max_steps") is not None else "max_epochs"
-    for key in (length, "batch_size", "accumulate_grad_batches"):
-        check_positive_int(f"trainer.{key}", tr.get(key))
-    check_int_at_least("trainer.checkpoint_every_n_steps", tr.get("checkpoint_every_n_steps"), 0,
-                       " (0: no checkpoints)")
-    precisions = lightning_precisions()
-    if str(tr.precision) not in precisions:
-        raise LokiError(f"trainer.precision={tr.precision!r} is not known; expected one of "
-                        f"{list(precisions)}")
 
 
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:

@@ -14,7 +14,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from loki_exp.errors import LokiError, check_positive_int
+from loki_exp.config_schema import check_section
+from loki_exp.errors import LokiError
 from loki_exp.implant.loki_linear import apply_loki, merge_loki
 from loki_exp.model_access import down_projs
 
@@ -27,28 +28,6 @@ SELECTING_METHODS = (*LOKI_METHODS, "suppress")  # methods that need KVA + selec
 TRAINING_METHODS = tuple(m for m in METHODS if m != "suppress")
 
 
-def check_method_name(cfg: DictConfig) -> None:
-    if cfg.name not in METHODS:
-        raise LokiError(f"method={cfg.name!r} is not known; expected one of {list(METHODS)}")
-
-
-def check_method(cfg: DictConfig) -> None:
-    """The whole method group, as a run uses it (validated before any stage)."""
-    check_method_name(cfg)
-    if cfg.name in TRAINING_METHODS and not _positive(cfg.get("lr")):
-        raise LokiError(f"method.lr={cfg.get('lr')!r} must be a positive number")
-    if cfg.name in ("loki_lora", "lora", "dora", "pissa", "corda"):
-        check_positive_int("method.rank", cfg.get("rank"), f" for method={cfg.name}")
-    if cfg.name == "corda":
-        from loki_exp.implant.corda import check_corda
-
-        check_corda(cfg)
-
-
-def _positive(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
-
-
 def prepare(cfg: DictConfig, model: nn.Module, positions: list[list[int]] | None, *,
             loaded: LoadedModel | None = None, cache_dir: Any = None,
             like: nn.Module | None = None) -> nn.Module:
@@ -58,7 +37,7 @@ def prepare(cfg: DictConfig, model: nn.Module, positions: list[list[int]] | None
     and ``cache_dir`` to find or compute its cached init, or ``like``, a model it already
     prepared, whose init it repeats (the FSDP export's fresh copy).
     """
-    check_method_name(cfg)
+    check_section("method", cfg)  # before any weight is touched (also for library callers)
     if cfg.name in SELECTING_METHODS and positions is None:
         raise LokiError(f"method={cfg.name} needs positions (run the select stage)")
     if cfg.name == "suppress":

@@ -28,7 +28,6 @@ from loki_exp.data import assets
 from loki_exp.data.mmlu import (
     PROMPT_TEMPLATE,
     ProbeSpec,
-    check_probe,
     load_probe,
     render_prompt,
     subject_choice,
@@ -36,7 +35,7 @@ from loki_exp.data.mmlu import (
 from loki_exp.errors import LokiError
 from loki_exp.kva.engine import KVASettings
 from loki_exp.kva.lightning import KVAModule, KVAStoreWriter, ProbeDataModule, common_prefix
-from loki_exp.kva.store import STORE_DTYPES, StoreView, completed_rows, merge_shards
+from loki_exp.kva.store import StoreView, completed_rows, merge_shards
 from loki_exp.model_access import node_grid
 from loki_exp.models import LoadedModel, torch_dtype
 from loki_exp.parallel import is_global_zero, kva_strategy
@@ -58,19 +57,6 @@ def probe_spec(kva: DictConfig) -> ProbeSpec:
                      shots=probe.shots, limit=kva.limit, hub_id=probe.hub_id)
 
 
-def check_kva(kva: DictConfig) -> None:
-    """The kva group as the analyse stage will use it, checked before any stage runs."""
-    if kva.get("store"):
-        return  # a given store: nothing is computed
-    kva_settings(kva)
-    if kva.store_dtype not in STORE_DTYPES:
-        raise LokiError(f"kva.store_dtype={kva.store_dtype!r} is not known; expected one of "
-                        f"{sorted(STORE_DTYPES)}")
-    if kva.get("dtype") is not None:
-        torch_dtype(kva.dtype)
-    check_probe(probe_spec(kva))
-
-
 def probe_rows(kva: DictConfig, tokenizer, cache: Any = None) -> list[dict[str, Any]]:
     probe_set = load_probe(probe_spec(kva), cache)
     return [{"index": i, "sample_id": it.sample_id,
@@ -82,7 +68,7 @@ def compute_dtype(kva: DictConfig, loaded: LoadedModel) -> str:
     """``kva.dtype``, or the model's own dtype when it is null (the preset runs "as loaded")."""
     if kva.get("dtype") is None:
         return str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
-    return str(kva.dtype)  # a known name: check_kva ran
+    return str(kva.dtype)  # a known name: config_schema checked it
 
 
 def model_for_kva(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -147,7 +133,6 @@ def run_analyse(cfg: DictConfig, loaded: LoadedModel) -> Path:
         with StoreView(cfg.kva.store) as view:
             view.check_grid(*node_grid(loaded.model))
         return Path(cfg.kva.store)
-    check_kva(cfg.kva)
     settings = kva_settings(cfg.kva)
     dtype = compute_dtype(cfg.kva, loaded)
     rows = probe_rows(cfg.kva, loaded.tokenizer, cfg.paths.cache_dir)
