@@ -48,10 +48,10 @@ def main() -> None:
         return result
 
     for task in ev.benchmarks:  # one at a time, to time each
-        scores, _ = timed(task, lambda: run_suite(lm, [task], limit, ev.source, cache))
+        scores, _ = timed(task, lambda task=task: run_suite(lm, [task], limit, ev.source, cache))
         print(f"{'':22s} acc_norm={scores[task].get('acc_norm', float('nan')):.3f}")
     for name in ev.bpb:
-        bpb = timed(f"bpb {name}", lambda: score_bpb(lm, loaded.tokenizer, [name], ev.bpb_limit,
+        bpb = timed(f"bpb {name}", lambda name=name: score_bpb(lm, loaded.tokenizer, [name], ev.bpb_limit,
                                                      cache))
         print(f"{'':22s} " + " ".join(f"{k}={sum(v) / len(v):.3f}" for k, v in bpb.items()))
     questions = drift_questions(int(ev.drift_prompts), cache)

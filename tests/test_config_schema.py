@@ -33,6 +33,15 @@ REFUSED = [
     (["logger=wandb", "logger.wandb.mode=on"],
      "logger.wandb.mode='on' is not known; expected one of ['online', 'offline', 'disabled']"),
     (["quota=abc"], "quota='abc' must be a number"),
+    # OmegaConf alone would convert these, and the stages would read the unconverted value.
+    (["quota='10'"], "quota='10' must be a number"),
+    (["method.lr='1e-4'"], "method.lr='1e-4' must be a number"),
+    (["kva.probe.shots=true"], "kva.probe.shots=True must be an integer"),
+    (["+method_settings.lora.rnak=8"], "method_settings.lora.rnak is not a known key; expected "
+     "one of ['lr', 'rank', 'alpha', 'target_modules']"),
+    (["+quota_lr_scale={quotas: [10, 30]}"], "quota_lr_scale.scales is not set; expected a list"),
+    (["+quota_lr_scale={quotas: [10, x], scales: [1, 1]}"],
+     "quota_lr_scale.quotas has ['x']: each must be a number"),
     (["quota=150"], "quota=150 must be a number in (0, 100]"),
     (["trainer.max_steps=1.5"], "trainer.max_steps=1.5 must be an integer or null"),
     (["trainer.deterministic=maybe"], "trainer.deterministic='maybe' must be true or false"),
@@ -47,7 +56,7 @@ REFUSED = [
     (["method.name=adapter"], "method.name='adapter' is not known; expected one of ['loki', "
      "'full', 'suppress', 'loki_lora', 'lora', 'dora', 'pissa', 'corda']"),
     (["model=tiny_llama", "model.config._target_=null"], "model.config._target_=None must be a "
-     "class path (e.g. lightning.pytorch.loggers.TensorBoardLogger)"),
+     "dotted class path (package.module.Class)"),
     (["logger.extra=[tensorboard]"], "logger.extra[0]='tensorboard' must be a mapping with a "
      "_target_ (a class path) and its arguments"),
     (["+eval.task_dataset={name: x, source: web}"],
@@ -72,6 +81,12 @@ def test_every_shipped_group_option_fits_the_schema(compose_cfg, group, option, 
     extra = {("dataset", "jsonl"): [f"dataset.path={tmp_path}/x.jsonl"],
              ("eval", "paper"): ["eval.allow_code_execution=true"]}.get((group, option), [])
     check_config(compose_cfg(f"paths.output_dir={tmp_path}", f"{group}={option}", *extra))
+
+
+def test_nulls_and_zeros_the_stages_read_as_off_are_accepted(compose_cfg):
+    check_config(compose_cfg("paths.output_dir=/tmp/unused", "eval.bpb_limit=null",
+                             "eval.drift_prompts=null", "eval.bpb=null", "trainer.callbacks=null",
+                             "logger.extra=null", "trainer.gradient_clip_val=0"))
 
 
 def test_free_keys_live_only_under_vars(compose_cfg):
