@@ -1,9 +1,10 @@
 """The configuration schema: every group's keys, types, ranges and choices, in one place.
 
 ``check_config`` runs before any stage (``pipeline.validate``, ``python -m loki_exp.analyse``).
-Each group is merged into its dataclass with OmegaConf, which refuses unknown keys and values
-of the wrong type; ranges and choices are field metadata checked by one walker; rules that tie
-fields together are each dataclass's ``check``. Groups whose shape depends on a choice
+Each group's scalars are checked against their fields' types as written (no conversion), then
+the group is merged into its dataclass with OmegaConf, which refuses unknown keys; ranges and
+choices are field metadata checked by one walker; rules that tie fields together are each
+dataclass's ``check``. Groups whose shape depends on a choice
 (``method.name``, ``model.source``, ``dataset.source``) pick their dataclass by it.
 
 Why not Hydra's ConfigStore as the groups' schemas: a schema there types a group at compose

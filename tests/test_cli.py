@@ -40,7 +40,7 @@ def test_missing_local_model_path_is_one_clear_error(tmp_path):
 def test_quota_out_of_range(tmp_path, quota):
     proc = run_cli("model=tiny_llama", f"quota={quota}", f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode == 2
-    assert f"quota={quota} is out of range; expected a number in (0, 100]" in proc.stderr
+    assert f"quota={quota} must be a number in (0, 100]" in proc.stderr
 
 
 def _store(stdout: str) -> str:
