@@ -510,8 +510,7 @@ def _hint(schema: type, full_key: str) -> Any:
 def _owner(schema: type, full_key: str) -> type:
     """The dataclass that holds the last part of ``full_key``."""
     for part in full_key.split(".")[:-1]:
-        nested = typing.get_type_hints(schema).get(part)
-        nested = next((t for t in typing.get_args(nested) if dataclasses.is_dataclass(t)), nested)
+        nested = _base(typing.get_type_hints(schema).get(part))
         if isinstance(nested, type) and dataclasses.is_dataclass(nested):
             schema = nested
     return schema
