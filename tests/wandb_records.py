@@ -42,6 +42,26 @@ def records(path: str | Path) -> list[Any]:
     return out
 
 
+def finished_records(path: str | Path, timeout: float = 60.0) -> list[Any]:
+    """The run file's records once its ``exit`` record is on disk.
+
+    ``wandb.finish`` returning does not mean the service has written the file: under load CI
+    read a run file that had no ``run`` record yet. Poll (the exit record is written last)
+    and name what was there if it never comes.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = records(path) if Path(path).exists() else []
+        if any(r.WhichOneof("record_type") == "exit" for r in found):
+            return found
+        if time.monotonic() > deadline:
+            kinds = [r.WhichOneof("record_type") for r in found]
+            raise AssertionError(f"{path} has no exit record after {timeout:.0f} s: {kinds}")
+        time.sleep(0.2)
+
+
 def _key(item) -> str:
     return item.key or "/".join(item.nested_key)  # W&B stores some keys split at "/"
 
@@ -49,7 +69,7 @@ def _key(item) -> str:
 def run_summary(path: str | Path) -> dict[str, Any]:
     """{"group", "name", "config": {key: value}, "history": [{key: value}], "summary": {..}}."""
     out: dict[str, Any] = {"config": {}, "history": [], "summary": {}}
-    for record in records(path):
+    for record in finished_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             out["group"], out["name"] = record.run.run_group, record.run.display_name
