@@ -129,7 +129,13 @@ def _load_items(row: dict[str, Any]) -> dict[str, Any]:
 def significant_differences(rows: list[dict[str, Any]], task: str | None) -> list[str]:
     """Pairs of runs of different methods whose task gain or Avg forgetting differ, with the
     95% paired bootstrap interval of the difference over the same items."""
-    from loki_exp.evaluation.bootstrap import avg_difference_ci, paired_difference_ci, significant
+    from loki_exp.evaluation.bootstrap import (
+        avg_difference_ci,
+        paired_difference_ci,
+        significant,
+        stratified_delta_ci,
+    )
+    from loki_exp.evaluation.scores import category_keys
 
     items = {r["run"]: _load_items(r) for r in rows}
     task_item = task.removesuffix("/after") if task else None
@@ -139,10 +145,15 @@ def significant_differences(rows: list[dict[str, Any]], task: str | None) -> lis
             if a["method"] == b["method"] or not items[a["run"]] or not items[b["run"]]:
                 continue
             ia, ib = items[a["run"]], items[b["run"]]
+            ci = None
             if task_item in ia and task_item in ib:
                 ci = paired_difference_ci(ia[task_item]["after"], ib[task_item]["after"])
-                if significant(ci):
-                    found.append((a, b, "task score (b - a)", ci))
+            elif task_item and (cats := category_keys(ia, task_item)) \
+                    and all(c in ib for c in cats):  # a mean over categories (BFCL's overall)
+                ci = stratified_delta_ci({c: ia[c]["after"] for c in cats},
+                                         {c: ib[c]["after"] for c in cats})
+            if ci is not None and significant(ci):
+                found.append((a, b, "task score (b - a)", ci))
             keys = [k for k in _forgetting_items(ia, a.get("forgetting_metric")) if k in ib]
             if keys:
                 signs = {k: -1.0 for k in keys if k.startswith("bpb/")}

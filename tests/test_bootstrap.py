@@ -72,3 +72,20 @@ def test_avg_difference_between_two_runs_on_the_same_items():
     assert 20 < low < 30 < high < 40  # run b forgets ~30% more (relative), run a nothing
     same_low, same_high = avg_difference_ci(before, lost, lost)
     assert same_low == same_high == 0.0
+
+
+def test_a_mean_over_categories_is_resampled_by_category():
+    from loki_exp.evaluation.bootstrap import stratified_delta_ci
+
+    # Two items that all went right in one category, twenty unchanged in the other: the
+    # unweighted mean over categories is 0.5 in every resample (pooled items would say 2/22).
+    assert stratified_delta_ci({"a": [0.0] * 2, "b": [1.0] * 20},
+                               {"a": [1.0] * 2, "b": [1.0] * 20}) == (0.5, 0.5)
+    # Half of 50 items gained in a, none of 200 in b: 0.25, half-width 1.96 * sd / 2.
+    before = {"a": np.zeros(50), "b": np.zeros(200)}
+    after = {"a": np.r_[np.ones(25), np.zeros(25)], "b": np.zeros(200)}
+    low, high = stratified_delta_ci(before, after)
+    assert low < 0.25 < high
+    assert high - low == pytest.approx(2 * 1.96 * np.sqrt(0.25 / 50) / 2, rel=0.15)
+    with pytest.raises(ValueError, match="paired items of a differ in number"):
+        stratified_delta_ci({"a": [0.0, 1.0]}, {"a": [0.0]})

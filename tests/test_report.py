@@ -105,6 +105,40 @@ def test_report_intervals_significance_and_pareto_fronts(tmp_path):
     assert out["pareto"].stat().st_size > 10_000
 
 
+def _category_run(root, name, method, simple_after, irrelevance_after):
+    """A run scored by BFCL category: the overall is the categories' mean, with no item list."""
+    from loki_exp.evaluation.evaluate import flat_metrics
+
+    def scores(simple, irrelevance):
+        acc = {"simple/accuracy": float(np.mean(simple)),
+               "irrelevance/accuracy": float(np.mean(irrelevance))}
+        return {"bench": {}, "bpb": {}, "task": {**acc, "accuracy": float(np.mean(list(acc.values())))},
+                "items": {"task/bfcl/simple/accuracy": simple,
+                          "task/bfcl/irrelevance/accuracy": irrelevance}}
+
+    before, after = scores([0.0] * 40, [1.0] * 40), scores(simple_after, irrelevance_after)
+    run = root / name
+    run.mkdir(parents=True)
+    record = {"config": {"method": {"name": method, "lr": 1e-3}, "strategy": {"name": "layer_balanced"},
+                         "quota": 10, "eval": {"forgetting_metric": "acc_norm"}},
+              "metrics": flat_metrics("bfcl", before, after, "acc_norm")}
+    (run / "run.json").write_text(json.dumps(record))
+    items = {k: {"before": before["items"][k], "after": v} for k, v in after["items"].items()}
+    (run / "items.json").write_text(json.dumps(items))
+
+
+def test_report_gives_the_bfcl_overall_an_interval_and_tests_it_between_methods(tmp_path):
+    root = tmp_path / "multirun"
+    _category_run(root, "0", "loki", [1.0] * 30 + [0.0] * 10, [1.0] * 40)  # +0.375 overall
+    _category_run(root, "1", "lora", [0.0] * 40, [1.0] * 40)               # nothing learned
+    out = make_report(root)
+    md = (root / "report.md").read_text()
+    assert "| loki | 10 | 0.001 | 0.375* [" in md and "| lora | 10 | 0.001 | 0 [0, 0] |" in md
+    assert any(line.startswith("| loki q=10 lr=0.001 | lora lr=0.001 | task score")
+               for line in md.splitlines())
+    assert out["rows"][0]["task/bfcl/accuracy/delta/ci_low"] > 0.2
+
+
 def test_report_skips_a_run_with_a_truncated_metrics_file_and_names_it(tmp_path, caplog):
     root = tmp_path / "multirun"
     _fake_run(root, "0", "loki", 10, 0.3, 1.0)

@@ -4,7 +4,9 @@ Every before/after delta is a mean over the same items scored twice, so its inte
 from resampling items with their (before, after) pair kept together. The Avg forgetting
 score combines several benchmarks: each benchmark's items are resampled on their own (paired
 within the benchmark, independent across benchmarks), as scipy does for several samples.
-A difference between two runs (two methods) on the same items is paired the same way.
+A difference between two runs (two methods) on the same items is paired the same way. A
+score that is an unweighted mean over categories (BFCL's overall accuracy) is resampled the
+same way: each category's items on their own, so every resample keeps the categories' weights.
 The seed and the number of resamples are fixed so a report reproduces.
 """
 
@@ -75,6 +77,25 @@ def avg_difference_ci(before: dict[str, Sequence[float]], after_a: dict[str, Seq
         return 100.0 * float(np.mean(terms))
 
     return _interval(tuple(np.arange(len(r[0]), dtype=float) for r in rows), diff, paired=False)
+
+
+def stratified_delta_ci(before: dict[str, Sequence[float]],
+                        after: dict[str, Sequence[float]]) -> tuple[float, float]:
+    """95% interval of the unweighted mean over strata of mean(after - before), each stratum's
+    items resampled as (before, after) pairs on their own. Also the difference of two runs on
+    the same items (``before`` = the first run's ``after``)."""
+    names = sorted(before)
+    pairs = [(np.asarray(before[n], float), np.asarray(after[n], float)) for n in names]
+    for name, (b, a) in zip(names, pairs):
+        if b.shape != a.shape:
+            raise ValueError(f"paired items of {name} differ in number: {b.shape} vs {a.shape}")
+
+    def mean_of_means(*indices: np.ndarray) -> float:
+        return float(np.mean([a[idx.astype(int)].mean() - b[idx.astype(int)].mean()
+                              for (b, a), idx in zip(pairs, indices)]))
+
+    return _interval(tuple(np.arange(len(b), dtype=float) for b, _ in pairs), mean_of_means,
+                     paired=False)
 
 
 def paired_difference_ci(first: Sequence[float], second: Sequence[float]) -> tuple[float, float]:

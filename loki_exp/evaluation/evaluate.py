@@ -31,7 +31,7 @@ from loki_exp.evaluation.benchmarks import (
     primary_metric,
     run_suite,
 )
-from loki_exp.evaluation.bootstrap import forgetting_avg_ci, paired_delta_ci
+from loki_exp.evaluation.bootstrap import forgetting_avg_ci, paired_delta_ci, stratified_delta_ci
 from loki_exp.evaluation.bpb import score_bpb
 from loki_exp.evaluation.drift import (
     answer_logprobs,
@@ -40,7 +40,7 @@ from loki_exp.evaluation.drift import (
     kl_per_item,
     looks_like_call,
 )
-from loki_exp.evaluation.scores import forgetting_avg
+from loki_exp.evaluation.scores import category_keys, forgetting_avg
 from loki_exp.evaluation.task_metric import bfcl_accuracy, generate
 from loki_exp.models import LoadedModel, load_model
 from loki_exp.progress import track
@@ -189,6 +189,11 @@ def flat_metrics(task_name: str, before: dict, after: dict, primary: str) -> dic
         out[f"{key}/after"] = value
         out[f"{key}/delta"] = value - before["task"][metric]
         _with_ci(out, f"{key}/delta", bi.get(key), ai.get(key))
+        categories = category_keys(ai, key)
+        if key not in ai and categories and all(bi.get(c) is not None for c in categories):
+            # BFCL's overall: a mean over categories, so its items are resampled by category.
+            out[f"{key}/delta/ci_low"], out[f"{key}/delta/ci_high"] = stratified_delta_ci(
+                {c: bi[c] for c in categories}, {c: ai[c] for c in categories})
     primary_before, primary_after, items_before, items_after = {}, {}, {}, {}
     for bench, metrics in after["bench"].items():
         for metric, value in metrics.items():

@@ -5,6 +5,14 @@ from __future__ import annotations
 from loki_exp.errors import LokiError
 
 
+def category_keys(keys, key: str) -> list[str]:
+    """The per-category item keys (``task/bfcl/<category>/accuracy``) whose unweighted mean is
+    the overall score ``key`` (``task/bfcl/accuracy``); empty when it is not such a mean."""
+    head, metric = key.rsplit("/", 1)
+    return sorted(k for k in keys if k.startswith(f"{head}/") and k.endswith(f"/{metric}")
+                  and k.count("/") == key.count("/") + 1)
+
+
 def forgetting_avg(before: dict[str, float], after: dict[str, float],
                    signs: dict[str, float] | None = None) -> float:
     """``Avg = 100/N * sum_i s_i (S_o_i - S_t_i) / S_o_i`` over N measures (lower is better).
