@@ -1,6 +1,6 @@
 """Wall time of the default forgetting suite on SmolLM2 (the budget: at most 6 minutes here).
 
-    .venv/bin/python benchmarks/eval_suite_time.py [--limit N]
+    .venv/bin/python benchmarks/eval_suite_time.py [--limit N] [--model smollm2] [eval overrides]
 
 Scores the base SmolLM2 as the evaluate stage scores a model, part by part: the default
 benchmarks through lm-eval (eval.limit questions each), the gold-answer bits per byte
@@ -29,9 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit", type=int, default=None, help="default: eval.limit")
+    parser.add_argument("--model", default="smollm2", help="a conf/model choice")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. eval.bpb_limit=2")
     args = parser.parse_args()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["paths.output_dir=/tmp"])
+        cfg = compose("config", overrides=["paths.output_dir=/tmp", f"model={args.model}",
+                                           *args.overrides])
     limit = args.limit or cfg.eval.limit
     loaded = load_model(cfg.model, cfg.paths.cache_dir)
     ev, cache = cfg.eval, cfg.paths.cache_dir

@@ -12,6 +12,7 @@ the same quantity (``kva=published``: zero baseline, last position, left Riemann
 f: the same error measure between those two.
 
     .venv/bin/python benchmarks/kva_speed.py --prompts 3 [--baseline zero|token] [--skip-captum]
+        [--model smollm2]
 
 ``--presets`` instead times each KVA preset (``kva=published|reference_captum|paper_text``)
 as the analyse stage runs it (the preset's engine settings and compute dtype, on its own
@@ -53,11 +54,11 @@ def overlap(a: list[list[int]], b: list[list[int]]) -> float:
     return shared / sum(len(x) for x in a)
 
 
-def time_presets(n_prompts: int) -> None:
+def time_presets(n_prompts: int, model: str) -> None:
     runs = [("published", []), ("published", ["kva.dtype=float32"]), ("reference_captum", []),
             ("paper_text", [])]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfgs = [(name, compose("config", overrides=["model=smollm2", f"kva={name}", *extra]))
+        cfgs = [(name, compose("config", overrides=[f"model={model}", f"kva={name}", *extra]))
                 for name, extra in runs]
     loaded = load_model(cfgs[0][1].model)
     tok = loaded.tokenizer
@@ -65,7 +66,7 @@ def time_presets(n_prompts: int) -> None:
     prompts = [tok(render_prompt(tok, it), return_tensors="pt", add_special_tokens=False).input_ids
                for it in items]
     prefix = torch.tensor(common_prefix([p[0].tolist() for p in prompts]))
-    print(f"SmolLM2-135M, {torch.get_num_threads()} threads, {len(prompts)} prompts of "
+    print(f"{loaded.name}, {torch.get_num_threads()} threads, {len(prompts)} prompts of "
           f"{[p.shape[1] for p in prompts]} tokens")
     for name, cfg in cfgs:
         dtype = cfg.kva.dtype or "float32"  # null: as loaded (SmolLM2 loads in fp32)
@@ -83,18 +84,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--skip-captum", action="store_true", help="time the fast paths only")
     parser.add_argument("--presets", action="store_true", help="time each KVA preset instead")
+    parser.add_argument("--model", default="smollm2", help="a conf/model choice")
     args = parser.parse_args()
     if args.presets:
-        time_presets(args.prompts)
+        time_presets(args.prompts, args.model)
         return
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        loaded = load_model(compose("config", overrides=["model=smollm2"]).model)
+        loaded = load_model(compose("config", overrides=[f"model={args.model}"]).model)
     tok = loaded.tokenizer
     items = load_probe(ProbeSpec(limit=args.prompts)).items
     prompts = [tok(render_prompt(tok, it), return_tensors="pt", add_special_tokens=False).input_ids
                for it in items]
-    print(f"SmolLM2-135M fp32, {torch.get_num_threads()} threads, {len(prompts)} prompts of "
+    print(f"{loaded.name} fp32, {torch.get_num_threads()} threads, {len(prompts)} prompts of "
           f"{[p.shape[1] for p in prompts]} tokens, {args.method} x {args.steps}, "
           f"baseline={args.baseline}")
 

@@ -88,13 +88,13 @@ def _prepare(method: str, model: nn.Module, positions: list[list[int]]) -> nn.Mo
 
 
 def _model(arch: str) -> nn.Module:
-    if arch == "smollm2":
+    if arch != "llama-1b":  # a conf/model choice
         from hydra import compose, initialize_config_dir
 
         from loki_exp.models import load_model
 
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            return load_model(compose("config", overrides=["model=smollm2"]).model).model
+            return load_model(compose("config", overrides=[f"model={arch}"]).model).model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
@@ -183,7 +183,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per arm per repeat")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--arch", choices=["smollm2", "llama-1b"], default="smollm2")
+    parser.add_argument("--arch", default="smollm2",
+                        help="a conf/model choice, or llama-1b (random, Llama-3.2-1B's shape)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--autocast", choices=["bf16", "none"], default=None,
@@ -192,7 +193,7 @@ def main() -> None:
     if args.autocast is None:
         args.autocast = "bf16" if args.device != "cpu" or cpu_has_native_bf16() else "none"
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 40000, (args.batch, args.seq), generator=gen)
+    ids = torch.randint(100, 40000, (args.batch, args.seq), generator=gen)  # any vocab >= 40k
     labels = ids.clone()
     labels[:, : args.seq * 3 // 4] = -100  # loss on the last quarter, like prompt + response
     batch = {k: v.to(args.device) for k, v in
