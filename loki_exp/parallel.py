@@ -10,6 +10,7 @@ where Lightning's FSDPStrategy refuses a CPU accelerator. The sharding itself is
 
 from __future__ import annotations
 
+from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
@@ -30,6 +31,15 @@ def kva_strategy(par: DictConfig) -> str | Strategy:
     ``fsdp2`` that is DDP (sharding would only add gathers: the attribution is a forward and
     backward per prompt, and the paper ran it for the 8B model on one GPU)."""
     return "ddp" if par.mode == "fsdp2" else lightning_strategy(par)
+
+
+def ranks_started_together(strategy: Strategy) -> bool:
+    """Whether this job's ranks were started by a launcher outside Lightning (torchrun, srun,
+    mpirun), each running the script from the top at once; not a single process, and not
+    ranks Lightning starts itself when rank 0 reaches ``fit``/``predict``."""
+    env = getattr(strategy, "cluster_environment", None)
+    return (env is not None and env.creates_processes_externally
+            and not isinstance(env, LightningEnvironment))
 
 
 def is_global_zero() -> bool:

@@ -85,3 +85,87 @@ def test_an_unreadable_shard_is_skipped_not_renamed(tmp_path):
     shard.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)  # half-written
     assert completed_rows(final) == {}
     assert sorted(p.name for p in shard.parent.iterdir()) == ["other-job.h5"]
+
+
+def _torchrun_rank(rank: int, port: int, cache: str, out: str) -> None:
+    """One rank of a 2-rank job started as torchrun starts it (each runs from the top)."""
+    import logging
+
+    os.environ.update({"LOKI_EXP_CACHE": cache, "HF_HUB_OFFLINE": "1",
+                       "TORCHELASTIC_RUN_ID": "loki-test", "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "WORLD_SIZE": "2",
+                       "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from loki_exp.kva.stage import run_analyse
+    from loki_exp.models import load_model
+
+    torch.set_num_threads(1)
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    logging.getLogger("loki_exp").addHandler(Keep())
+    logging.getLogger("loki_exp").setLevel(logging.INFO)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*OVERRIDES, "parallelism.mode=ddp",
+                                           "parallelism.accelerator=cpu", "parallelism.devices=2"])
+    loaded = load_model(cfg.model)
+    Path(out).with_suffix(".ready").touch()
+    store = run_analyse(cfg, loaded)
+    Path(out).write_text(json.dumps({"store": str(store), "computed": any(
+        m.startswith("KVA (preset") for m in messages)}))
+
+
+def test_torchrun_ranks_follow_their_rank_0_when_another_job_finishes_the_store(tmp_path):
+    """Another job holds the store key; this job's rank 1 must not start computing on its own
+    (before: it did, and waited in the process group for a rank 0 that found the store
+    finished and never joined: a hang until the 30-minute timeout)."""
+    import socket
+    import time
+
+    from hydra import compose, initialize_config_dir
+
+    from loki_exp import atomic
+    from loki_exp.kva.stage import run_analyse
+    from loki_exp.models import load_model
+
+    cache = linked_cache(tmp_path / "cache")
+    os.environ["LOKI_EXP_CACHE"] = str(cache)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=OVERRIDES)
+        store = run_analyse(cfg, load_model(cfg.model))  # the other job's finished store
+    finally:
+        del os.environ["LOKI_EXP_CACHE"]
+    aside = store.with_name("aside.h5")
+    store.rename(aside)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    outs = [tmp_path / f"rank{r}.json" for r in (0, 1)]
+    lock = atomic.cache_lock(store)
+    with lock:  # the other job, still computing
+        procs = [ctx.Process(target=_torchrun_rank, args=(r, port, str(cache), str(o)))
+                 for r, o in zip((0, 1), outs)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + 300
+        while not all(o.with_suffix(".ready").exists() for o in outs):
+            assert time.monotonic() < deadline and all(p.is_alive() for p in procs)
+            time.sleep(0.5)
+        time.sleep(5)  # both ranks are now at the check (rank 0 waits for the lock)
+        aside.rename(store)  # the other job finishes
+    for p in procs:
+        p.join(120)
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        p.kill()
+    assert alive == [False, False] and [p.exitcode for p in procs] == [0, 0]
+    results = [json.loads(o.read_text()) for o in outs]
+    assert [r["store"] for r in results] == [str(store)] * 2
+    assert [r["computed"] for r in results] == [False, False]

@@ -38,7 +38,7 @@ from loki_exp.kva.lightning import KVAModule, KVAStoreWriter, ProbeDataModule, c
 from loki_exp.kva.store import StoreView, completed_rows, merge_shards
 from loki_exp.model_access import node_grid
 from loki_exp.models import LoadedModel, torch_dtype
-from loki_exp.parallel import is_global_zero, kva_strategy
+from loki_exp.parallel import kva_strategy, ranks_started_together
 from loki_exp.progress import progress_callbacks
 
 log = logging.getLogger(__name__)
@@ -140,46 +140,65 @@ def run_analyse(cfg: DictConfig, loaded: LoadedModel) -> Path:
     key = store_key(loaded.fingerprint, rows, settings, dtype, cfg.kva.store_dtype,
                     cfg.kva.get("preset"))
     path = store_path(cfg.paths.cache_dir, loaded.name, key)
+    writer = KVAStoreWriter(path, cfg.kva.store_dtype)
+    trainer = kva_trainer(cfg, [writer])
     # Jobs sharing the cache (a sweep, SLURM tasks) compute a store key once: rank 0 of each
-    # job holds the key's lock from the check to the merge; the others find it finished.
-    # (A job's other ranks follow its rank 0 through the trainer's barriers.)
-    lock = atomic.cache_lock(path) if is_global_zero() else contextlib.nullcontext()
+    # job holds the key's lock from the check to the merge; the other jobs find it finished.
+    # Ranks started together (torchrun, srun) reach the check each on its own, while their
+    # rank 0 may still wait for the lock: they bring their process group up first and act on
+    # what rank 0 found. Ranks that Lightning launches start inside predict, after rank 0
+    # decided under the lock, and find the same.
+    together = ranks_started_together(trainer.strategy)
+    if together:
+        trainer.strategy.setup_environment()
+    lock = atomic.cache_lock(path) if trainer.is_global_zero else contextlib.nullcontext()
     with lock:
-        return _analyse_locked(cfg, loaded, settings, dtype, rows, grid, key, path)
+        todo = _todo(path, rows, grid) if trainer.is_global_zero or not together else None
+        if together:
+            todo = trainer.strategy.broadcast(todo, src=0)
+        if isinstance(todo, str):  # rank 0's error, raised on every rank
+            raise LokiError(todo)
+        if todo is None:
+            log.info("KVA store found in cache: %s", path)
+            return path
+        _compute(cfg, loaded, settings, dtype, rows, todo, trainer)
+        if trainer.is_global_zero:
+            merge_shards(path, len(rows), _provenance(cfg, loaded, settings, key, grid, dtype))
+        trainer.strategy.barrier("kva_merged")
+    log.info("KVA store: %s", path)
+    return path
 
 
-def _analyse_locked(cfg: DictConfig, loaded: LoadedModel, settings: KVASettings, dtype: str,
-                    rows: list[dict[str, Any]], grid: tuple[int, int], key: str,
-                    path: Path) -> Path:
+def _todo(path: Path, rows: list[dict[str, Any]], grid: tuple[int, int]) -> list | str | None:
+    """The probe rows still to compute; None when the store is finished; an error message
+    when the cached store does not fit (broadcast, so every rank raises it)."""
     if path.exists():
-        with StoreView(path) as view:
-            view.check_grid(*grid)
-            if view.shape[0] != len(rows):
-                raise LokiError(f"KVA store {path} holds {view.shape[0]} samples, expected "
-                                f"{len(rows)}; delete it to recompute")
-        log.info("KVA store found in cache: %s", path)
-        return path
+        try:
+            with StoreView(path) as view:
+                view.check_grid(*grid)
+                if view.shape[0] != len(rows):
+                    raise LokiError(f"KVA store {path} holds {view.shape[0]} samples, expected "
+                                    f"{len(rows)}; delete it to recompute")
+        except LokiError as err:
+            return str(err)
+        return None
     done = completed_rows(path)
-    todo = [r for r in rows if r["index"] not in done]
+    return [r for r in rows if r["index"] not in done]
+
+
+def _compute(cfg: DictConfig, loaded: LoadedModel, settings: KVASettings, dtype: str,
+             rows: list[dict[str, Any]], todo: list[dict[str, Any]], trainer: L.Trainer) -> None:
     log.info("KVA (preset %s): %d prompts, %d already in partial shards, %d to compute "
              "(engine=%s, baseline=%s, %s x %d, scale_positions=%s, %s)", cfg.kva.get("preset"),
              len(rows), len(rows) - len(todo), len(todo), settings.engine, settings.baseline,
              settings.method, settings.steps, settings.scale_positions, dtype)
-    trainer = None
-    if todo:
-        kva_model = model_for_kva(loaded.model, torch_dtype(dtype))
-        writer = KVAStoreWriter(path, cfg.kva.store_dtype)
-        trainer = kva_trainer(cfg, [writer])
-        # Computed over the whole probe set (fixed by the store key), not just what is left
-        # to do, so a resumed run reuses exactly the same prefix keys/values.
-        ids = [loaded.tokenizer(r["prompt"], add_special_tokens=False).input_ids for r in rows]
-        module = KVAModule(kva_model, loaded.tokenizer, settings, common_prefix(ids))
-        trainer.predict(module, datamodule=ProbeDataModule(todo, int(cfg.kva.batch_size)),
-                        return_predictions=False)
-        trainer.strategy.barrier("kva_predicted")  # every rank's shard is complete
-    if trainer is None or trainer.is_global_zero:
-        merge_shards(path, len(rows), _provenance(cfg, loaded, settings, key, grid, dtype))
-    if trainer is not None:
-        trainer.strategy.barrier("kva_merged")
-    log.info("KVA store: %s", path)
-    return path
+    if not todo:
+        return
+    kva_model = model_for_kva(loaded.model, torch_dtype(dtype))
+    # Computed over the whole probe set (fixed by the store key), not just what is left
+    # to do, so a resumed run reuses exactly the same prefix keys/values.
+    ids = [loaded.tokenizer(r["prompt"], add_special_tokens=False).input_ids for r in rows]
+    module = KVAModule(kva_model, loaded.tokenizer, settings, common_prefix(ids))
+    trainer.predict(module, datamodule=ProbeDataModule(todo, int(cfg.kva.batch_size)),
+                    return_predictions=False)
+    trainer.strategy.barrier("kva_predicted")  # every rank's shard is complete
