@@ -334,21 +334,26 @@ class Eval:
             _check_group(f"{at}.task_dataset", self.task_dataset, DATASET_SHAPES, "source")
 
 
-@dataclass
-class Wandb:
-    project: str = "loki_exp"
-    mode: str = _spec("offline", choices=("online", "offline", "disabled"))
-    group: str | None = None  # null: the multirun directory's date/time
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclass
 class Logger:
-    csv: bool = True  # Lightning's CSVLogger into <run dir>/csv
-    wandb: Wandb | None = None
-    extra: list[Any] | None = field(default_factory=list)  # any Lightning logger, by _target_
+    # Each a Lightning logger by _target_ (conf/logger), or null/false for none.
+    csv: Any = None
+    wandb: Any = None
+    extra: list[Any] | None = field(default_factory=list)
 
     def check(self, at: str) -> None:
-        _check_targets(f"{at}.extra", self.extra)
+        for name in ("csv", "wandb"):
+            spec = getattr(self, name)
+            if spec is not None and spec is not False:
+                _check_logger(f"{at}.{name}", spec)
+        if self.wandb and self.wandb.get("mode") not in (None, *WANDB_MODES):
+            raise LokiError(f"{at}.wandb.mode={self.wandb['mode']!r} is not known; expected one "
+                            f"of {list(WANDB_MODES)}")
+        for i, spec in enumerate(self.extra or []):
+            _check_logger(f"{at}.extra[{i}]", spec)
 
 
 @dataclass
@@ -592,6 +597,33 @@ def _check_target(at: str, entry: Any) -> None:
     if not isinstance(entry.get("_target_"), str):
         raise LokiError(f"{at}._target_={entry.get('_target_')!r} must be a dotted class "
                         "path (package.module.Class)")
+
+
+def _check_logger(at: str, spec: Any) -> None:
+    """A logger spec: a _target_ and keys its class takes (a WandbLogger's other keys go to
+    ``wandb.init``, so they are checked against it)."""
+    from hydra.utils import get_class
+    from lightning.pytorch.loggers import WandbLogger
+
+    _check_target(at, spec)
+    target = spec["_target_"]
+    try:
+        cls = get_class(target)
+    except Exception:  # Hydra wraps the import error in its own
+        raise LokiError(f"{at}._target_={target!r} cannot be imported; expected the dotted "
+                        "path of a logger class") from None
+    params = inspect.signature(cls).parameters
+    known = set(params)
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        if not issubclass(cls, WandbLogger):
+            return  # its other keys go somewhere we cannot see
+        import wandb
+
+        known |= set(inspect.signature(wandb.init).parameters)
+    unknown = sorted(k for k in spec if k != "_target_" and k not in known)
+    if unknown:
+        raise LokiError(f"{at}.{unknown[0]} is not an argument of {target}"
+                        + (" or wandb.init" if issubclass(cls, WandbLogger) else ""))
 
 
 def _check_lightning_flags(at: str, lightning: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Loggers of a run: CSV always, W&B when configured (offline by default)."""
+"""Loggers of a run: the ``logger`` group's CSV and W&B loggers and any others (``extra``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -20,26 +20,37 @@ def sweep_group(output_dir: str | os.PathLike) -> str:
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
-    # csv/metrics.csv: the training curve next to the run (logger.csv=false leaves it out)
-    loggers: list[Logger] = [CSVLogger(output_dir, name="csv", version="")] \
-        if cfg.logger.get("csv", True) else []
-    wb = cfg.logger.get("wandb")
-    if wb:
-        # WANDB_MODE (e.g. disabled in tests) wins over the config; passed to wandb.init
-        # itself, since W&B reads its environment only once per process.
-        mode = os.environ.get("WANDB_MODE") or str(wb.mode)
-        config = OmegaConf.to_container(cfg, resolve=True)
-        # One group per sweep, one run per job, named by its choices. The group is the
-        # multirun dir's date and time (multirun/<date>/<time>/<job>): the time alone would
-        # join sweeps started at the same time on different days.
-        group = wb.get("group") or sweep_group(output_dir)
-        name = f"{cfg.method.name}-{cfg.strategy.name}-q{cfg.quota}"
-        loggers.append(WandbLogger(project=str(wb.project), group=group, name=name,
-                                   save_dir=str(output_dir), config=config, mode=mode))
-    for spec in cfg.logger.get("extra") or []:
-        loggers.append(instantiate(spec, **({} if "save_dir" in spec else
-                                            {"save_dir": str(output_dir)})))
+    """The ``logger`` group's loggers, each built with ``hydra.utils.instantiate``; the run
+    dir is their ``save_dir`` unless a spec sets one."""
+    lg, loggers = cfg.logger, []
+    here = {"save_dir": str(output_dir)}
+    if lg.get("csv"):
+        loggers.append(_build(lg.csv, _unless_set(lg.csv, here)))
+    if lg.get("wandb"):
+        wb = lg.wandb
+        ours = {
+            # WANDB_MODE (e.g. disabled in tests) wins over the config; passed to wandb.init
+            # itself, since W&B reads its environment only once per process.
+            "mode": os.environ.get("WANDB_MODE") or wb.get("mode"),
+            # One group per sweep: the multirun dir's date and time (the time alone would
+            # join sweeps started at the same time on different days).
+            "group": wb.get("group") or sweep_group(output_dir),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            **_unless_set(wb, {**here, "name": f"{cfg.method.name}-{cfg.strategy.name}-q{cfg.quota}"})}
+        loggers.append(_build(wb, {k: v for k, v in ours.items() if v is not None}))
+    for spec in lg.get("extra") or []:
+        loggers.append(_build(spec, _unless_set(spec, here)))
     return loggers
+
+
+def _build(spec: DictConfig, ours: dict) -> Logger:
+    # partial: the spec's arguments through Hydra, ours (the run's config, paths) passed as
+    # they are, never copied into a config; ours win where both set one (mode, group).
+    return instantiate(spec, _partial_=True)(**ours)
+
+
+def _unless_set(spec: DictConfig, defaults: dict) -> dict:
+    return {k: v for k, v in defaults.items() if spec.get(k) is None}
 
 
 def log_final_metrics(loggers: list[Logger], metrics: dict[str, float]) -> None:

@@ -24,7 +24,14 @@ REFUSED = [
      "['name', 'lr', 'rank', 'alpha', 'target_modules']"),
     (["+method.rank=8"], "method.rank is not a known key; expected one of ['name', 'lr']"),
     (["logger=wandb", "+logger.wandb.projekt=x"],
-     "logger.wandb.projekt is not a known key; expected one of ['project', 'mode', 'group']"),
+     "logger.wandb.projekt is not an argument of lightning.pytorch.loggers.WandbLogger or "
+     "wandb.init"),
+    (["+logger.csv.flush_logs_every_n_stepz=5"],
+     "logger.csv.flush_logs_every_n_stepz is not an argument of "
+     "lightning.pytorch.loggers.CSVLogger"),
+    (["logger.csv._target_=lightning.pytorch.loggers.NoSuchLogger"],
+     "logger.csv._target_='lightning.pytorch.loggers.NoSuchLogger' cannot be imported; "
+     "expected the dotted path of a logger class"),
     (["+method_settings.lorra.lr=1"], "method_settings has ['lorra']; expected keys among the "
      "methods ['loki', 'loki_lora', 'lora', 'dora', 'pissa', 'corda', 'full', 'suppress']"),
     (["eval.forgetting_metric=acc_nrom"], "eval.forgetting_metric='acc_nrom' is not known; "

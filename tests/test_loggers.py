@@ -43,6 +43,21 @@ def test_wandb_offline_run_holds_config_metrics_and_group(compose_cfg, tmp_path,
 
 
 
+def test_any_argument_of_a_logger_from_the_shell(compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    loggers = build_loggers(compose_cfg(
+        "logger=wandb", "+logger.wandb.tags=[loki,cpu]", "+logger.wandb.entity=lab",
+        "logger.wandb.group=mine", "+logger.wandb.name=run7", "logger.csv.name=curve",
+        f"paths.output_dir={tmp_path}"), tmp_path)
+    csv, wb = loggers
+    assert csv.name == "curve" and csv.save_dir == str(tmp_path)
+    assert wb._wandb_init["tags"] == ["loki", "cpu"] and wb._wandb_init["entity"] == "lab"
+    assert wb._wandb_init["group"] == "mine" and wb._wandb_init["name"] == "run7"
+    assert wb._wandb_init["mode"] == "disabled" and wb._wandb_init["dir"] == str(tmp_path)
+    assert build_loggers(compose_cfg("logger.csv=null", f"paths.output_dir={tmp_path}"),
+                         tmp_path) == []
+
+
 def test_any_lightning_logger_from_the_shell(compose_cfg, tmp_path):
     loggers = build_loggers(compose_cfg(
         "logger.extra=[{_target_:lightning.pytorch.loggers.CSVLogger,name:extra}]",
