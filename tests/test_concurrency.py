@@ -98,10 +98,18 @@ def _torchrun_rank(rank: int, port: int, cache: str, out: str) -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from loki_exp.kva.stage import run_analyse
+    from loki_exp.kva import stage
     from loki_exp.models import load_model
 
     torch.set_num_threads(1)
+    stage.LOCK_POLL_S = 1.0  # the other ranks wait through several polls of rank 0's lock
+    store_path = stage.store_path
+
+    def marked(*args):  # this rank is about to look at the cache
+        Path(out).with_suffix(".ready").touch()
+        return store_path(*args)
+
+    stage.store_path = marked
     messages: list[str] = []
 
     class Keep(logging.Handler):
@@ -113,9 +121,7 @@ def _torchrun_rank(rank: int, port: int, cache: str, out: str) -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*OVERRIDES, "parallelism.mode=ddp",
                                            "parallelism.accelerator=cpu", "parallelism.devices=2"])
-    loaded = load_model(cfg.model)
-    Path(out).with_suffix(".ready").touch()
-    store = run_analyse(cfg, loaded)
+    store = stage.run_analyse(cfg, load_model(cfg.model))
     Path(out).write_text(json.dumps({"store": str(store), "computed": any(
         m.startswith("KVA (preset") for m in messages)}))
 
@@ -123,7 +129,8 @@ def _torchrun_rank(rank: int, port: int, cache: str, out: str) -> None:
 def test_torchrun_ranks_follow_their_rank_0_when_another_job_finishes_the_store(tmp_path):
     """Another job holds the store key; this job's rank 1 must not start computing on its own
     (before: it did, and waited in the process group for a rank 0 that found the store
-    finished and never joined: a hang until the 30-minute timeout)."""
+    finished and never joined: a hang until the 30-minute timeout), and waits in step with
+    rank 0's polls of the lock rather than in one collective that would time out."""
     import socket
     import time
 
@@ -158,7 +165,7 @@ def test_torchrun_ranks_follow_their_rank_0_when_another_job_finishes_the_store(
         while not all(o.with_suffix(".ready").exists() for o in outs):
             assert time.monotonic() < deadline and all(p.is_alive() for p in procs)
             time.sleep(0.5)
-        time.sleep(5)  # both ranks are now at the check (rank 0 waits for the lock)
+        time.sleep(5)  # past the check (before the fix, rank 1 then started computing)
         aside.rename(store)  # the other job finishes
     for p in procs:
         p.join(120)

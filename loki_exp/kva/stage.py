@@ -7,7 +7,6 @@ under ``<cache_dir>/kva/<model name>/<key>.h5``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -17,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import filelock
 import lightning as L
 import torch
 from omegaconf import DictConfig
@@ -151,9 +151,17 @@ def run_analyse(cfg: DictConfig, loaded: LoadedModel) -> Path:
     together = ranks_started_together(trainer.strategy)
     if together:
         trainer.strategy.setup_environment()
-    lock = atomic.cache_lock(path) if trainer.is_global_zero else contextlib.nullcontext()
-    with lock:
-        todo = _todo(path, rows, grid) if trainer.is_global_zero or not together else None
+    lock = atomic.cache_lock(path) if trainer.is_global_zero else None
+    _acquire(lock, trainer.strategy, together)
+    try:
+        todo = None
+        if trainer.is_global_zero or not together:
+            try:
+                todo = _todo(path, rows, grid)
+            except Exception as err:  # told to every rank, or they would wait forever
+                if not together:
+                    raise
+                todo = f"rank 0 could not read the KVA cache at {path}: {err!r}"
         if together:
             todo = trainer.strategy.broadcast(todo, src=0)
         if isinstance(todo, str):  # rank 0's error, raised on every rank
@@ -165,8 +173,34 @@ def run_analyse(cfg: DictConfig, loaded: LoadedModel) -> Path:
         if trainer.is_global_zero:
             merge_shards(path, len(rows), _provenance(cfg, loaded, settings, key, grid, dtype))
         trainer.strategy.barrier("kva_merged")
+    finally:
+        if lock is not None:
+            lock.release()
     log.info("KVA store: %s", path)
     return path
+
+
+LOCK_POLL_S = 60.0
+
+
+def _acquire(lock, strategy, together: bool) -> None:
+    """Rank 0 takes the store key's lock, waiting as long as another job holds it. Ranks
+    started together wait in step with it, one broadcast per poll: a single collective would
+    time out (Lightning's process group allows 30 minutes) while another job computes for
+    hours."""
+    if not together:
+        if lock is not None:
+            lock.acquire()
+        return
+    while True:
+        got = True
+        if lock is not None:
+            try:
+                lock.acquire(timeout=LOCK_POLL_S)
+            except filelock.Timeout:
+                got = False
+        if strategy.broadcast(got, src=0):
+            return
 
 
 def _todo(path: Path, rows: list[dict[str, Any]], grid: tuple[int, int]) -> list | str | None:
