@@ -334,7 +334,7 @@ class Eval:
             _check_group(f"{at}.task_dataset", self.task_dataset, DATASET_SHAPES, "source")
 
 
-WANDB_MODES = ("online", "offline", "disabled")
+WANDB_MODES = ("online", "offline", "disabled", "shared")
 
 
 @dataclass
@@ -347,6 +347,10 @@ class Logger:
     def check(self, at: str) -> None:
         for name in ("csv", "wandb"):
             spec = getattr(self, name)
+            if spec is True:
+                raise LokiError(f"{at}.{name}=true is not a logger spec; the {name} logger is "
+                                f"on when conf/logger sets it (logger={name}); false or null "
+                                "leaves it out")
             if spec is not None and spec is not False:
                 _check_logger(f"{at}.{name}", spec)
         if self.wandb and self.wandb.get("mode") not in (None, *WANDB_MODES):
@@ -620,7 +624,8 @@ def _check_logger(at: str, spec: Any) -> None:
         import wandb
 
         known |= set(inspect.signature(wandb.init).parameters)
-    unknown = sorted(k for k in spec if k != "_target_" and k not in known)
+    unknown = sorted(k for k in spec  # _target_, _convert_ ...: Hydra's own keys
+                     if not (k.startswith("_") and k.endswith("_")) and k not in known)
     if unknown:
         raise LokiError(f"{at}.{unknown[0]} is not an argument of {target}"
                         + (" or wandb.init" if issubclass(cls, WandbLogger) else ""))

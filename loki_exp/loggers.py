@@ -36,7 +36,10 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
             # join sweeps started at the same time on different days).
             "group": wb.get("group") or sweep_group(output_dir),
             "config": OmegaConf.to_container(cfg, resolve=True),
-            **_unless_set(wb, {**here, "name": f"{cfg.method.name}-{cfg.strategy.name}-q{cfg.quota}"})}
+            "name": wb.get("name") or f"{cfg.method.name}-{cfg.strategy.name}-q{cfg.quota}",
+            # A spec may name it as WandbLogger does or as wandb.init does (WandbLogger's own
+            # default, ".", would win over a dir).
+            "save_dir": wb.get("save_dir") or wb.get("dir") or str(output_dir)}
         loggers.append(_build(wb, {k: v for k, v in ours.items() if v is not None}))
     for spec in lg.get("extra") or []:
         loggers.append(_build(spec, _unless_set(spec, here)))
@@ -44,9 +47,10 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
 
 
 def _build(spec: DictConfig, ours: dict) -> Logger:
-    # partial: the spec's arguments through Hydra, ours (the run's config, paths) passed as
-    # they are, never copied into a config; ours win where both set one (mode, group).
-    return instantiate(spec, _partial_=True)(**ours)
+    # partial: the spec's arguments through Hydra (as plain lists and dicts: wandb.init
+    # ignores a settings that is not a dict), ours (the run's config, paths) passed as they
+    # are, never copied into a config; ours win where both set one (mode, group, name).
+    return instantiate(spec, _partial_=True, _convert_="all")(**ours)
 
 
 def _unless_set(spec: DictConfig, defaults: dict) -> dict:

@@ -26,6 +26,9 @@ REFUSED = [
     (["logger=wandb", "+logger.wandb.projekt=x"],
      "logger.wandb.projekt is not an argument of lightning.pytorch.loggers.WandbLogger or "
      "wandb.init"),
+    (["logger.csv=true"],
+     "logger.csv=true is not a logger spec; the csv logger is on when conf/logger sets it "
+     "(logger=csv); false or null leaves it out"),
     (["+logger.csv.flush_logs_every_n_stepz=5"],
      "logger.csv.flush_logs_every_n_stepz is not an argument of "
      "lightning.pytorch.loggers.CSVLogger"),
@@ -38,7 +41,8 @@ REFUSED = [
      "expected one of ['acc', 'acc_norm', 'exact_match', 'exact_match_strict', 'pass@1', "
      "'prompt_level_loose_acc', 'prompt_level_strict_acc']"),
     (["logger=wandb", "logger.wandb.mode=on"],
-     "logger.wandb.mode='on' is not known; expected one of ['online', 'offline', 'disabled']"),
+     "logger.wandb.mode='on' is not known; expected one of ['online', 'offline', 'disabled', "
+     "'shared']"),
     (["quota=abc"], "quota='abc' must be a number"),
     # OmegaConf alone would convert these, and the stages would read the unconverted value.
     (["quota='10'"], "quota='10' must be a number"),

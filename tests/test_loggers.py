@@ -23,7 +23,7 @@ def test_csv_unless_turned_off_and_wandb_when_configured(compose_cfg, tmp_path, 
 
 def test_wandb_offline_run_holds_config_metrics_and_group(compose_cfg, tmp_path, monkeypatch):
     """A real offline W&B run, read back from its run file (tests/wandb_records.py)."""
-    from tests.wandb_records import run_summary
+    from tests.wandb_records import run_file, run_summary
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -34,8 +34,7 @@ def test_wandb_offline_run_holds_config_metrics_and_group(compose_cfg, tmp_path,
                "bench/arc_easy/acc_norm/delta/ci_low": -0.05}
     log_final_metrics(loggers, metrics)
     close_loggers(loggers, "success")
-    run_file, = job.glob("wandb/offline-run-*/run-*.wandb")
-    run = run_summary(run_file)
+    run = run_summary(run_file(job))
     assert run["group"] == "2026-11-30_23-55-38" and run["name"] == "loki-layer_balanced-q30"
     assert run["config"]["quota"] == 30 and run["config"]["method"]["name"] == "loki"
     assert {k: run["summary"][k] for k in metrics} == metrics
@@ -52,10 +51,14 @@ def test_any_argument_of_a_logger_from_the_shell(compose_cfg, tmp_path, monkeypa
     csv, wb = loggers
     assert csv.name == "curve" and csv.save_dir == str(tmp_path)
     assert wb._wandb_init["tags"] == ["loki", "cpu"] and wb._wandb_init["entity"] == "lab"
+    assert type(wb._wandb_init["tags"]) is list  # plain, as wandb.init expects (not a ListConfig)
     assert wb._wandb_init["group"] == "mine" and wb._wandb_init["name"] == "run7"
     assert wb._wandb_init["mode"] == "disabled" and wb._wandb_init["dir"] == str(tmp_path)
     assert build_loggers(compose_cfg("logger.csv=null", f"paths.output_dir={tmp_path}"),
                          tmp_path) == []
+    _, elsewhere = build_loggers(compose_cfg("logger=wandb", f"+logger.wandb.dir={tmp_path / 'w'}",
+                                             f"paths.output_dir={tmp_path}"), tmp_path)
+    assert elsewhere._wandb_init["dir"] == str(tmp_path / "w")  # wandb.init's own name for it
 
 
 def test_any_lightning_logger_from_the_shell(compose_cfg, tmp_path):

@@ -22,6 +22,8 @@ def records(path: str | Path) -> list[Any]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = Path(path).read_bytes()
+    if len(data) < HEADER:  # not written yet
+        return []
     assert data[:4] == b":W&B", f"{path} is not a W&B run file"
     out, pos, pending = [], HEADER, b""
     while pos + 7 <= len(data):
@@ -30,6 +32,8 @@ def records(path: str | Path) -> list[Any]:
             pos += left_in_block
             continue
         length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        if pos + 7 + length > len(data):  # the record is still being written
+            break
         payload = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind == 0 and length == 0:
@@ -40,6 +44,18 @@ def records(path: str | Path) -> list[Any]:
             record.ParseFromString(pending)
             out.append(record)
     return out
+
+
+def run_file(run_root: str | Path, timeout: float = 60.0) -> Path:
+    """The one offline run file under ``<run_root>/wandb``, once it exists."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (found := sorted(Path(run_root).glob("wandb/offline-run-*/run-*.wandb"))):
+        assert time.monotonic() < deadline, f"no W&B run file under {run_root} after {timeout:.0f} s"
+        time.sleep(0.2)
+    assert len(found) == 1, found
+    return found[0]
 
 
 def finished_records(path: str | Path, timeout: float = 60.0) -> list[Any]:
