@@ -93,3 +93,13 @@ def isolated_cache(tmp_path, monkeypatch):
         (cache / "models").symlink_to(real / "models", target_is_directory=True)
     monkeypatch.setenv("LOKI_EXP_CACHE", str(cache))
     return cache
+
+
+def bfcl_category_scores(simple: list[float], irrelevance: list[float]) -> dict:
+    """A model's scores as the evaluate stage keeps them for BFCL by category: the overall is
+    the categories' mean and has no item list of its own."""
+    acc = {"simple/accuracy": sum(simple) / len(simple),
+           "irrelevance/accuracy": sum(irrelevance) / len(irrelevance)}
+    return {"bench": {}, "bpb": {}, "task": {**acc, "accuracy": sum(acc.values()) / 2},
+            "items": {"task/bfcl/simple/accuracy": simple,
+                      "task/bfcl/irrelevance/accuracy": irrelevance}}

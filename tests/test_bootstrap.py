@@ -89,3 +89,13 @@ def test_a_mean_over_categories_is_resampled_by_category():
     assert high - low == pytest.approx(2 * 1.96 * np.sqrt(0.25 / 50) / 2, rel=0.15)
     with pytest.raises(ValueError, match="paired items of a differ in number"):
         stratified_delta_ci({"a": [0.0, 1.0]}, {"a": [0.0]})
+
+
+def test_a_category_too_small_to_resample_enters_as_its_fixed_difference():
+    from loki_exp.evaluation.bootstrap import stratified_delta_ci
+
+    # One item that went right (+1), an empty category (left out, as from the score), and
+    # ten unchanged items: the mean over the two scored categories is 0.5 in every resample.
+    assert stratified_delta_ci({"a": [0.0], "b": [], "c": [1.0] * 10},
+                               {"a": [1.0], "b": [], "c": [1.0] * 10}) == (0.5, 0.5)
+    assert all(np.isnan(stratified_delta_ci({"a": [0.0]}, {"a": [1.0]})))

@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from loki_exp.errors import LokiError
@@ -100,18 +99,11 @@ def test_flat_metrics_carry_paired_intervals_and_signed_forgetting():
 
 def test_bfcl_overall_gain_gets_an_interval_resampled_by_category():
     from loki_exp.evaluation.evaluate import flat_metrics
-
-    def scores(simple, irrelevance):
-        acc = {"simple/accuracy": float(np.mean(simple)),
-               "irrelevance/accuracy": float(np.mean(irrelevance))}
-        return {"bench": {}, "bpb": {},
-                "task": {**acc, "accuracy": float(np.mean(list(acc.values())))},
-                "items": {"task/bfcl/simple/accuracy": simple,
-                          "task/bfcl/irrelevance/accuracy": irrelevance}}
+    from tests.conftest import bfcl_category_scores
 
     # simple: 0 -> 30 of 40 right; irrelevance: 40 -> 34 of 40 right. Overall +0.3.
-    m = flat_metrics("bfcl", scores([0.0] * 40, [1.0] * 40),
-                     scores([1.0] * 30 + [0.0] * 10, [1.0] * 34 + [0.0] * 6), "acc")
+    m = flat_metrics("bfcl", bfcl_category_scores([0.0] * 40, [1.0] * 40),
+                     bfcl_category_scores([1.0] * 30 + [0.0] * 10, [1.0] * 34 + [0.0] * 6), "acc")
     assert m["task/bfcl/accuracy/delta"] == pytest.approx(0.3)
     assert 0.2 < m["task/bfcl/accuracy/delta/ci_low"] < 0.3 < m["task/bfcl/accuracy/delta/ci_high"]
     assert m["task/bfcl/irrelevance/accuracy/delta/ci_high"] < 0

@@ -108,15 +108,10 @@ def test_report_intervals_significance_and_pareto_fronts(tmp_path):
 def _category_run(root, name, method, simple_after, irrelevance_after):
     """A run scored by BFCL category: the overall is the categories' mean, with no item list."""
     from loki_exp.evaluation.evaluate import flat_metrics
+    from tests.conftest import bfcl_category_scores
 
-    def scores(simple, irrelevance):
-        acc = {"simple/accuracy": float(np.mean(simple)),
-               "irrelevance/accuracy": float(np.mean(irrelevance))}
-        return {"bench": {}, "bpb": {}, "task": {**acc, "accuracy": float(np.mean(list(acc.values())))},
-                "items": {"task/bfcl/simple/accuracy": simple,
-                          "task/bfcl/irrelevance/accuracy": irrelevance}}
-
-    before, after = scores([0.0] * 40, [1.0] * 40), scores(simple_after, irrelevance_after)
+    before = bfcl_category_scores([0.0] * 40, [1.0] * 40)
+    after = bfcl_category_scores(simple_after, irrelevance_after)
     run = root / name
     run.mkdir(parents=True)
     record = {"config": {"method": {"name": method, "lr": 1e-3}, "strategy": {"name": "layer_balanced"},

@@ -83,19 +83,29 @@ def stratified_delta_ci(before: dict[str, Sequence[float]],
                         after: dict[str, Sequence[float]]) -> tuple[float, float]:
     """95% interval of the unweighted mean over strata of mean(after - before), each stratum's
     items resampled as (before, after) pairs on their own. Also the difference of two runs on
-    the same items (``before`` = the first run's ``after``)."""
-    names = sorted(before)
-    pairs = [(np.asarray(before[n], float), np.asarray(after[n], float)) for n in names]
-    for name, (b, a) in zip(names, pairs):
-        if b.shape != a.shape:
-            raise ValueError(f"paired items of {name} differ in number: {b.shape} vs {a.shape}")
+    the same items (``before`` = the first run's ``after``). An empty stratum is left out (as
+    from the score); a one-item stratum has no spread and enters as its fixed difference."""
+    names = [n for n in sorted(before) if len(before[n])]
+    pairs = [_pair(n, before[n], after[n]) for n in names]
+    fixed = [float(a[0] - b[0]) for b, a in pairs if len(b) == 1]
+    varied = [(b, a) for b, a in pairs if len(b) > 1]
+    if not varied:
+        return float("nan"), float("nan")
 
     def mean_of_means(*indices: np.ndarray) -> float:
-        return float(np.mean([a[idx.astype(int)].mean() - b[idx.astype(int)].mean()
-                              for (b, a), idx in zip(pairs, indices)]))
+        means = [a[idx.astype(int)].mean() - b[idx.astype(int)].mean()
+                 for (b, a), idx in zip(varied, indices)]
+        return float(np.mean(means + fixed))
 
-    return _interval(tuple(np.arange(len(b), dtype=float) for b, _ in pairs), mean_of_means,
+    return _interval(tuple(np.arange(len(b), dtype=float) for b, _ in varied), mean_of_means,
                      paired=False)
+
+
+def _pair(name: str, before: Sequence[float], after: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    b, a = np.asarray(before, float), np.asarray(after, float)
+    if b.shape != a.shape:
+        raise ValueError(f"paired items of {name} differ in number: {b.shape} vs {a.shape}")
+    return b, a
 
 
 def paired_difference_ci(first: Sequence[float], second: Sequence[float]) -> tuple[float, float]:

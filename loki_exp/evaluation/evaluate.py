@@ -190,7 +190,8 @@ def flat_metrics(task_name: str, before: dict, after: dict, primary: str) -> dic
         out[f"{key}/delta"] = value - before["task"][metric]
         _with_ci(out, f"{key}/delta", bi.get(key), ai.get(key))
         categories = category_keys(ai, key)
-        if key not in ai and categories and all(bi.get(c) is not None for c in categories):
+        if key not in ai and categories and all(
+                bi.get(c) is not None and len(bi[c]) == len(ai[c]) for c in categories):
             # BFCL's overall: a mean over categories, so its items are resampled by category.
             out[f"{key}/delta/ci_low"], out[f"{key}/delta/ci_high"] = stratified_delta_ci(
                 {c: bi[c] for c in categories}, {c: ai[c] for c in categories})
