@@ -11,8 +11,6 @@ import re
 import runpy
 import sys
 
-import pytest
-
 from tests.conftest import ROOT
 
 

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -47,7 +46,7 @@ def learning_rate(cfg: DictConfig) -> float:
     return float(cfg.method.lr) * float(scale)
 
 
-def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list | None = None) -> L.Trainer:
+def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list) -> L.Trainer:
     par, tr = cfg.parallelism, cfg.trainer
     every = int(tr.checkpoint_every_n_steps)
     # 0 means no checkpoints at all: a sweep of full fine-tunes would otherwise write a
@@ -66,7 +65,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list | None = None
         max_epochs=tr.get("max_epochs"),
         accumulate_grad_batches=int(tr.accumulate_grad_batches),
         gradient_clip_val=tr.get("gradient_clip_val"), log_every_n_steps=int(tr.log_every_n_steps),
-        logger=loggers if loggers is not None else [CSVLogger(output_dir, name="csv", version="")],
+        logger=loggers,  # the logger group's (loggers.build_loggers)
         callbacks=callbacks,
         deterministic=bool(tr.deterministic),
         default_root_dir=output_dir,
@@ -152,7 +151,7 @@ def unsharded_copy(cfg: DictConfig, sharded: nn.Module, positions: list[list[int
 
 
 def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]] | None,
-                task: TaskData, output_dir: Path, loggers: list | None = None) -> dict[str, Any]:
+                task: TaskData, output_dir: Path, loggers: list) -> dict[str, Any]:
     if cfg.method.name not in methods.TRAINING_METHODS:  # suppress: an edit, no training
         loaded.model = methods.prepare(cfg.method, loaded.model, positions)
         return {"trainable_parameters": 0, "edited_rows": sum(map(len, positions or []))}
