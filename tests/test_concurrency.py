@@ -15,10 +15,23 @@ OVERRIDES = ["model=tiny_llama", "kva.limit=2", "kva.dtype=float32", "eval.bench
              "eval.task_limit=2", "eval.max_new_tokens=4"]
 
 
-def _job(cache: str, out: str) -> None:
-    """One job: the KVA store and the base scores, saying whether it computed them."""
+def _kept_log_messages() -> list[str]:
+    """The loki_exp log messages of this process, as they come (to see what a job computed)."""
     import logging
 
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    logging.getLogger("loki_exp").addHandler(Keep())
+    logging.getLogger("loki_exp").setLevel(logging.INFO)
+    return messages
+
+
+def _job(cache: str, out: str) -> None:
+    """One job: the KVA store and the base scores, saying whether it computed them."""
     os.environ["LOKI_EXP_CACHE"] = cache
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
@@ -31,14 +44,7 @@ def _job(cache: str, out: str) -> None:
     from loki_exp.models import load_model
 
     torch.set_num_threads(1)
-    messages: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            messages.append(record.getMessage())
-
-    logging.getLogger("loki_exp").addHandler(Keep())
-    logging.getLogger("loki_exp").setLevel(logging.INFO)
+    messages = _kept_log_messages()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=OVERRIDES)
     loaded = load_model(cfg.model)
@@ -89,8 +95,6 @@ def test_an_unreadable_shard_is_skipped_not_renamed(tmp_path):
 
 def _torchrun_rank(rank: int, port: int, cache: str, out: str) -> None:
     """One rank of a 2-rank job started as torchrun starts it (each runs from the top)."""
-    import logging
-
     os.environ.update({"LOKI_EXP_CACHE": cache, "HF_HUB_OFFLINE": "1",
                        "TORCHELASTIC_RUN_ID": "loki-test", "RANK": str(rank),
                        "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "WORLD_SIZE": "2",
@@ -110,14 +114,7 @@ def _torchrun_rank(rank: int, port: int, cache: str, out: str) -> None:
         return store_path(*args)
 
     stage.store_path = marked
-    messages: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            messages.append(record.getMessage())
-
-    logging.getLogger("loki_exp").addHandler(Keep())
-    logging.getLogger("loki_exp").setLevel(logging.INFO)
+    messages = _kept_log_messages()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*OVERRIDES, "parallelism.mode=ddp",
                                            "parallelism.accelerator=cpu", "parallelism.devices=2"])

@@ -67,14 +67,18 @@ def test_report_on_a_dir_without_runs(tmp_path):
 
 def _item_run(root, name, method, lr, task_after_items, arc_after_items):
     """A run with per-item scores (items.json) and the metrics the evaluate stage writes."""
-    from loki_exp.evaluation.evaluate import flat_metrics
-
     before = {"bench": {"arc": {"acc": 0.5}}, "bpb": {}, "task": {"accuracy": 0.0},
               "items": {"bench/arc/acc": [1.0, 0.0] * 50, "task/bfcl/accuracy": [0.0] * 100}}
     after = {"bench": {"arc": {"acc": float(np.mean(arc_after_items))}}, "bpb": {},
              "task": {"accuracy": float(np.mean(task_after_items))},
              "items": {"bench/arc/acc": arc_after_items, "task/bfcl/accuracy": task_after_items}}
-    run = root / name
+    _write_run(root / name, method, lr, before, after)
+
+
+def _write_run(run, method, lr, before, after):
+    """run.json (config, the evaluate stage's metrics) and items.json, as a job writes them."""
+    from loki_exp.evaluation.evaluate import flat_metrics
+
     run.mkdir(parents=True)
     record = {"config": {"method": {"name": method, "lr": lr}, "strategy": {"name": "layer_balanced"},
                          "quota": 10, "eval": {"forgetting_metric": "acc_norm"}},
@@ -107,19 +111,11 @@ def test_report_intervals_significance_and_pareto_fronts(tmp_path):
 
 def _category_run(root, name, method, simple_after, irrelevance_after):
     """A run scored by BFCL category: the overall is the categories' mean, with no item list."""
-    from loki_exp.evaluation.evaluate import flat_metrics
     from tests.conftest import bfcl_category_scores
 
     before = bfcl_category_scores([0.0] * 40, [1.0] * 40)
     after = bfcl_category_scores(simple_after, irrelevance_after)
-    run = root / name
-    run.mkdir(parents=True)
-    record = {"config": {"method": {"name": method, "lr": 1e-3}, "strategy": {"name": "layer_balanced"},
-                         "quota": 10, "eval": {"forgetting_metric": "acc_norm"}},
-              "metrics": flat_metrics("bfcl", before, after, "acc_norm")}
-    (run / "run.json").write_text(json.dumps(record))
-    items = {k: {"before": before["items"][k], "after": v} for k, v in after["items"].items()}
-    (run / "items.json").write_text(json.dumps(items))
+    _write_run(root / name, method, 1e-3, before, after)
 
 
 def test_report_gives_the_bfcl_overall_an_interval_and_tests_it_between_methods(tmp_path):
