@@ -14,6 +14,7 @@ from loki_exp.kva.lightning import common_prefix
 from loki_exp.model_access import down_projs
 from tests.test_kva import _prompts
 from tests.tiny_decoders import tiny_decoder
+from tests.tolerances import CROSS_PATH_FP32
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +116,12 @@ def test_a_left_padded_batch_equals_one_prompt_at_a_time(model_type, baseline, t
                                       scale_positions="last"))
     prompts = [p[0] for p in _prompts(tiny_models["tiny_llama"].tokenizer, 3)]
     assert len({p.numel() for p in prompts}) == 3
+    # Two paths in float32 (a padded batch takes attention's masked kernels): tests/tolerances.py.
+    # Its worst measured case is this test's gemma3_text prompt: 127 eps with AVX-512 kernels.
+    # A padding error is orders larger: an attended pad key takes ~1/T (T ~ 100) of the weight.
+    tolerance = CROSS_PATH_FP32
     for prompt, batched in zip(prompts, fast.attribute_batch(prompts)):
         one = fast(prompt.view(1, -1))
         assert batched.target_token == one.target_token
-        assert batched.target_prob == pytest.approx(one.target_prob, rel=1e-5)
-        assert (batched.scores - one.scores).abs().max() <= 1e-5 * one.scores.abs().max()
+        assert batched.target_prob == pytest.approx(one.target_prob, rel=tolerance)
+        assert (batched.scores - one.scores).abs().max() <= tolerance * one.scores.abs().max()

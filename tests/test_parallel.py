@@ -192,6 +192,23 @@ def test_fsdp_full_finetune_of_a_bf16_model(tmp_path, compose_cfg):
     assert {v.dtype for v in sharded.values()} == {torch.bfloat16}
     moved = sum(int((sharded[k] != base[k]).sum()) for k in sharded)
     assert moved > 0.5 * sum(v.numel() for v in sharded.values())
-    for key, value in one.items():  # two Adam steps of ~1e-2: the same up to bf16 rounding
-        torch.testing.assert_close(sharded[key].float(), value.float(), rtol=0, atol=0.025,
-                                   msg=key)
+    # The updates, not the weights: two Adam steps (lr 1e-2 then 5e-3) move each element by up
+    # to ~0.015, and an element whose gradient is near 0 may step either way in either run
+    # (Adam divides by its own tiny second moment), so an element-wise tolerance cannot tell a
+    # correct FSDP2 run from a broken one. What FSDP2 must give is the same update: the same
+    # direction (correlation), the same scale (norm ratio) and the same sign almost everywhere;
+    # a run that trains other tensors, skips a shard or steps at another rate fails these.
+    keys = sorted(one)
+    u_one = torch.cat([(one[k].float() - base[k].float()).flatten() for k in keys])
+    u_fsdp = torch.cat([(sharded[k].float() - base[k].float()).flatten() for k in keys])
+    corr = float(torch.corrcoef(torch.stack([u_one, u_fsdp]))[0, 1])
+    ratio = float(u_fsdp.norm() / u_one.norm())
+    both = (u_one != 0) & (u_fsdp != 0)
+    agree = float((torch.sign(u_one[both]) == torch.sign(u_fsdp[both])).float().mean())
+    per_tensor = {k: float((sharded[k].float() - base[k].float()).norm()
+                            / (one[k].float() - base[k].float()).norm().clamp(min=1e-12))
+                  for k in keys}
+    # Measured (AVX-512 and AVX2 kernels alike): corr 0.9999, ratio 0.9997-1.0000, signs
+    # 0.9999, per tensor 0.995-1.004.
+    assert corr > 0.99 and 0.98 < ratio < 1.02 and agree > 0.99, (corr, ratio, agree)
+    assert all(0.95 < r < 1.05 for r in per_tensor.values()), per_tensor
