@@ -68,8 +68,8 @@ def test_encoding_masks_the_prompt_and_drops_long_examples_by_default(tiny_model
     assert response == "[add(a=2, b=3)]<|im_end|>"
     assert tok.decode(enc["input_ids"][:n_prompt]).endswith("<|im_start|>assistant\n")
     assert encode(tok, ex, len(enc["input_ids"]) - 1) is None
-    kept, dropped = encode_all(tok, [ex, ex], len(enc["input_ids"]) - 1)
-    assert kept == [] and dropped == 2
+    kept, counts = encode_all(tok, [ex, ex], len(enc["input_ids"]) - 1)
+    assert kept == [] and counts.total_dropped == 2
     batch = PadCollator(tok.eos_token_id)([enc, {"input_ids": [5], "labels": [5]}])
     assert batch["input_ids"].shape == (2, len(enc["input_ids"]))
     assert batch["attention_mask"][1].tolist() == [1] + [0] * (len(enc["input_ids"]) - 1)

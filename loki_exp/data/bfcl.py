@@ -5,6 +5,11 @@ and asks for the call(s) as a Python list; the target is the ground-truth call(s
 canonical text: ``[name(arg=value, ...), ...]`` with Python literals, taking for every
 argument its first non-empty allowed value (an allowed ``""`` marks an optional argument
 that may be omitted, so an argument whose only allowed value is ``""`` is left out).
+
+Relevance: a model trained on calls alone learns to call even when no function fits (both
+irrelevance categories fell from 1.0 to near 0 after 80 steps). So the training set also
+holds held-in irrelevance items whose answer is the plain text ``NO_CALL_ANSWER``, at a share
+of the training examples set by ``dataset.irrelevance_share``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loki_exp.data import assets
@@ -31,6 +37,9 @@ IRRELEVANCE = ("irrelevance", "live_irrelevance")
 LEADERBOARD = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple",
                "live_multiple", "live_parallel", "live_parallel_multiple", "irrelevance",
                "live_irrelevance")
+# The trained answer of an irrelevance item: plain text, no call (the matcher scores any
+# answer that is not a call list as right there, as the leaderboard does).
+NO_CALL_ANSWER = "None of the given functions fits this request, so I will not call any of them."
 SYSTEM_PROMPT = (
     "You are an expert in composing function calls. You are given a question and a set of "
     "possible functions. Based on the question, make the appropriate function call(s). "
@@ -130,23 +139,67 @@ def parse_row(row: dict, answer: dict | None, category: str) -> BFCLItem | None:
         return None
 
 
+def sample_order(items: list) -> list:
+    """A fixed pseudo-random order by id hash (salted: independent of the split's hash), so
+    the first n items of any category are a random sample of it, the same in every run."""
+    return sorted(items, key=lambda i: hashlib.sha256(f"sample:{i.id}".encode()).digest())
+
+
 def heldout_by_category(categories: list[str], test_fraction: float, per_category: int | None,
                         cache: str | os.PathLike | None = None) -> dict[str, list[BFCLItem]]:
-    """Each category's held-out items (the same hash split as training), the first
-    ``per_category`` of them."""
+    """Each category's held-out items (the same hash split as training): ``per_category`` of
+    them drawn in ``sample_order`` (all when None), kept in file order."""
     out = {}
     for category in categories:
-        items, _ = load_items([category], cache, "eval.bfcl_categories", CATEGORIES + IRRELEVANCE)
+        items, _ = load_items([category], cache, "eval.bfcl", CATEGORIES + IRRELEVANCE)
         test = [i for i in items if in_test_split(i.id, test_fraction)]
-        out[category] = test if per_category is None else test[:per_category]
+        if per_category is not None:
+            chosen = {i.id for i in sample_order(test)[:per_category]}
+            test = [i for i in test if i.id in chosen]
+        out[category] = test
     return out
 
 
+def irrelevance_count(n_calls: int, share: float) -> int:
+    """Irrelevance examples that make up ``share`` of a training set with ``n_calls`` calls."""
+    if not 0 <= share < 1:
+        raise LokiError(f"dataset.irrelevance_share={share} must be a number in [0, 1)")
+    return round(share / (1 - share) * n_calls)
+
+
 def load_split(categories: list[str], test_fraction: float,
-               cache: str | os.PathLike | None = None) -> Split:
+               cache: str | os.PathLike | None = None, irrelevance_share: float = 0.0,
+               fits: Callable[[BFCLItem], bool] | None = None) -> Split:
+    """Held-in items of ``categories`` for training (plus held-in irrelevance items at
+    ``irrelevance_share`` of the training set, drawn in ``sample_order`` from both irrelevance
+    categories together, among those that ``fits``: live_irrelevance's prompts run to 4,189
+    tokens, and an added example that training would drop is no example), and the held-out
+    items of ``categories``."""
     if not 0 < test_fraction < 1:
         raise LokiError(f"dataset.test_fraction={test_fraction} must be in (0, 1)")
     items, skipped = load_items(categories, cache)
     train = [i for i in items if not in_test_split(i.id, test_fraction)]
     test = [i for i in items if in_test_split(i.id, test_fraction)]
-    return Split(train, test, {"malformed": skipped})
+    counts = {"malformed": skipped}
+    wanted = irrelevance_count(len(train), irrelevance_share)
+    if wanted:
+        pool, more = load_items(list(IRRELEVANCE), cache, known=IRRELEVANCE)
+        counts["malformed"] += more
+        held_in = [i for i in pool if not in_test_split(i.id, test_fraction)]
+        chosen, too_long = [], 0
+        for item in sample_order(held_in):
+            if len(chosen) == wanted:
+                break
+            if fits is None or fits(item):
+                chosen.append(item)
+            else:
+                too_long += 1
+        if too_long:  # counted: run.json's implant.skipped_rows
+            log.info("BFCL: %d held-in irrelevance items passed over for not fitting max_length",
+                     too_long)
+            counts["irrelevance_passed_over_too_long"] = too_long
+        if len(chosen) < wanted:
+            log.warning("BFCL: irrelevance_share=%g asks for %d irrelevance examples; the held-in "
+                        "split has %d that fit, all used", irrelevance_share, wanted, len(chosen))
+        train += chosen
+    return Split(train, test, counts)

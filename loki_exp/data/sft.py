@@ -15,7 +15,8 @@ splits the budget between prompt and answer turn by turn, we keep the head).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -36,6 +37,7 @@ class Example:
     id: str
     messages: list[dict[str, str]]  # the turns before the response (may hold assistant turns)
     response: str
+    category: str = "all"  # what the run's data counts are kept by (a BFCL category)
 
 
 def chat_segments(tokenizer, conversation: list[dict[str, str]]) -> list[tuple[str, bool]]:
@@ -80,15 +82,47 @@ def encode(tokenizer, example: Example, max_length: int,
         ids, labels = ids[:max_length], labels[:max_length]
         if all(label == IGNORE for label in labels[1:]):
             return None  # nothing left to learn from
+        return {"input_ids": ids, "labels": labels, "truncated": True}
     return {"input_ids": ids, "labels": labels}
 
 
+@dataclass
+class EncodedCounts:
+    """Per category: examples given, dropped for exceeding ``max_length`` (or cut to nothing
+    to learn), and cut short (``overflow=truncate``)."""
+    examples: Counter = field(default_factory=Counter)
+    dropped: Counter = field(default_factory=Counter)
+    truncated: Counter = field(default_factory=Counter)
+
+    @property
+    def total_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {c: {"examples": n, "kept": n - self.dropped[c], "dropped": self.dropped[c],
+                    "truncated": self.truncated[c]} for c, n in sorted(self.examples.items())}
+
+    def worst_loss(self) -> tuple[str, float] | None:
+        """The category that lost the largest share (dropped or truncated), and that share."""
+        shares = {c: (self.dropped[c] + self.truncated[c]) / n for c, n in self.examples.items() if n}
+        return max(shares.items(), key=lambda kv: kv[1]) if shares else None
+
+
 def encode_all(tokenizer, examples: list[Example], max_length: int,
-               overflow: str = "drop") -> tuple[list[dict], int]:
-    """Encoded examples and the number dropped for exceeding ``max_length``."""
-    encoded = [encode(tokenizer, ex, max_length, overflow) for ex in examples]
-    kept = [e for e in encoded if e is not None]
-    return kept, len(encoded) - len(kept)
+               overflow: str = "drop") -> tuple[list[dict], EncodedCounts]:
+    """Encoded examples and, per category, how many were dropped or cut by ``max_length``."""
+    counts = EncodedCounts()
+    kept = []
+    for ex in examples:
+        counts.examples[ex.category] += 1
+        enc = encode(tokenizer, ex, max_length, overflow)
+        if enc is None:
+            counts.dropped[ex.category] += 1
+            continue
+        if enc.pop("truncated", False):
+            counts.truncated[ex.category] += 1
+        kept.append(enc)
+    return kept, counts
 
 
 class PadCollator:

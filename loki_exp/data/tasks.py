@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from loki_exp.data import bfcl
-from loki_exp.data.sft import Example
+from loki_exp.data.sft import Example, encode
 from loki_exp.errors import LokiError
 
 
@@ -26,12 +26,26 @@ class TaskData:
     test: list[Any]  # task items for the task metric (BFCLItem) or Examples
     skipped: dict[str, int] = field(default_factory=dict)
     test_fraction: float | None = None  # the hash split's held-out share (BFCL categories)
+    categories: tuple[str, ...] = ()  # the trained call categories (BFCL)
 
 
-def _bfcl(cfg: DictConfig, cache: Any) -> TaskData:
-    split = bfcl.load_split(list(cfg.categories), float(cfg.test_fraction), cache)
-    train = [Example(i.id, i.messages, i.target) for i in split.train]
-    return TaskData("bfcl", train, split.test, dict(split.skipped), float(cfg.test_fraction))
+def _bfcl_example(item: bfcl.BFCLItem) -> Example:
+    answer = bfcl.NO_CALL_ANSWER if item.category in bfcl.IRRELEVANCE else item.target
+    return Example(item.id, item.messages, answer, category=item.category)
+
+
+def _bfcl(cfg: DictConfig, cache: Any, tokenizer=None) -> TaskData:
+    fits = None
+    if tokenizer is not None:  # irrelevance examples are drawn among those training keeps
+        def fits(item: bfcl.BFCLItem) -> bool:
+            return encode(tokenizer, _bfcl_example(item), int(cfg.max_length),
+                          cfg.get("overflow", "drop")) is not None
+
+    split = bfcl.load_split(list(cfg.categories), cfg.test_fraction, cache,
+                            cfg.get("irrelevance_share", 0.0), fits)
+    train = [_bfcl_example(i) for i in split.train]
+    return TaskData("bfcl", train, split.test, dict(split.skipped), cfg.test_fraction,
+                    tuple(cfg.categories))
 
 
 def example_from_record(record: Any, where: str) -> Example:
@@ -117,10 +131,12 @@ def _hub(cfg: DictConfig) -> TaskData:
     return TaskData(str(cfg.name), train, test)
 
 
-def load_task(cfg: DictConfig, cache: str | os.PathLike | None = None) -> TaskData:
+def load_task(cfg: DictConfig, cache: str | os.PathLike | None = None, tokenizer=None) -> TaskData:
+    """``tokenizer``: the model's, when known (BFCL draws its irrelevance examples among those
+    that fit ``max_length``)."""
     source = cfg.get("source")
     if cfg.name == "bfcl" and source == "offline":
-        return _bfcl(cfg, cache)
+        return _bfcl(cfg, cache, tokenizer)
     if source == "file":
         return _jsonl(cfg)
     if source == "hub":

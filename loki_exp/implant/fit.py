@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from loki_exp.callbacks import user_callbacks
-from loki_exp.data.sft import SFTDataModule, encode_all
+from loki_exp.data.sft import EncodedCounts, SFTDataModule, encode_all
 from loki_exp.data.tasks import TaskData
 from loki_exp.errors import LokiError
 from loki_exp.implant import methods
@@ -46,7 +46,8 @@ def learning_rate(cfg: DictConfig) -> float:
     return float(cfg.method.lr) * float(scale)
 
 
-def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list) -> L.Trainer:
+def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list,
+                  extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
     par, tr = cfg.parallelism, cfg.trainer
     every = int(tr.checkpoint_every_n_steps)
     # 0 means no checkpoints at all: a sweep of full fine-tunes would otherwise write a
@@ -54,7 +55,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list) -> L.Trainer
     checkpoints = [ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True,
                                    save_top_k=0, every_n_train_steps=every)] if every else []
     bar, lines = progress_callbacks("implant")  # a bar on a terminal, plain lines in a log
-    callbacks = [*checkpoints, *lines, *user_callbacks(tr.get("callbacks"))]
+    callbacks = [*checkpoints, *lines, *extra_callbacks, *user_callbacks(tr.get("callbacks"))]
     ours = dict(enable_progress_bar=bar,
         # Off only when no checkpoint callback is given at all (Lightning would add its own);
         # a user's ModelCheckpoint in trainer.callbacks still works with every=0.
@@ -150,17 +151,34 @@ def unsharded_copy(cfg: DictConfig, sharded: nn.Module, positions: list[list[int
     return model
 
 
+# A category that loses more than this share of its examples to max_length is named in a
+# warning (README "Task data"): a silent loss once took 120 of 166 `multiple` examples.
+LOSS_WARNING_SHARE = 0.05
+
+
+def warn_data_loss(task: str, counts: EncodedCounts, max_length: int, overflow: str) -> None:
+    if counts.total_dropped:
+        log.info("%s: %d of %d training examples longer than max_length=%d dropped (overflow=%s)",
+                 task, counts.total_dropped, sum(counts.examples.values()), max_length, overflow)
+    worst = counts.worst_loss()
+    if worst and worst[1] > LOSS_WARNING_SHARE:
+        lost = {c: f"{(v['dropped'] + v['truncated']) / v['examples']:.0%}"
+                for c, v in counts.as_dict().items() if v["dropped"] + v["truncated"]}
+        log.warning("%s: max_length=%d %s more than %.0f%% of a category's training examples "
+                    "(%s); raise dataset.max_length", task, max_length,
+                    "drops" if overflow == "drop" else "cuts", 100 * LOSS_WARNING_SHARE,
+                    ", ".join(f"{c} {v}" for c, v in lost.items()))
+
+
 def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]] | None,
-                task: TaskData, output_dir: Path, loggers: list) -> dict[str, Any]:
+                task: TaskData, output_dir: Path, loggers: list,
+                callbacks: list[L.Callback] = ()) -> dict[str, Any]:
     if cfg.method.name not in methods.TRAINING_METHODS:  # suppress: an edit, no training
         loaded.model = methods.prepare(cfg.method, loaded.model, positions)
         return {"trainable_parameters": 0, "edited_rows": sum(map(len, positions or []))}
     overflow = cfg.dataset.get("overflow", "drop")
-    train, too_long = encode_all(loaded.tokenizer, task.train, int(cfg.dataset.max_length), overflow)
-    if too_long:
-        log.warning("%s: dropped %d of %d training examples longer than max_length=%d "
-                    "(overflow=%s)", task.name, too_long, len(task.train), cfg.dataset.max_length,
-                    overflow)
+    train, counts = encode_all(loaded.tokenizer, task.train, int(cfg.dataset.max_length), overflow)
+    warn_data_loss(task.name, counts, int(cfg.dataset.max_length), overflow)
     if not train:
         raise LokiError(f"dataset {task.name}: no training example fits max_length="
                         f"{cfg.dataset.max_length}")
@@ -184,12 +202,13 @@ def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]]
     data = SFTDataModule(train, int(cfg.trainer.batch_size),
                          pad_id if pad_id is not None else loaded.tokenizer.eos_token_id,
                          seed=int(cfg.seed))
-    trainer = build_trainer(cfg, output_dir, loggers)
+    trainer = build_trainer(cfg, output_dir, loggers, callbacks)
     trainer.fit(tuner, datamodule=data, ckpt_path=resume,
                 weights_only=True)  # a checkpoint never needs arbitrary unpickling
     if is_fsdp_sharded(tuner.lm):
         loaded.model = unsharded_copy(cfg, tuner.model, positions)
     loss = trainer.callback_metrics.get("train/loss")
     return {"trainable_parameters": n_trainable, "lr": lr, "train_examples": len(train),
-            "test_examples": len(task.test), "dropped_too_long": too_long,
-            "skipped_rows": task.skipped, "final_train_loss": None if loss is None else float(loss)}
+            "test_examples": len(task.test), "dropped_too_long": counts.total_dropped,
+            "data_by_category": counts.as_dict(), "skipped_rows": task.skipped,
+            "final_train_loss": None if loss is None else float(loss)}
