@@ -22,7 +22,7 @@ import numpy as np
 from loki_exp.cli import report_user_errors
 from loki_exp.errors import LokiError
 from loki_exp.kva.store import StoreView
-from loki_exp.selection import SCORES, STRATEGIES, load_positions, select
+from loki_exp.selection import ATTRIBUTION_STRATEGIES, SCORES, load_positions, select
 
 
 @dataclass
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("b", help="KVA store (.h5) or positions file (.json)")
     parser.add_argument("--quota", type=float, default=10.0,
                         help="percent of rows selected from a store (default 10)")
-    parser.add_argument("--strategy", default="layer_balanced", choices=list(STRATEGIES))
+    parser.add_argument("--strategy", default="layer_balanced", choices=list(ATTRIBUTION_STRATEGIES))
     parser.add_argument("--score", default="signed", choices=list(SCORES))
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)

@@ -75,12 +75,6 @@ def _forgetting_metrics() -> tuple:
     return tuple(sorted({m[0] for m in RC_METRICS} | {m.key for ms in METRICS.values() for m in ms}))
 
 
-def _bfcl_categories() -> tuple:
-    from loki_exp.data import bfcl
-
-    return tuple(bfcl.CATEGORIES + bfcl.IRRELEVANCE)
-
-
 _dtypes = _from("loki_exp.models", "DTYPES")
 _methods = _from("loki_exp.implant.methods", "METHODS")
 
@@ -149,6 +143,7 @@ class DatasetBase:
 @dataclass
 class OfflineDataset(DatasetBase):
     categories: list[str] = _list(_from("loki_exp.data.bfcl", "CATEGORIES"))
+    irrelevance_share: float = _spec(0.0, ge=0.0, lt=1.0)
 
     def check(self, at: str) -> None:
         if self.name != "bfcl":
@@ -220,6 +215,7 @@ class Kva:
 class Strategy:
     name: str = _spec(MISSING, choices=_from("loki_exp.selection", "STRATEGIES"))
     score: str = _spec("signed", choices=_from("loki_exp.selection", "SCORES"))
+    seed: int = 0  # strategy=random: the draw
 
 
 @dataclass
@@ -306,9 +302,11 @@ class Eval:
     bpb_limit: int | None = _spec(12, ge=1)  # null: every item
     drift_prompts: int | None = _spec(16, ge=0)  # 0 or null: off
     drift_max_new_tokens: int = _spec(48, ge=1)
-    bfcl_categories: list[str] | None = _spec(None, choices=_bfcl_categories)
-    bfcl_per_category: int | None = _spec(10, ge=1)
-    task_limit: int | None = _spec(None, ge=1)
+    task_bpb_items: int | None = _spec(None, ge=1)  # null: every held-out item
+    bfcl_trained_items: int = _spec(30, ge=0)
+    bfcl_irrelevance_items: int = _spec(30, ge=0)
+    bfcl_transfer_items: int = _spec(6, ge=0)
+    every_n_steps: int = _spec(0, ge=0)  # 0: no curve
     task_dataset: dict[str, Any] | None = None  # a dataset group entry, checked as one
     max_new_tokens: int = _spec(128, ge=1)
     batch_size: int = _spec(8, ge=1)

@@ -18,11 +18,12 @@ from loki_exp import atomic
 from loki_exp.config_schema import check_config
 from loki_exp.data.tasks import load_task
 from loki_exp.errors import LokiError
+from loki_exp.evaluation.curves import CurveEvaluator, EvalCurve
 from loki_exp.evaluation.evaluate import run_evaluate
 from loki_exp.implant.adapter import save_adapter
 from loki_exp.implant.export import export_checkpoint
 from loki_exp.implant.fit import resume_checkpoint, run_implant
-from loki_exp.implant.methods import LOKI_METHODS, SELECTING_METHODS
+from loki_exp.implant.methods import LOKI_METHODS, SELECTING_METHODS, TRAINING_METHODS
 from loki_exp.implant.model_card import write_model_card
 from loki_exp.kva.stage import run_analyse
 from loki_exp.kva.store import StoreView
@@ -30,7 +31,14 @@ from loki_exp.loggers import build_loggers, close_loggers, log_final_metrics
 from loki_exp.model_access import node_grid
 from loki_exp.models import LoadedModel, load_model
 from loki_exp.parallel import is_global_zero
-from loki_exp.selection import load_positions, save_positions, select
+from loki_exp.run_summary import summary_lines
+from loki_exp.selection import (
+    ATTRIBUTION_STRATEGIES,
+    load_positions,
+    save_positions,
+    select,
+    select_random,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +54,11 @@ class RunState:
 
 
 def analyse(state: RunState) -> None:
-    if state.cfg.get("positions_file") or state.cfg.method.name not in SELECTING_METHODS:
-        log.info("analyse: not needed (positions_file given or method=%s)", state.cfg.method.name)
+    cfg = state.cfg
+    if (cfg.get("positions_file") or cfg.method.name not in SELECTING_METHODS
+            or cfg.strategy.name not in ATTRIBUTION_STRATEGIES):
+        log.info("analyse: not needed (positions_file given, method=%s, strategy=%s)",
+                 cfg.method.name, cfg.strategy.name)
         return
     state.artifacts["kva_store"] = run_analyse(state.cfg, state.loaded)
 
@@ -60,6 +71,8 @@ def select_rows(state: RunState) -> None:
     grid = node_grid(state.loaded.model)
     if cfg.get("positions_file"):
         positions = load_positions(cfg.positions_file, *grid)
+    elif cfg.strategy.name == "random":
+        positions = select_random(cfg.quota, *grid, seed=cfg.strategy.seed)
     else:
         store = state.artifacts.get("kva_store")
         if store is None:
@@ -77,13 +90,24 @@ def select_rows(state: RunState) -> None:
 
 
 def implant(state: RunState) -> None:
+    callbacks = []
+    every = state.cfg.eval.get("every_n_steps") or 0
+    if every and state.cfg.method.name in TRAINING_METHODS:
+        # Curves along training: built on the base model, before the method changes it.
+        evaluator = (CurveEvaluator(state.cfg, state.loaded, _eval_task(state))
+                     if is_global_zero() else None)
+        callbacks.append(EvalCurve(evaluator, every, state.output_dir))
     state.artifacts["implant"] = run_implant(state.cfg, state.loaded, state.artifacts.get("positions"),
-                                             state.artifacts["task"], state.output_dir, state.loggers)
+                                             state.artifacts["task"], state.output_dir, state.loggers,
+                                             callbacks)
+
+
+def _eval_task(state: RunState):
+    return state.artifacts.get("eval_task", state.artifacts["task"])
 
 
 def evaluate(state: RunState) -> None:
-    task = state.artifacts.get("eval_task", state.artifacts["task"])
-    metrics = run_evaluate(state.cfg, state.loaded, task, state.output_dir)
+    metrics = run_evaluate(state.cfg, state.loaded, _eval_task(state), state.output_dir)
     state.artifacts["metrics"] = metrics
     if state.artifacts.get("model_dir"):  # the card gets the before/after table
         write_model_card(state.cfg, state.artifacts["model_dir"], state.artifacts.get("implant"),
@@ -117,6 +141,10 @@ def validate(cfg: DictConfig) -> None:
     check_config(cfg)
     if "implant" in cfg.stages:
         resume_checkpoint(cfg, Path(cfg.paths.output_dir))
+    if cfg.eval.get("every_n_steps") and cfg.parallelism.mode == "fsdp2":
+        raise LokiError(f"eval.every_n_steps={cfg.eval.every_n_steps} needs the whole model on "
+                        "one process (parallelism single or ddp); under fsdp the model is "
+                        "sharded: set eval.every_n_steps=0")
 
 
 def run(cfg: DictConfig, output_dir: Path) -> RunState:
@@ -140,9 +168,11 @@ def _run_stages(state: RunState) -> None:
     n_layers, n_nodes = node_grid(state.loaded.model)
     state.timings["load_model"] = time.perf_counter() - start
     if {"implant", "evaluate"} & set(cfg.stages):  # before KVA: a bad dataset fails in seconds
-        state.artifacts["task"] = load_task(cfg.dataset, cfg.paths.cache_dir)
-    if "evaluate" in cfg.stages and cfg.eval.get("task_dataset"):  # the task scored elsewhere
-        state.artifacts["eval_task"] = load_task(cfg.eval.task_dataset, cfg.paths.cache_dir)
+        state.artifacts["task"] = load_task(cfg.dataset, cfg.paths.cache_dir, state.loaded.tokenizer)
+    scored = "evaluate" in cfg.stages or cfg.eval.get("every_n_steps")
+    if scored and cfg.eval.get("task_dataset"):  # the task scored elsewhere
+        state.artifacts["eval_task"] = load_task(cfg.eval.task_dataset, cfg.paths.cache_dir,
+                                                 state.loaded.tokenizer)
     log.info("model %s: %d layers x %d nodes (base weights: %s)", state.loaded.name, n_layers,
              n_nodes, state.loaded.base_dir)
     for name in cfg.stages:
@@ -154,6 +184,20 @@ def _run_stages(state: RunState) -> None:
         log.info("stage %-8s done in %.1f s", name, state.timings[name])
     if is_global_zero():
         write_run_record(state)
+        write_summary(state)
+
+
+def write_summary(state: RunState) -> None:
+    """The run's headline measures, stage times and output paths: printed and ``summary.md``."""
+    art = state.artifacts
+    task = _eval_task(state).name if "task" in art else str(state.cfg.dataset.name)
+    lines = summary_lines(art.get("metrics"), task, state.timings,
+                          {"run dir": state.output_dir, "model": art.get("model_dir"),
+                           "adapter": art.get("adapter_dir")},
+                          str(state.cfg.trainer.precision) if "implant" in state.cfg.stages else None,
+                          (art.get("implant") or {}).get("data_by_category"))
+    atomic.write_text(state.output_dir / "summary.md", "\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
 
 
 def write_run_record(state: RunState) -> Path:

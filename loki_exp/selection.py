@@ -6,6 +6,8 @@
   lowest-scored nodes of each layer; each layer keeps its ``k`` most-voted nodes.
 - ``global_lowest`` / ``global_highest``: every sample votes for its ``T`` lowest / highest
   nodes over all layers together; the ``T`` most-voted nodes are kept.
+- ``random`` (the control for KVA's choice, no attributions): ``k = floor(T / L)`` rows per
+  layer, as ``layer_balanced``, drawn uniformly without replacement with ``strategy.seed``.
 
 Tie-breaking (deterministic, unlike the original's numpy order):
  1. within a sample, equal scores are ranked by node index (stable sort);
@@ -29,7 +31,9 @@ import numpy as np
 from loki_exp import atomic
 from loki_exp.errors import LokiError
 
-STRATEGIES = ("layer_balanced", "global_lowest", "global_highest")
+STRATEGIES = ("layer_balanced", "global_lowest", "global_highest", "random")
+# Strategies that rank nodes by their KVA attributions (random needs none).
+ATTRIBUTION_STRATEGIES = STRATEGIES[:3]
 SCORES = ("signed", "abs")
 
 
@@ -87,8 +91,9 @@ def _rank(counts: np.ndarray, sums: np.ndarray, highest: bool) -> np.ndarray:
 def select(scores: np.ndarray | Iterable[np.ndarray], quota: float,
            strategy: str = "layer_balanced", score: str = "signed") -> list[list[int]]:
     """Trainable rows per layer, each list sorted ascending."""
-    if strategy not in STRATEGIES:
-        raise LokiError(f"strategy={strategy!r} is not known; expected one of {list(STRATEGIES)}")
+    if strategy not in ATTRIBUTION_STRATEGIES:
+        raise LokiError(f"strategy={strategy!r} is not known; expected one of "
+                        f"{list(ATTRIBUTION_STRATEGIES)} (random: select_random)")
     if score not in SCORES:
         raise LokiError(f"strategy.score={score!r} is not known; expected one of {list(SCORES)}")
     chunks = iter(_as_chunks(scores))
@@ -122,6 +127,15 @@ def select(scores: np.ndarray | Iterable[np.ndarray], quota: float,
 
 def select_layer_balanced(scores, quota: float, score: str = "signed") -> list[list[int]]:
     return select(scores, quota, "layer_balanced", score)
+
+
+def select_random(quota: float, n_layers: int, n_nodes: int, seed: int) -> list[list[int]]:
+    """``floor(T / L)`` rows per layer (as ``layer_balanced`` takes), drawn uniformly without
+    replacement by numpy's ``default_rng(seed)``: the same rows for a seed on any machine."""
+    k = node_budget(quota, n_layers, n_nodes) // n_layers
+    rng = np.random.default_rng(seed)
+    return [sorted(int(i) for i in rng.choice(n_nodes, size=k, replace=False))
+            for _ in range(n_layers)]
 
 
 # -- positions JSON (the original pos_json format: a list of L lists of row indices) -------

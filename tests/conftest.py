@@ -96,10 +96,11 @@ def isolated_cache(tmp_path, monkeypatch):
 
 
 def bfcl_category_scores(simple: list[float], irrelevance: list[float]) -> dict:
-    """A model's scores as the evaluate stage keeps them for BFCL by category: the overall is
-    the categories' mean and has no item list of its own."""
-    acc = {"simple/accuracy": sum(simple) / len(simple),
-           "irrelevance/accuracy": sum(irrelevance) / len(irrelevance)}
-    return {"bench": {}, "bpb": {}, "task": {**acc, "accuracy": sum(acc.values()) / 2},
-            "items": {"task/bfcl/simple/accuracy": simple,
-                      "task/bfcl/irrelevance/accuracy": irrelevance}}
+    """A model's scores as the evaluate stage keeps a BFCL measure that is a mean over
+    categories (here the leaderboard's, over two): no item list of its own, per-item values
+    under ``<measure>/<category>``."""
+    acc = {"leaderboard_accuracy/simple": sum(simple) / len(simple),
+           "leaderboard_accuracy/irrelevance": sum(irrelevance) / len(irrelevance)}
+    return {"bench": {}, "bpb": {}, "task": {**acc, "leaderboard_accuracy": sum(acc.values()) / 2},
+            "items": {"task/bfcl/leaderboard_accuracy/simple": simple,
+                      "task/bfcl/leaderboard_accuracy/irrelevance": irrelevance}}

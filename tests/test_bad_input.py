@@ -111,7 +111,14 @@ CASES = [
     (["eval.benchmarks=[nope]", "stages=[evaluate]"], "eval.benchmarks has ['nope']"),
     (["eval.bpb=[mmlu]"], "eval.bpb has ['mmlu']; expected some of ['gsm8k', 'humaneval', "
                           "'naturalqs', 'jeopardy']"),
-    (["eval.bfcl_categories=[simple]"], "eval.bfcl_categories has ['simple']"),
+    (["eval.bfcl_trained_items=-2"], "eval.bfcl_trained_items=-2 must be an integer >= 0"),
+    (["eval.every_n_steps=-5"], "eval.every_n_steps=-5 must be an integer >= 0"),
+    (["eval.every_n_steps=2.5"], "eval.every_n_steps=2.5 must be an integer"),
+    (["eval.every_n_steps=10", "parallelism=fsdp"], "eval.every_n_steps=10 needs the whole model "
+                                                    "on one process"),
+    (["strategy=random", "strategy.seed=abc"], "strategy.seed='abc' must be an integer"),
+    (["dataset.irrelevance_share=1.0"], "dataset.irrelevance_share=1 must be a number in [0, 1)"),
+    (["dataset.irrelevance_share=-0.1"], "dataset.irrelevance_share=-0.1 must be a number in [0, 1)"),
     (["eval.drift_prompts=-1"], "eval.drift_prompts=-1 must be an integer >= 0"),
     # Unknown keys and typos: refused before any stage, naming the key (config_schema.py).
     (["+trainer.max_stepz=3"], "trainer.max_stepz is not a known key; expected one of ['max_steps'"),

@@ -11,8 +11,9 @@ import numpy as np
 from tests.conftest import CONF_DIR, linked_cache
 
 OVERRIDES = ["model=tiny_llama", "kva.limit=2", "kva.dtype=float32", "eval.benchmarks=[arc_easy]",
-             "eval.limit=3", "eval.bpb=[]", "eval.drift_prompts=0", "eval.bfcl_categories=null",
-             "eval.task_limit=2", "eval.max_new_tokens=4"]
+             "eval.limit=3", "eval.bpb=[]", "eval.drift_prompts=0", "eval.task_bpb_items=1",
+             "eval.bfcl_trained_items=1", "eval.bfcl_irrelevance_items=0",
+             "eval.bfcl_transfer_items=0", "eval.max_new_tokens=4"]
 
 
 def _kept_log_messages() -> list[str]:

@@ -104,9 +104,10 @@ def test_bfcl_overall_gain_gets_an_interval_resampled_by_category():
     # simple: 0 -> 30 of 40 right; irrelevance: 40 -> 34 of 40 right. Overall +0.3.
     m = flat_metrics("bfcl", bfcl_category_scores([0.0] * 40, [1.0] * 40),
                      bfcl_category_scores([1.0] * 30 + [0.0] * 10, [1.0] * 34 + [0.0] * 6), "acc")
-    assert m["task/bfcl/accuracy/delta"] == pytest.approx(0.3)
-    assert 0.2 < m["task/bfcl/accuracy/delta/ci_low"] < 0.3 < m["task/bfcl/accuracy/delta/ci_high"]
-    assert m["task/bfcl/irrelevance/accuracy/delta/ci_high"] < 0
+    key = "task/bfcl/leaderboard_accuracy"
+    assert m[f"{key}/delta"] == pytest.approx(0.3)
+    assert 0.2 < m[f"{key}/delta/ci_low"] < 0.3 < m[f"{key}/delta/ci_high"]
+    assert m[f"{key}/irrelevance/delta/ci_high"] < 0
 
 
 def test_bfcl_irrelevance_scores_calling_nothing_as_right():

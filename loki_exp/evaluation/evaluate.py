@@ -1,9 +1,10 @@
-"""The evaluate stage: general benchmarks, continuous measures and the task metric, base vs
+"""The evaluate stage: general benchmarks, continuous measures and the task measures, base vs
 tuned, with paired bootstrap intervals, and forgetting.
 
 Base-model scores (per item) are cached by content key (weights fingerprint, eval settings,
-test items) under ``<cache>/eval``, so a sweep scores the base model once. Metric names are
-flat and self-explaining: ``task/bfcl/accuracy/before``, ``bench/arc_easy/acc_norm/after``,
+test items) under ``<cache>/eval``, so a sweep scores the base model once; the part that
+needs no generation is cached on its own (a curve along training needs only that). Metric
+names are flat and self-explaining: ``task/bfcl/gold_bpb/before``, ``bench/arc_easy/acc_norm/after``,
 ``bench/arc_easy/acc_norm/delta`` with ``/ci_low`` and ``/ci_high`` (95% paired bootstrap
 over the same items), ``bpb/gsm8k_chat/after``, ``drift/kl/after``,
 ``drift/format_damage/after``, ``forgetting/avg``. Per-item scores go to ``items.json`` so
@@ -18,13 +19,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from loki_exp import atomic
 from loki_exp.data import assets, bfcl
-from loki_exp.data.sft import PadCollator, encode_all
 from loki_exp.data.tasks import TaskData
 from loki_exp.evaluation.benchmarks import (
     make_lm,
@@ -40,34 +38,28 @@ from loki_exp.evaluation.drift import (
     kl_per_item,
     looks_like_call,
 )
+from loki_exp.evaluation.gold_bpb import gold_bpb
 from loki_exp.evaluation.scores import category_keys, forgetting_avg
-from loki_exp.evaluation.task_metric import bfcl_accuracy, generate
+from loki_exp.evaluation.task_metric import bfcl_measures, generate
 from loki_exp.models import LoadedModel, load_model
 from loki_exp.progress import track
 
 # Base-score cache layout; bump when what a cached entry holds changes.
-CACHE_FORMAT = 3  # 3: benchmarks scored one at a time
+CACHE_FORMAT = 4  # 4: gold bpb and the four BFCL measures; 3: benchmarks one at a time
 
 log = logging.getLogger(__name__)
 
 
-def _test_items(cfg: DictConfig, task: TaskData) -> list:
-    limit = cfg.eval.get("task_limit")
-    return task.test if limit is None else task.test[: int(limit)]
-
-
-@torch.no_grad()
-def _heldout_loss(model, tokenizer, examples, max_length: int, overflow: str) -> float:
-    from loki_exp.implant.module import CausalLMTuner
-
-    encoded, _ = encode_all(tokenizer, examples, max_length, overflow)
-    if not encoded:
-        return float("nan")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loader = DataLoader(encoded, batch_size=4, collate_fn=PadCollator(pad))
-    tuner = CausalLMTuner(model, lr=0.0, max_steps=1)
-    losses = [float(tuner.response_loss(b)) for b in loader]
-    return sum(losses) / len(losses)
+def task_heldout(task: TaskData, per_category: int | None) -> list:
+    """The task's held-out items that gold bits per byte scores: ``per_category`` of each
+    category's (drawn in ``bfcl.sample_order``; all when None), in split order."""
+    if per_category is None:
+        return list(task.test)
+    by_cat: dict[str, list] = {}
+    for item in task.test:
+        by_cat.setdefault(getattr(item, "category", "all"), []).append(item)
+    chosen = {i.id for items in by_cat.values() for i in bfcl.sample_order(items)[:per_category]}
+    return [i for i in task.test if i.id in chosen]
 
 
 def _mean(values: list[float]) -> float:
@@ -75,33 +67,44 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def _score_task(cfg: DictConfig, model, tokenizer, task: TaskData) -> tuple[dict, dict]:
-    """Task scores and their per-item values; BFCL per leaderboard category when asked."""
+def score_cheap(cfg: DictConfig, model, tokenizer, task: TaskData, lm=None,
+                answers: bool = False) -> dict[str, Any]:
+    """The measures that need no generation, per item: the task's gold-answer bits per byte
+    and the forgetting suite's bits-per-byte sets (what a training curve evaluates); with
+    ``answers``, also the model's own greedy answers to the drift questions (the base's are
+    what KL drift is measured on)."""
     ev = cfg.eval
-    tokens, batch = int(ev.max_new_tokens), int(ev.batch_size)
-    if task.name == "bfcl" and ev.get("bfcl_categories"):
-        held = bfcl.heldout_by_category(list(ev.bfcl_categories), task.test_fraction,
-                                        ev.get("bfcl_per_category"), cfg.paths.cache_dir)
-        scores, items = {}, {}
-        for category, cat_items in held.items():
-            acc, rows = bfcl_accuracy(model, tokenizer, cat_items, tokens, batch)
-            scores[f"{category}/accuracy"] = acc
-            items[f"task/bfcl/{category}/accuracy"] = [float(r["correct"]) for r in rows]
-        # The overall score: the unweighted mean over categories (README "BFCL").
-        scores["accuracy"] = _mean([scores[f"{c}/accuracy"] for c in held])
-        return scores, items
-    test = _test_items(cfg, task)
-    if task.name == "bfcl":
-        acc, rows = bfcl_accuracy(model, tokenizer, test, tokens, batch)
-        return ({"accuracy": acc, "n": len(rows)},
-                {"task/bfcl/accuracy": [float(r["correct"]) for r in rows]})
-    return ({"loss": _heldout_loss(model, tokenizer, test, int(cfg.dataset.max_length),
-                                   cfg.dataset.get("overflow", "drop")), "n": len(test)}, {})
+    heldout = task_heldout(task, ev.get("task_bpb_items"))
+    log.info("evaluate: gold-answer bits per byte of %d held-out %s items", len(heldout), task.name)
+    gold = gold_bpb(model, tokenizer, heldout, int(ev.batch_size))
+    out: dict[str, Any] = {"task": {"gold_bpb": _mean(gold)}, "bpb": {},
+                           "items": {f"task/{task.name}/gold_bpb": gold}}
+    if ev.get("bpb"):
+        lm = lm or make_lm(model, tokenizer, int(ev.batch_size))
+        for name, values in score_bpb(lm, tokenizer, list(ev.bpb), ev.get("bpb_limit"),
+                                      cfg.paths.cache_dir).items():
+            out["bpb"][name] = _mean(values)
+            out["items"][f"bpb/{name}"] = values
+    out["drift"] = {}
+    if answers and int(ev.get("drift_prompts") or 0):
+        questions = drift_questions(int(ev.drift_prompts), cfg.paths.cache_dir)
+        out["drift"]["answers"] = generate(
+            model, tokenizer, [[{"role": "user", "content": q}] for q in questions],
+            int(ev.drift_max_new_tokens), int(ev.batch_size), "drift answers")
+    return out
 
 
-def score_model(cfg: DictConfig, model, tokenizer, task: TaskData) -> dict[str, Any]:
+def _bfcl_counts(ev: DictConfig) -> dict[str, int]:
+    return {"trained": int(ev.bfcl_trained_items or 0),
+            "irrelevance": int(ev.bfcl_irrelevance_items or 0),
+            "transfer": int(ev.bfcl_transfer_items or 0)}
+
+
+def score_model(cfg: DictConfig, model, tokenizer, task: TaskData,
+                cheap: dict[str, Any] | None = None) -> dict[str, Any]:
     """{"bench": {name: {metric: value}}, "bpb": {set: value}, "task": {metric: value},
-    "drift": {"answers": [...]}, "items": {metric key: per-item values}} for one model."""
+    "drift": {"answers": [...]}, "items": {metric key: per-item values}} for one model;
+    ``cheap``: its ``score_cheap(answers=True)`` when already computed."""
     ev = cfg.eval
     model.eval()
     out: dict[str, Any] = {"bench": {}, "bpb": {}, "task": {}, "drift": {}, "items": {}}
@@ -121,18 +124,20 @@ def score_model(cfg: DictConfig, model, tokenizer, task: TaskData) -> dict[str, 
     if ev.get("bpb"):
         log.info("evaluate: bits per byte of %s (%s items each, as shipped and chat-rendered)",
                  ", ".join(ev.bpb), ev.get("bpb_limit") or "all")
-    for name, values in score_bpb(lm, tokenizer, list(ev.get("bpb") or []), ev.get("bpb_limit"),
-                                  cfg.paths.cache_dir).items():
-        out["bpb"][name] = _mean(values)
-        out["items"][f"bpb/{name}"] = values
-    out["task"], task_items = _score_task(cfg, model, tokenizer, task)
-    out["items"].update(task_items)
-    if int(ev.get("drift_prompts") or 0):
-        questions = drift_questions(int(ev.drift_prompts), cfg.paths.cache_dir)
-        answers = generate(model, tokenizer, [[{"role": "user", "content": q}] for q in questions],
-                           int(ev.drift_max_new_tokens), int(ev.batch_size), "drift answers")
-        out["drift"]["answers"] = answers
-        out["items"]["drift/format_damage"] = [float(looks_like_call(a)) for a in answers]
+    cheap = cheap or score_cheap(cfg, model, tokenizer, task, lm, answers=True)
+    for part in ("task", "bpb", "items", "drift"):
+        out[part].update(cheap[part])
+    if task.name == "bfcl":
+        log.info("evaluate: BFCL calls generated on held-out items (%s per category: trained, "
+                 "irrelevance, transfer)", "/".join(str(v) for v in _bfcl_counts(ev).values()))
+        scores, items = bfcl_measures(model, tokenizer, list(task.categories), task.test_fraction,
+                                      _bfcl_counts(ev), int(ev.max_new_tokens),
+                                      int(ev.batch_size), cfg.paths.cache_dir)
+        out["task"].update(scores)
+        out["items"].update({f"task/bfcl/{k}": v for k, v in items.items()})
+    if out["drift"].get("answers"):
+        out["items"]["drift/format_damage"] = [float(looks_like_call(a))
+                                               for a in out["drift"]["answers"]]
     return out
 
 
@@ -147,21 +152,44 @@ def drift_kl(cfg: DictConfig, tuned, tokenizer, base_answers: list[str]) -> list
 
 def _base_key(cfg: DictConfig, loaded: LoadedModel, task: TaskData) -> str:
     spec = {"format": CACHE_FORMAT, "weights": loaded.fingerprint,
-            "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+            # every_n_steps changes when the tuned model is scored, not the base's scores
+            "eval": {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()
+                     if k != "every_n_steps"},
             "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-            "test_ids": [getattr(i, "id", None) for i in _test_items(cfg, task)]}
+            "test_ids": [getattr(i, "id", None) for i in task.test]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def _base_path(cfg: DictConfig, loaded: LoadedModel, task: TaskData, part: str = "") -> Path:
+    return (assets.cache_dir(cfg.paths.cache_dir) / "eval" / loaded.name /
+            f"{_base_key(cfg, loaded, task)}{part}.json")
+
+
+def base_cheap_scores(cfg: DictConfig, loaded: LoadedModel, task: TaskData,
+                      base: LoadedModel | None = None) -> dict[str, Any]:
+    """The base model's ``score_cheap`` with its drift answers, cached on its own: what a
+    curve along training needs (no benchmarks, no BFCL generation), and the part of
+    ``base_scores`` that the curve's points are paired with."""
+    path = _base_path(cfg, loaded, task, ".cheap")
+    with atomic.cache_lock(path):
+        if path.exists():
+            log.info("evaluate: base scores (no generation) from cache %s", path)
+            return json.loads(path.read_text())
+        base = base or load_model(cfg.model, cfg.paths.cache_dir)
+        scores = score_cheap(cfg, base.model, base.tokenizer, task, answers=True)
+        atomic.write_json(path, scores)
+        return scores
+
+
 def base_scores(cfg: DictConfig, loaded: LoadedModel, task: TaskData) -> dict[str, Any]:
-    path = (assets.cache_dir(cfg.paths.cache_dir) / "eval" / loaded.name /
-            f"{_base_key(cfg, loaded, task)}.json")
+    path = _base_path(cfg, loaded, task)
     with atomic.cache_lock(path):  # jobs sharing the cache score the base once
         if path.exists():
             log.info("evaluate: base scores from cache %s", path)
             return json.loads(path.read_text())
         base = load_model(cfg.model, cfg.paths.cache_dir)
-        scores = score_model(cfg, base.model, base.tokenizer, task)
+        scores = score_model(cfg, base.model, base.tokenizer, task,
+                             cheap=base_cheap_scores(cfg, loaded, task, base))
         atomic.write_json(path, scores)
         return scores
 
@@ -192,9 +220,15 @@ def flat_metrics(task_name: str, before: dict, after: dict, primary: str) -> dic
         categories = category_keys(ai, key)
         if key not in ai and categories and all(
                 bi.get(c) is not None and len(bi[c]) == len(ai[c]) for c in categories):
-            # BFCL's overall: a mean over categories, so its items are resampled by category.
+            # A mean over categories (the BFCL measures): items resampled by category.
             out[f"{key}/delta/ci_low"], out[f"{key}/delta/ci_high"] = stratified_delta_ci(
                 {c: bi[c] for c in categories}, {c: ai[c] for c in categories})
+    gold = f"task/{task_name}/gold_bpb"
+    if gold in ai and gold in bi:
+        # The task axis: how much lower the gold answers' bits per byte went, in % of the base.
+        reduction = gold_reduction_pct(bi[gold], ai[gold])
+        out[f"{gold}/reduction_pct"] = reduction[0]
+        out[f"{gold}/reduction_pct/ci_low"], out[f"{gold}/reduction_pct/ci_high"] = reduction[1:]
     primary_before, primary_after, items_before, items_after = {}, {}, {}, {}
     for bench, metrics in after["bench"].items():
         for metric, value in metrics.items():
@@ -228,7 +262,16 @@ def flat_metrics(task_name: str, before: dict, after: dict, primary: str) -> dic
                 {b: primary_after[b] for b in after["bench"]}, items_before, items_after, {})
     _forgetting(out, "forgetting/avg", primary_before, primary_after, items_before, items_after,
                 signs)
+    _forgetting(out, "forgetting/avg_bpb", {k: primary_before[k] for k in signs},
+                {k: primary_after[k] for k in signs}, items_before, items_after, signs)
     return out
+
+
+def gold_reduction_pct(before: list[float], after: list[float]) -> tuple[float, float, float]:
+    """``100 (mean(before) - mean(after)) / mean(before)`` and its 95% paired interval."""
+    value = forgetting_avg({"gold": _mean(before)}, {"gold": _mean(after)})
+    low, high = forgetting_avg_ci({"gold": before}, {"gold": after})
+    return value, low, high
 
 
 def _forgetting(out, key, before, after, items_before, items_after, signs) -> None:

@@ -6,11 +6,10 @@ from loki_exp.errors import LokiError
 
 
 def category_keys(keys, key: str) -> list[str]:
-    """The per-category item keys (``task/bfcl/<category>/accuracy``) whose unweighted mean is
-    the overall score ``key`` (``task/bfcl/accuracy``); empty when it is not such a mean."""
-    head, metric = key.rsplit("/", 1)
-    return sorted(k for k in keys if k.startswith(f"{head}/") and k.endswith(f"/{metric}")
-                  and k.count("/") == key.count("/") + 1)
+    """The per-category item keys (``task/bfcl/trained_accuracy/<category>``) whose unweighted
+    mean is the score ``key`` (``task/bfcl/trained_accuracy``); empty when it is not such a
+    mean."""
+    return sorted(k for k in keys if k.startswith(f"{key}/") and k.count("/") == key.count("/") + 1)
 
 
 def forgetting_avg(before: dict[str, float], after: dict[str, float],

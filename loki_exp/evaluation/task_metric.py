@@ -1,7 +1,18 @@
 """The task metric on the held-out split: greedy, batched generation, scored per item.
 
 For BFCL the score is the AST match of ``bfcl_match``; generation stops at the end-of-turn
-token or ``max_new_tokens``.
+token or ``max_new_tokens``. ``bfcl_measures`` gives the four BFCL measures of a run (README
+"Task measures"), each per item and per category, from one batched generation:
+
+- ``trained_accuracy``: held-out items of the trained categories, the same number from each;
+- ``false_call_rate``: irrelevance and live_irrelevance items answered with a call (damage:
+  lower is better, never averaged into a task score);
+- ``transfer_accuracy``: the leaderboard's call categories that were not trained;
+- ``leaderboard_accuracy``: the leaderboard's unweighted mean over its 10 categories (an
+  irrelevance category's accuracy is 1 - its false-call rate), when all 10 were scored.
+
+Each is an unweighted mean over its categories; its per-item values are kept per category
+(``<measure>/<category>``), which is how the intervals resample them.
 """
 
 from __future__ import annotations
@@ -10,6 +21,7 @@ from typing import Any
 
 import torch
 
+from loki_exp.data import bfcl
 from loki_exp.data.bfcl import BFCLItem
 from loki_exp.evaluation.bfcl_match import matches, parse_calls
 from loki_exp.evaluation.drift import looks_like_call
@@ -67,3 +79,44 @@ def bfcl_accuracy(model, tokenizer, items: list[BFCLItem], max_new_tokens: int =
              "target": item.target, "correct": bfcl_correct(text, item)}
             for item, text in zip(items, texts)]
     return (sum(r["correct"] for r in rows) / len(rows) if rows else float("nan")), rows
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def bfcl_measures(model, tokenizer, trained: list[str], test_fraction: float, counts: dict[str, int],
+                  max_new_tokens: int, batch_size: int, cache=None,
+                  ) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Scores ``{measure: mean over categories, "<measure>/<category>": mean}`` and per-item
+    values ``{"<measure>/<category>": [...]}``; ``counts``: held-out items per category for
+    ``trained``, ``irrelevance`` and ``transfer`` (0: that measure off)."""
+    groups = {"trained": list(trained), "irrelevance": list(bfcl.IRRELEVANCE),
+              "transfer": [c for c in bfcl.LEADERBOARD
+                           if c not in trained and c not in bfcl.IRRELEVANCE]}
+    held = {}
+    for group, categories in groups.items():
+        if counts.get(group):
+            held[group] = bfcl.heldout_by_category(categories, test_fraction, counts[group], cache)
+    flat = [item for by_cat in held.values() for items in by_cat.values() for item in items]
+    # One generation over every category (sorted by length inside): fewer, fuller batches.
+    _, rows = bfcl_accuracy(model, tokenizer, flat, max_new_tokens, batch_size)
+    correct = {row["id"]: float(row["correct"]) for row in rows}
+    items: dict[str, list[float]] = {}
+    for group, by_cat in held.items():
+        for category, cat_items in by_cat.items():
+            right = [correct[i.id] for i in cat_items]
+            if not right:
+                continue
+            if group == "irrelevance":
+                items[f"false_call_rate/{category}"] = [1.0 - r for r in right]
+            else:
+                items[f"{group}_accuracy/{category}"] = right
+            if category in bfcl.LEADERBOARD:
+                items[f"leaderboard_accuracy/{category}"] = right
+    if {k.split("/")[1] for k in items if k.startswith("leaderboard_")} != set(bfcl.LEADERBOARD):
+        items = {k: v for k, v in items.items() if not k.startswith("leaderboard_")}
+    scores = {key: _mean(values) for key, values in items.items()}
+    for measure in {k.split("/")[0] for k in items}:
+        scores[measure] = _mean([v for k, v in scores.items() if k.startswith(f"{measure}/")])
+    return scores, items

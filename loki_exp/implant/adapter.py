@@ -46,6 +46,7 @@ def save_adapter(cfg: DictConfig, fingerprint: str, model: nn.Module,
             tensors[f"{prefix}.bias"] = proj.bias.detach().cpu().index_select(0, idx).contiguous()
     meta = {"format": FORMAT, "base_model": base_model_name(cfg), "base_fingerprint": fingerprint,
             "method": str(cfg.method.name), "quota": cfg.quota, "strategy": str(cfg.strategy.name),
+            "strategy_seed": cfg.strategy.get("seed") if cfg.strategy.name == "random" else None,
             "kva_preset": cfg.kva.get("preset"), "positions_file": cfg.get("positions_file"),
             "layers": len(projs), "down_proj_shape": list(projs[0].weight.shape),
             "trained_rows": sum(map(len, positions))}

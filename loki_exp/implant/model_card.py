@@ -14,6 +14,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from loki_exp import atomic
+from loki_exp.run_summary import headline_table
 
 SELECTING = ("loki", "loki_lora", "suppress")
 
@@ -65,15 +66,23 @@ def write_model_card(cfg: DictConfig, model_dir: Path, implant: dict[str, Any] |
     front = {"base_model": base_model_name(cfg), "library_name": "transformers",
              "tags": ["loki_exp", f"method:{method.name}"]
              + ([f"quota:{cfg.quota}", f"strategy:{cfg.strategy.name}"] if selecting else [])}
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+    lines: list[str] = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
              f"# {cfg.model.name}, {method.name} on {dataset.get('name', 'the task')}", "",
              "Made with loki_exp (LoKI: Low-damage Knowledge Implanting). A plain transformers "
-             "checkpoint: `AutoModelForCausalLM.from_pretrained(this folder)`.", "",
-             "## Training", "",
+             "checkpoint: `AutoModelForCausalLM.from_pretrained(this folder)`.", ""]
+    if metrics:  # the card leads with what the run learned and what it cost
+        task = (cfg.eval.get("task_dataset") or dataset).get("name", "task")
+        lines += ["## Results", "", "The base model against this one on the same held-out "
+                  "items; intervals: 95% paired bootstrap over items.", "",
+                  *headline_table(metrics, task), ""]
+    lines += ["## Training", "",
              f"- Base model: `{front['base_model']}` (loki_exp model `{cfg.model.name}`)",
              f"- Method: `{method.name}`, learning rate "
              f"{_fmt((implant or {}).get('lr') or method.get('lr'))}"]
-    if selecting:
+    if selecting and cfg.strategy.name == "random":
+        lines.append(f"- Quota: {cfg.quota}% of all MLP down_proj rows, drawn at random per "
+                     f"layer (strategy `random`, seed {cfg.strategy.seed}; no KVA)")
+    elif selecting:
         probe = cfg.kva.probe
         lines += [f"- Quota: {cfg.quota}% of all MLP down_proj rows, strategy "
                   f"`{cfg.strategy.name}`",
@@ -95,8 +104,8 @@ def write_model_card(cfg: DictConfig, model_dir: Path, implant: dict[str, Any] |
         lines.append(f"- Trainable parameters: {implant['trainable_parameters']:,}")
     lines += ["", "## Evaluation", ""]
     if metrics:
-        lines += ["Base model against this one on the same items; intervals: 95% paired "
-                  "bootstrap over items.", "", *_results(metrics)]
+        lines += ["Every measure, base model against this one on the same items; intervals: "
+                  "95% paired bootstrap over items.", "", *_results(metrics)]
     else:
         lines.append("Not evaluated (the run's `stages` had no `evaluate`).")
     lines += ["", "## Configuration", "", "```yaml", _config_yaml(cfg), "```", ""]

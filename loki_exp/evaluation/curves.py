@@ -1,0 +1,137 @@
+"""Evaluation along training: task against forgetting at step 0 and every N steps.
+
+``eval.every_n_steps`` (0: off) adds ``EvalCurve`` to the implant stage's Trainer. At each
+point it evaluates the measures that need no generation, on the same items as the evaluate
+stage: the task's gold-answer bits per byte, the forgetting suite's bits-per-byte sets and
+the KL drift on the base model's own answers. A point's metrics carry the evaluate stage's
+names and intervals (``task/bfcl/gold_bpb/reduction_pct``, ``drift/kl/after``,
+``forgetting/avg_bpb``...), so the last point equals the final evaluation of those measures.
+
+Records: ``curve.jsonl`` in the run dir, rewritten whole at every point (never half a line):
+first the base model's per-item values (``{"model": "base", "items": ...}``), then one line
+per point (``{"model": "tuned", "step", "seconds", "metrics", "items"}``); the report draws
+and compares curves from them (``loki_exp.report``). The loggers get each point as
+``curve/<metric>`` at its step (README "Curves along training": the W&B panel).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+
+from loki_exp import atomic
+from loki_exp.data.tasks import TaskData
+from loki_exp.evaluation.drift import answer_logprobs, chat_prompts, drift_questions, kl_per_item
+from loki_exp.evaluation.evaluate import base_cheap_scores, flat_metrics, score_cheap
+from loki_exp.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+FILE = "curve.jsonl"
+# A curve point's measures: the base items they are paired with.
+CHEAP_PREFIXES = ("task/", "bpb/")
+
+
+class CurveEvaluator:
+    """Built before the method prepares the model (it is the base model then): the base's
+    scores that need no generation and its drift answers (cached, and the part of the
+    evaluate stage's base scores that it reuses), and the base's log-probabilities on those
+    answers, kept in memory for the KL of every point."""
+
+    def __init__(self, cfg: DictConfig, loaded: LoadedModel, task: TaskData):
+        self.cfg, self.task, self.tokenizer = cfg, task, loaded.tokenizer
+        base = base_cheap_scores(cfg, loaded, task, loaded)
+        gold = f"task/{task.name}/gold_bpb"
+        self.base = {"task": {"gold_bpb": base["task"]["gold_bpb"]}, "bench": {},
+                     "bpb": base["bpb"],
+                     "items": {k: v for k, v in base["items"].items()
+                               if k == gold or k.startswith("bpb/")}}
+        self.answers = base.get("drift", {}).get("answers") or []
+        self.prompts = chat_prompts(loaded.tokenizer, drift_questions(len(self.answers),
+                                                                      cfg.paths.cache_dir))
+        self.base_logprobs = answer_logprobs(loaded.model, loaded.tokenizer, self.prompts,
+                                             self.answers) if self.answers else []
+
+    def measure(self, model) -> dict[str, Any]:
+        """One point: metrics (as the evaluate stage names them) and per-item values. The
+        model goes back to the mode it was in (lm-eval's wrapper switches it to eval)."""
+        was_training = model.training
+        try:
+            after = score_cheap(self.cfg, model, self.tokenizer, self.task)
+            if self.answers:
+                after["items"]["drift/kl"] = kl_per_item(
+                    self.base_logprobs, answer_logprobs(model, self.tokenizer, self.prompts,
+                                                        self.answers))
+        finally:
+            model.train(was_training)
+        after["bench"] = {}
+        metrics = flat_metrics(self.task.name, self.base, after, str(self.cfg.eval.forgetting_metric))
+        # forgetting/avg here would be the bits-per-byte sets alone: named avg_bpb instead.
+        metrics = {k: v for k, v in metrics.items() if not k.startswith(("forgetting/avg/",))
+                   and k != "forgetting/avg"}
+        return {"metrics": metrics, "items": after["items"]}
+
+
+class EvalCurve(L.Callback):
+    """A point at the first step, every ``every_n_steps`` optimizer steps and the last step.
+    Under DDP rank 0 evaluates (its ``evaluator``) while the other ranks wait; the run is
+    refused under FSDP2, whose model is sharded across ranks (``pipeline.validate``)."""
+
+    def __init__(self, evaluator: CurveEvaluator | None, every_n_steps: int, output_dir: Path):
+        self.evaluator = evaluator
+        self.every = every_n_steps
+        self.path = Path(output_dir) / FILE
+        self.last_step: int | None = None
+        self.records: list[dict[str, Any]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.evaluator is not None:
+            self.records = read_records(self.path) if self.path.exists() else []
+            if not self.records:
+                self.records = [{"model": "base", "items": self.evaluator.base["items"]}]
+            # A resumed run keeps the points it already has, up to its checkpoint's step.
+            self.records = [r for r in self.records if r.get("step") is None
+                            or r["step"] < trainer.global_step]
+        self._point(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every == 0:
+            self._point(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._point(trainer, pl_module)
+
+    def _point(self, trainer, pl_module) -> None:
+        step = trainer.global_step
+        if step == self.last_step:
+            return
+        self.last_step = step
+        if self.evaluator is not None:
+            start = time.perf_counter()
+            point = self.evaluator.measure(pl_module.model)
+            seconds = time.perf_counter() - start
+            self.records.append({"model": "tuned", "step": step, "seconds": round(seconds, 3),
+                                 **point})
+            atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+            for lg in trainer.loggers:
+                lg.log_metrics({f"curve/{k}": v for k, v in point["metrics"].items()}, step=step)
+            m = point["metrics"]
+            task = self.evaluator.task.name
+            log.info("curve point at step %d in %.1f s: gold bpb %.4f (%.1f%% below base), KL "
+                     "%.4g, Avg bpb forgetting %.3g%%", step, seconds,
+                     m.get(f"task/{task}/gold_bpb/after", float("nan")),
+                     m.get(f"task/{task}/gold_bpb/reduction_pct", float("nan")),
+                     m.get("drift/kl/after", float("nan")), m.get("forgetting/avg_bpb", float("nan")))
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("eval_curve")
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``curve.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

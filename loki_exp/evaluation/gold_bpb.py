@@ -1,0 +1,71 @@
+"""Gold-answer bits per byte of a task's held-out items: the task axis that needs no generation.
+
+Each item is rendered exactly as training renders it (``data.sft.encode``: the chat template,
+every assistant turn labelled through its end-of-turn token), and its score is
+
+    gold_bpb = -sum log p(labelled tokens | what precedes them) / (ln 2 * UTF-8 bytes of the
+               assistant turns' text)
+
+i.e. the held-out training loss, in bits per byte of the answer (lower is better). The end-of-
+turn token is counted in the numerator (stopping is part of the answer) but its marker text is
+not counted as bytes. No length limit: an item longer than ``dataset.max_length`` is scored
+whole. Items are batched by length (less padding) and ``lm_head`` runs on the labelled
+positions only, as in training.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from loki_exp.data.sft import IGNORE, Example, PadCollator, encode
+
+
+def as_example(item: Any) -> Example:
+    """A held-out task item as the training example it would be (a BFCL item's target is its
+    canonical call text)."""
+    if isinstance(item, Example):
+        return item
+    return Example(item.id, item.messages, item.target, category=item.category)
+
+
+def answer_bytes(example: Example) -> int:
+    turns = [m["content"] for m in example.messages if m["role"] == "assistant"]
+    return max(1, sum(len(t.encode("utf-8")) for t in [*turns, example.response]))
+
+
+@torch.no_grad()
+def gold_bpb(model, tokenizer, items: list[Any], batch_size: int = 8) -> list[float]:
+    """Per item, bits per byte of its gold answer given its prompt (module docstring)."""
+    examples = [as_example(i) for i in items]
+    encoded = [encode(tokenizer, ex, max_length=1 << 30) for ex in examples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collate = PadCollator(pad)
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["input_ids"]))
+    nll = [0.0] * len(encoded)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in chunk]).items()}
+            hidden = model.get_decoder()(input_ids=batch["input_ids"],
+                                         attention_mask=batch["attention_mask"],
+                                         use_cache=False).last_hidden_state
+            targets = batch["labels"][:, 1:]
+            keep = targets != IGNORE
+            logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, fp64 kept
+            token_nll = F.cross_entropy(logits, targets[keep], reduction="none")
+            rows = keep.nonzero()[:, 0]
+            sums = torch.zeros(len(chunk), dtype=torch.float64, device=device)
+            sums.index_add_(0, rows, token_nll.double())
+            for row, i in enumerate(chunk):
+                nll[i] = float(sums[row])
+    finally:
+        model.train(was_training)
+    return [n / (math.log(2) * answer_bytes(ex)) for n, ex in zip(nll, examples)]
