@@ -11,8 +11,10 @@ from typing import Any
 from loki_exp import atomic
 
 CAPTIONS = {
-    "pareto": "Task gain against forgetting, one front per method (non-dominated runs joined); "
-              "bars are 95% paired bootstrap intervals over the same items.",
+    "curves": "Task gain against forgetting along training: every run's path (thin) and each "
+              "arm's front (thick), the least forgetting any of its runs had at that gain.",
+    "pareto": "Task gain against forgetting at the end of training, one front per arm "
+              "(non-dominated runs joined); bars are 95% paired bootstrap intervals.",
     "plot": "Avg forgetting (percent, positive = forgot) against task gain, one point per run.",
     "heatmap": "Per layer, how many of the most-often highest / lowest KVA nodes sit there.",
 }
@@ -55,7 +57,7 @@ def markdown_to_html(lines: list[str]) -> str:
 
 def write_html(report: dict[str, Any], root: Path) -> Path:
     figures = []
-    for key in ("pareto", "plot", "heatmap"):
+    for key in ("curves", "pareto", "plot", "heatmap"):
         path = report.get(key)
         if path and Path(path).exists():
             data = base64.b64encode(Path(path).read_bytes()).decode()

@@ -35,11 +35,14 @@ def test_report_writes_table_and_both_plots(tmp_path):
     out = make_report(root)
     assert len(out["rows"]) == 4
     csv_text = (root / "report.csv").read_text().splitlines()
-    assert csv_text[0].startswith("run,method,strategy,quota,lr,trainable_parameters")
+    assert csv_text[0].startswith("run,label,method,strategy,quota,strategy_seed,seed,lr,"
+                                  "trainable_parameters")
     assert len(csv_text) == 5 and csv_text[0].endswith("forgetting/avg")
+    # Quota and strategy only for the methods that select rows: full fine-tuning has neither.
+    assert csv_text[4].startswith("3,full,full,,,,,,")
     md = (root / "report.md").read_text()
-    assert "| method | quota | lr | task gain | Avg forgetting % |" in md
-    assert "| loki | 10 |  | 0.3 | 1 |" in md and "| full |" in md
+    assert "| arm | lr | seed | task gain | Avg forgetting % |" in md
+    assert "| loki q=10 layer_balanced |  |  | 0.3 | 1 |" in md and "| full |  |  | 0.5 | 9 |" in md
     assert (root / "forgetting_vs_task.png").stat().st_size > 10_000
     assert (root / "kva_heatmap.png").stat().st_size > 5_000
     high, low = kva_extremes_per_layer(str(store), 10)
@@ -55,7 +58,7 @@ def test_report_cli_logs_to_wandb_offline(tmp_path, monkeypatch, capsys):
     _fake_run(root, "1", "lora", 10, 0.4, 4.0)
     main([str(root), "--wandb-project", "loki_exp_test"])
     printed = capsys.readouterr().out
-    assert "| lora | 10 |" in printed and "forgetting_vs_task.png" in printed
+    assert "| lora |  |  | 0.4 | 4 |" in printed and "forgetting_vs_task.png" in printed
 
 
 def test_report_on_a_dir_without_runs(tmp_path):
@@ -98,13 +101,14 @@ def test_report_intervals_significance_and_pareto_fronts(tmp_path):
     out = make_report(root)
     md = (root / "report.md").read_text()
     # The task gain with its interval, marked: excludes 0.
-    assert "| loki | 10 | 0.0001 | 0.3* [0.21, 0.39] |" in md
+    assert "| loki q=10 layer_balanced | 0.0001 |  | 0.3* [0.21, 0.39] |" in md
     # full forgets 50% (relative), significantly more than either LoKI run; its task score
     # equals loki lr=1e-3's, so that pair differs only in forgetting.
-    assert "Significant differences between methods" in md
-    rows = [line for line in md.splitlines() if line.startswith("| loki q=10 lr=0.001 | full")]
+    assert "Significant differences between arms" in md
+    rows = [line for line in md.splitlines()
+            if line.startswith("| loki q=10 layer_balanced lr=0.001 | full")]
     assert len(rows) == 1 and "Avg forgetting" in rows[0]
-    assert any(line.startswith("| loki q=10 lr=0.0001 | full") and "task score" in line
+    assert any(line.startswith("| loki q=10 layer_balanced lr=0.0001 | full") and "task score" in line
                for line in md.splitlines())
     assert out["pareto"].stat().st_size > 10_000
 
@@ -124,10 +128,11 @@ def test_report_gives_the_bfcl_overall_an_interval_and_tests_it_between_methods(
     _category_run(root, "1", "lora", [0.0] * 40, [1.0] * 40)               # nothing learned
     out = make_report(root)
     md = (root / "report.md").read_text()
-    assert "| loki | 10 | 0.001 | 0.375* [" in md and "| lora | 10 | 0.001 | 0 [0, 0] |" in md
-    assert any(line.startswith("| loki q=10 lr=0.001 | lora lr=0.001 | task score")
+    assert "| loki q=10 layer_balanced | 0.001 |  | 0.375* [" in md
+    assert "| lora | 0.001 |  | 0 [0, 0] |" in md
+    assert any(line.startswith("| loki q=10 layer_balanced lr=0.001 | lora lr=0.001 | task score")
                for line in md.splitlines())
-    assert out["rows"][0]["task/bfcl/accuracy/delta/ci_low"] > 0.2
+    assert out["rows"][0]["task/bfcl/leaderboard_accuracy/delta/ci_low"] > 0.2
 
 
 def test_report_skips_a_run_with_a_truncated_metrics_file_and_names_it(tmp_path, caplog):
@@ -186,4 +191,34 @@ def test_html_report_is_one_page_that_renders_with_its_table_and_plots(tmp_path)
                           (root / "report.html").as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert 'data-images-loaded="2"' in dom
-    assert dom.count("<tr>") >= 3 and "<td>loki</td>" in dom
+    assert dom.count("<tr>") >= 3 and "<td>loki q=10 layer_balanced</td>" in dom
+
+
+def test_report_task_axis_is_the_gold_bpb_reduction_with_trained_accuracy_and_false_calls(tmp_path):
+    """A run as the evaluate stage now scores BFCL: the task gain is how far the gold answers'
+    bits per byte fell (% of the base), beside the trained accuracy's change and the
+    false-call rate, each with its interval."""
+    def scores(gold, trained, false_calls):
+        return {"bench": {}, "bpb": {}, "task": {"gold_bpb": float(np.mean(gold)),
+                                                 "trained_accuracy/simple_python": float(np.mean(trained)),
+                                                 "trained_accuracy": float(np.mean(trained)),
+                                                 "false_call_rate/irrelevance": float(np.mean(false_calls)),
+                                                 "false_call_rate": float(np.mean(false_calls))},
+                "items": {"task/bfcl/gold_bpb": gold,
+                          "task/bfcl/trained_accuracy/simple_python": trained,
+                          "task/bfcl/false_call_rate/irrelevance": false_calls}}
+
+    base = scores([1.0] * 50, [0.0] * 30, [0.0] * 30)
+    root = tmp_path / "multirun"
+    _write_run(root / "0", "loki", 1e-3, base, scores([0.5] * 50, [1.0] * 15 + [0.0] * 15, [0.0] * 30))
+    _write_run(root / "1", "lora", 1e-3, base, scores([0.8] * 50, [1.0] * 3 + [0.0] * 27, [1.0] * 30))
+    make_report(root)
+    md = (root / "report.md").read_text()
+    assert ("| arm | lr | seed | task gain % | trained accuracy change | false-call rate |"
+            in md)
+    assert "| loki q=10 layer_balanced | 0.001 |  | 50* [50, 50] | 0.5* [0.333, 0.668] | 0 [0, 0] |" in md
+    assert "| lora | 0.001 |  | 20* [20, 20] | 0.1 [0, 0.2] | 1* [1, 1] |" in md
+    assert "Base model: task/bfcl/gold_bpb = 1" in md
+    # Gold bpb differs between the arms on the same items: lower for loki (b - a > 0).
+    assert any(line.startswith("| loki q=10 layer_balanced lr=0.001 | lora lr=0.001 | task score")
+               and "[0.3, 0.3]" in line for line in md.splitlines())
