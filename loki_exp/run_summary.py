@@ -16,14 +16,15 @@ HEADLINE = (
 # (label, key, interval key)
 FORGETTING = (
     ("forgetting: Avg %", "forgetting/avg", "forgetting/avg", "benchmarks + bpb sets, lower is better"),
-    ("forgetting: KL(base || tuned)", "drift/kl/after", "drift/kl", "nats/token on the base's answers"),
+    ("forgetting: KL drift from the base", "drift/kl/after", "drift/kl",
+     "KL(base, tuned) in nats/token on the base's answers, lower is better"),
 )
 
 
 def _num(v: Any) -> str:
     if v is None or (isinstance(v, float) and v != v):
         return "n/a"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def _interval(metrics: dict[str, float], key: str) -> str:
