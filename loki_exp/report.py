@@ -197,9 +197,10 @@ def matched_lines(by_method: list[dict[str, Any]], by_run: list[dict[str, Any]])
     if not by_method and not by_run:
         return []
     out = ["\n## Forgetting at matched task gain (along training)\n",
-           "Task gain: gold-answer bits per byte, % below base. Each arm's front: the least "
-           "forgetting any of its runs had when it first reached that gain (linear between "
-           "evaluation points). Intervals: 95% bootstrap over the same items, levels fixed."]
+           "Task gain: gold-answer bits per byte, % below base. A run at a gain: the least "
+           "forgetting anywhere on its path (evaluation points joined linearly) with at least "
+           "that gain; an arm's front: the least over its runs. Intervals: 95% bootstrap over "
+           "the same items, levels fixed."]
     if by_method:
         out += ["", "| arm a | arm b | measure | at gain % | a | b | b - a [95%] |",
                 "| --- | --- | --- | ---: | ---: | ---: | --- |"]

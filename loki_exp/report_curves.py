@@ -243,6 +243,9 @@ def plot_curves(curves: list[Curve], root: Path) -> Path | None:
             for c in mine:
                 v = point_values(c)
                 ax.plot(v["gain"], v[measure], "-o", color=color, alpha=0.45, ms=3, lw=0.9)
+                for step, x, y in zip(c.steps, v["gain"], v[measure]):
+                    ax.annotate(f"{step}", (x, y), textcoords="offset points", xytext=(-4, -9),
+                                fontsize=6, color=color, alpha=0.7)
                 lr = f"lr {c.lr:g}" if c.lr is not None else c.run
                 ax.annotate(lr, (v["gain"][-1], v[measure][-1]), textcoords="offset points",
                             xytext=(3, 3), fontsize=7, color=color)
@@ -255,6 +258,7 @@ def plot_curves(curves: list[Curve], root: Path) -> Path | None:
         ax.set_xlabel("task gain: gold-answer bits per byte, % below base")
         ax.set_ylabel(MEASURES[measure] + " (lower is better)")
         ax.legend(fontsize=8)
-    fig.suptitle("Learning vs forgetting along training (thin: runs; thick: each method's front)")
+    fig.suptitle("Learning vs forgetting along training (thin: runs, points marked with their "
+                 "step; thick: each arm's front)")
     fig.tight_layout()
     return save_figure(fig, root / "curves.png")
