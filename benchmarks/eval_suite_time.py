@@ -1,35 +1,127 @@
-"""Wall time of the default forgetting suite on SmolLM2 (the budget: at most 6 minutes here).
+"""Wall time of the evaluate stage on SmolLM2, part by part, for the base and a tuned model.
 
-    .venv/bin/python benchmarks/eval_suite_time.py [--limit N] [--model smollm2] [eval overrides]
+    .venv/bin/python benchmarks/eval_suite_time.py [--limit N] [--model smollm2]
+        [--tuned RUN_DIR/model] [--before] [eval overrides, e.g. eval.bpb_limit=2]
 
-Scores the base SmolLM2 as the evaluate stage scores a model, part by part: the default
-benchmarks through lm-eval (eval.limit questions each), the gold-answer bits per byte
-(eval.bpb, as shipped and chat-rendered, eval.bpb_limit items each), the drift questions'
-greedy answers and the KL pass (eval.drift_prompts). Prints seconds per part, then
-``suite_seconds=`` for the whole (the task metric is timed apart: it depends on the task).
+Scores each model as the evaluate stage does and prints seconds per part: every benchmark
+through lm-eval (eval.limit questions each), the bits-per-byte sets (eval.bpb, as shipped and
+chat-rendered), the task's gold-answer bits per byte (BFCL's held-out items; its achieved
+FLOP/s and the fraction of the matmul peak of the model's own shapes, ``benchmarks/peak.py``),
+BFCL's generated calls (trained / irrelevance / transfer items), the drift answers and the KL
+pass. With ``--before`` the parts this code changed are also timed the way they ran before,
+in the same process on the same items: BFCL generated one category at a time (now: one
+generation over all, longest prompts first) and the KL pass loading the base model again
+(now: the base model loaded once per evaluation). Last line:
+
+    suite_seconds=<base, all parts> tuned_seconds=<...> limit=... benchmarks=... bpb_sets=...
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 
+from loki_exp.data import bfcl
+from loki_exp.data.tasks import load_task
 from loki_exp.evaluation.benchmarks import make_lm, run_suite
 from loki_exp.evaluation.bpb import score_bpb
 from loki_exp.evaluation.drift import answer_logprobs, chat_prompts, drift_questions
-from loki_exp.evaluation.task_metric import generate
+from loki_exp.evaluation.evaluate import task_heldout
+from loki_exp.evaluation.gold_bpb import gold_bpb
+from loki_exp.evaluation.task_metric import bfcl_accuracy, bfcl_measures, generate
 from loki_exp.models import load_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/peak.py
+from peak import count_flops, linear_shapes, matmul_peak  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class Clock:
+    def __init__(self):
+        self.total = 0.0
+
+    def __call__(self, label, fn, count=True):
+        start = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - start
+        if count:
+            self.total += seconds
+        print(f"{label:34s} {seconds:7.1f} s", flush=True)
+        return result
+
+
+def score(name, model, tokenizer, cfg, task, limit, before, base_model=None) -> float:
+    ev, cache = cfg.eval, cfg.paths.cache_dir
+    clock = Clock()
+    print(f"-- {name}")
+    lm = make_lm(model, tokenizer, int(ev.batch_size))
+    for bench in ev.benchmarks:  # one at a time, to time each
+        scores, _ = clock(bench, lambda bench=bench: run_suite(lm, [bench], limit, ev.source, cache))
+        print(f"{'':34s} acc_norm={scores[bench].get('acc_norm', float('nan')):.3f}")
+    for set_name in ev.bpb:
+        bpb = clock(f"bpb {set_name}", lambda s=set_name: score_bpb(lm, tokenizer, [s], ev.bpb_limit,
+                                                                    cache))
+        print(f"{'':34s} " + " ".join(f"{k}={sum(v) / len(v):.3f}" for k, v in bpb.items()))
+    heldout = task_heldout(task, ev.get("task_bpb_items"))
+    gold = clock(f"task gold bpb ({len(heldout)} items)",
+                 lambda: gold_bpb(model, tokenizer, heldout, int(ev.batch_size)))
+    flops = count_flops(lambda: gold_bpb(model, tokenizer, heldout[:16], int(ev.batch_size)))
+    start = time.perf_counter()
+    gold_bpb(model, tokenizer, heldout[:16], int(ev.batch_size))
+    rate = flops / (time.perf_counter() - start)
+    tokens = 16 * 512
+    peak = matmul_peak(linear_shapes(model, tokens), next(model.parameters()).dtype)
+    print(f"{'':34s} gold_bpb={sum(gold) / len(gold):.4f} gold_bpb_gflops={rate / 1e9:.1f} "
+          f"peak_gflops={peak / 1e9:.1f} gold_bpb_peak_fraction={rate / peak:.3f}")
+    counts = {"trained": int(ev.bfcl_trained_items), "irrelevance": int(ev.bfcl_irrelevance_items),
+              "transfer": int(ev.bfcl_transfer_items)}
+    if task.name == "bfcl" and any(counts.values()):
+        args = (list(task.categories), task.test_fraction, counts, int(ev.max_new_tokens),
+                int(ev.batch_size), cache)
+        scores, _ = clock("BFCL generation (one batch run)",
+                          lambda: bfcl_measures(model, tokenizer, *args))
+        if before:  # as it ran before: each category on its own
+            def per_category():
+                groups = {"trained": list(task.categories), "irrelevance": list(bfcl.IRRELEVANCE),
+                          "transfer": [c for c in bfcl.LEADERBOARD if c not in task.categories
+                                       and c not in bfcl.IRRELEVANCE]}
+                for group, categories in groups.items():
+                    if counts[group]:
+                        for items in bfcl.heldout_by_category(categories, task.test_fraction,
+                                                              counts[group], cache).values():
+                            bfcl_accuracy(model, tokenizer, items, int(ev.max_new_tokens),
+                                          int(ev.batch_size))
+            clock("BFCL generation, by category (before)", per_category, count=False)
+        print(f"{'':34s} " + " ".join(f"{k}={v:.3f}" for k, v in scores.items() if "/" not in k))
+    questions = drift_questions(int(ev.drift_prompts), cache)
+    answers = clock("drift answers", lambda: generate(
+        model, tokenizer, [[{"role": "user", "content": q}] for q in questions],
+        int(ev.drift_max_new_tokens), int(ev.batch_size)))
+    prompts = chat_prompts(tokenizer, questions)
+    if base_model is not None:  # a tuned model: KL against the base on the base's answers
+        clock("drift KL (base loaded once)", lambda: [answer_logprobs(m, tokenizer, prompts, answers)
+                                                      for m in (base_model, model)])
+        if before:
+            def reload():
+                again = load_model(cfg.model, cache).model
+                return [answer_logprobs(m, tokenizer, prompts, answers) for m in (again, model)]
+            clock("drift KL, base loaded again (before)", reload, count=False)
+    return clock.total
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit", type=int, default=None, help="default: eval.limit")
     parser.add_argument("--model", default="smollm2", help="a conf/model choice")
+    parser.add_argument("--tuned", default=None, help="an exported model dir to time as well")
+    parser.add_argument("--before", action="store_true",
+                        help="also time the changed parts as they ran before")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. eval.bpb_limit=2")
     args = parser.parse_args()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -37,36 +129,20 @@ def main() -> None:
                                            *args.overrides])
     limit = args.limit or cfg.eval.limit
     loaded = load_model(cfg.model, cfg.paths.cache_dir)
-    ev, cache = cfg.eval, cfg.paths.cache_dir
-    lm = make_lm(loaded.model, loaded.tokenizer, int(ev.batch_size))
-    total = 0.0
+    task = load_task(cfg.dataset, cfg.paths.cache_dir, loaded.tokenizer)
+    print(f"{loaded.name}, {torch.get_num_threads()} threads, {next(loaded.model.parameters()).dtype}")
+    base_seconds = score("base", loaded.model, loaded.tokenizer, cfg, task, limit, args.before)
+    tuned_seconds = 0.0
+    if args.tuned:
+        from transformers import AutoModelForCausalLM
 
-    def timed(label, fn):
-        nonlocal total
-        start = time.perf_counter()
-        result = fn()
-        seconds = time.perf_counter() - start
-        total += seconds
-        print(f"{label:22s} {seconds:6.1f} s", flush=True)
-        return result
-
-    for task in ev.benchmarks:  # one at a time, to time each
-        scores, _ = timed(task, lambda task=task: run_suite(lm, [task], limit, ev.source, cache))
-        print(f"{'':22s} acc_norm={scores[task].get('acc_norm', float('nan')):.3f}")
-    for name in ev.bpb:
-        bpb = timed(f"bpb {name}", lambda name=name: score_bpb(lm, loaded.tokenizer, [name], ev.bpb_limit,
-                                                     cache))
-        print(f"{'':22s} " + " ".join(f"{k}={sum(v) / len(v):.3f}" for k, v in bpb.items()))
-    questions = drift_questions(int(ev.drift_prompts), cache)
-    answers = timed("drift answers", lambda: generate(
-        loaded.model, loaded.tokenizer, [[{"role": "user", "content": q}] for q in questions],
-        int(ev.drift_max_new_tokens), int(ev.batch_size)))
-    prompts = chat_prompts(loaded.tokenizer, questions)
-    # The KL pass scores the answers under both models: twice the one model's pass.
-    timed("drift KL (2 models)", lambda: [answer_logprobs(loaded.model, loaded.tokenizer, prompts,
-                                                          answers) for _ in range(2)])
-    print(f"suite_seconds={total:.1f} limit={limit} benchmarks={len(ev.benchmarks)} "
-          f"bpb_sets={len(ev.bpb)}x2 bpb_limit={ev.bpb_limit} drift_prompts={ev.drift_prompts}")
+        tuned = AutoModelForCausalLM.from_pretrained(args.tuned).eval()
+        tuned_seconds = score("tuned", tuned, loaded.tokenizer, cfg, task, limit, args.before,
+                              base_model=loaded.model)
+    ev = cfg.eval
+    print(f"suite_seconds={base_seconds:.1f} tuned_seconds={tuned_seconds:.1f} limit={limit} "
+          f"benchmarks={len(ev.benchmarks)} bpb_sets={len(ev.bpb)}x2 bpb_limit={ev.bpb_limit} "
+          f"drift_prompts={ev.drift_prompts}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,11 @@ x: Captum per-layer reference time / fast engine time on the all-positions defin
 y: time of the first commit's algorithm as that code ran it (``kva/first_commit.py``: per
 layer, a hook on down_proj and a batch of m full-length copies) / the fast engine's time on
 the same quantity (``kva=published``: zero baseline, last position, left Riemann x 7);
-f: the same error measure between those two.
+f: the same error measure between those two. Also on that line: ``published_peak_fraction``,
+the fast published path's achieved FLOP/s (its matmul and attention FLOPs per prompt, forward
+and backward, counted by torch's FlopCounterMode) over the FLOP/s of ``torch.matmul`` on the
+model's own Linear shapes at the prompts' mean length, in fp32, timed in this process
+(``benchmarks/peak.py``).
 
     .venv/bin/python benchmarks/kva_speed.py --prompts 3 [--baseline zero|token] [--skip-captum]
         [--model smollm2]
@@ -25,6 +29,9 @@ from __future__ import annotations
 import argparse
 import time
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
@@ -37,9 +44,12 @@ from loki_exp.kva.stage import kva_settings, model_for_kva
 from loki_exp.models import load_model, torch_dtype
 from loki_exp.selection import select_layer_balanced
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/peak.py
+from peak import count_flops, linear_shapes, matmul_peak  # noqa: E402
+
 PUBLISHED = KVASettings(method="riemann_left", steps=7, baseline="zero", scale_positions="last")
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(engine, prompts):
@@ -110,7 +120,13 @@ def main() -> None:
     print(f"first-commit code  : {t_first / len(prompts):7.2f} s/prompt")
     assert all(a.target_token == target for a, (_, target) in zip(fast_pub, first))
     pub_err = max(rel_err(a.scores, ref) for a, (ref, _) in zip(fast_pub, first))
-    tail = f"published_speedup={t_first / t_pub:.2f} published_max_rel_err={pub_err:.2e}"
+    flops = sum(count_flops(lambda ids=ids: published(ids)) for ids in prompts)
+    tokens = int(np.mean([p.shape[1] for p in prompts]))
+    peak = matmul_peak(linear_shapes(loaded.model, tokens), torch.float32)
+    print(f"fast published     : {flops / len(prompts) / 1e9:7.1f} GFLOP/prompt, "
+          f"{flops / t_pub / 1e9:.1f} GFLOP/s; matmul peak {peak / 1e9:.1f} GFLOP/s")
+    tail = (f"published_speedup={t_first / t_pub:.2f} published_max_rel_err={pub_err:.2e} "
+            f"published_peak_fraction={flops / t_pub / peak:.3f}")
     if args.skip_captum:
         print(tail)
         return

@@ -10,10 +10,16 @@ allocated before it (CPU: the peak RSS, reset before the step through
 ``/proc/self/clear_refs``, after giving freed heap back with ``malloc_trim``; GPU:
 ``torch.cuda.max_memory_allocated``), plus the persistent training state (trainable
 parameters, their gradients and AdamW's moments) counted from the tensors. Each ratio is
-the median over repeats of the per-repeat ratio, with its min and max. Last line:
+the median over repeats of the per-repeat ratio, with its min and max. Each arm's achieved
+FLOP/s is the matmul and attention FLOPs of one of its steps (``benchmarks/peak.py``: torch's
+FlopCounterMode, forward and backward as executed; LoKI and LoRA compute no weight gradient
+for a frozen weight, so what runs is what they need) over its median step time, and its
+fraction of the peak that ``torch.matmul`` reaches on the model's own Linear shapes in the
+step's precision, timed in this process. Last lines:
 
     loki_vs_lora_time=<median> [<min>, <max>] loki_vs_lora_step_mem=... loki_vs_lora_state=...
     loki_vs_split_time=... loki_vs_full_time=...
+    peak_gflops=<matmul peak> loki_peak_fraction=<f> lora_peak_fraction=... full_peak_fraction=...
 
     .venv/bin/python benchmarks/train_step.py [--repeats 5 --steps 3]
 
@@ -30,9 +36,14 @@ import ctypes
 import time
 from pathlib import Path
 
+import sys
+
 import numpy as np
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/peak.py
+from peak import count_flops, linear_shapes, matmul_peak  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("loki", "lora", "full", "split")
@@ -215,12 +226,18 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
             ms[m].append(1000 * float(np.median(times)))
     state = {m: _state_mb(a.model, a.optimizer) for m, a in arms.items()}
+    flops = {m: count_flops(a.step) for m, a in arms.items()}
+    dtype = torch.bfloat16 if args.autocast == "bf16" else torch.float32
+    peak_flops = matmul_peak(linear_shapes(arms["full"].model, args.batch * args.seq), dtype,
+                             args.device)
+    achieved = {m: flops[m] / (np.median(ms[m]) / 1000) for m in METHODS}
     print(f"{args.arch}, batch {args.batch} x {args.seq}, autocast {args.autocast}, "
           f"{args.repeats} interleaved repeats x {args.steps} steps")
     for m in METHODS:
         print(f"{m:6s} {np.median(ms[m]):8.0f} ms/step [{min(ms[m]):.0f}, {max(ms[m]):.0f}]  "
               f"step peak {np.median(mem[m]):7.0f} MiB  state {state[m]:7.0f} MiB  "
-              f"trainable {arms[m].trainable:,}", flush=True)
+              f"trainable {arms[m].trainable:,}  {flops[m] / 1e9:8.3f} GFLOP/step "
+              f"{achieved[m] / 1e9:6.1f} GFLOP/s", flush=True)
 
     def ratio(a: str, b: str, series: dict) -> str:
         return _spread([x / y for x, y in zip(series[a], series[b])])
@@ -233,6 +250,9 @@ def main() -> None:
           f"loki_vs_lora_state={state['loki'] / state['lora']:.3f} "
           f"loki_vs_split_time={ratio('loki', 'split', ms)} "
           f"loki_vs_full_time={ratio('loki', 'full', ms)}")
+    print(f"peak_gflops={peak_flops / 1e9:.1f} ({dtype}, torch.matmul on the model's Linear "
+          f"shapes) " + " ".join(f"{m}_peak_fraction={achieved[m] / peak_flops:.3f}"
+                                 for m in METHODS))
 
 
 if __name__ == "__main__":

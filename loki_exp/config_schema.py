@@ -272,6 +272,7 @@ class Trainer:
     max_steps: int | None = _spec(80, ge=1)
     max_epochs: int | None = _spec(None, ge=1)
     batch_size: int = _spec(4, ge=1)
+    group_by_length: bool = True
     accumulate_grad_batches: int = _spec(1, ge=1)
     warmup_ratio: float = _spec(0.1, ge=0.0, le=1.0)
     weight_decay: float = _spec(0.0, ge=0.0)

@@ -25,12 +25,13 @@ from loki_exp.implant.export import export_checkpoint
 from loki_exp.implant.fit import resume_checkpoint, run_implant
 from loki_exp.implant.methods import LOKI_METHODS, SELECTING_METHODS, TRAINING_METHODS
 from loki_exp.implant.model_card import write_model_card
-from loki_exp.kva.stage import run_analyse
+from loki_exp.kva.stage import compute_dtype, run_analyse
 from loki_exp.kva.store import StoreView
 from loki_exp.loggers import build_loggers, close_loggers, log_final_metrics
 from loki_exp.model_access import node_grid
 from loki_exp.models import LoadedModel, load_model
 from loki_exp.parallel import is_global_zero
+from loki_exp.precision_record import precision_line, stage_precisions
 from loki_exp.run_summary import summary_lines
 from loki_exp.selection import (
     ATTRIBUTION_STRATEGIES,
@@ -187,6 +188,11 @@ def _run_stages(state: RunState) -> None:
         write_summary(state)
 
 
+def run_precisions(state: RunState) -> dict[str, Any]:
+    kva = compute_dtype(state.cfg.kva, state.loaded) if state.artifacts.get("kva_store") else None
+    return stage_precisions(state.cfg, kva)
+
+
 def write_summary(state: RunState) -> None:
     """The run's headline measures, stage times and output paths: printed and ``summary.md``."""
     art = state.artifacts
@@ -194,7 +200,7 @@ def write_summary(state: RunState) -> None:
     lines = summary_lines(art.get("metrics"), task, state.timings,
                           {"run dir": state.output_dir, "model": art.get("model_dir"),
                            "adapter": art.get("adapter_dir")},
-                          str(state.cfg.trainer.precision) if "implant" in state.cfg.stages else None,
+                          precision_line(run_precisions(state)),
                           (art.get("implant") or {}).get("data_by_category"))
     atomic.write_text(state.output_dir / "summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
@@ -214,5 +220,6 @@ def write_run_record(state: RunState) -> Path:
         "implant": art.get("implant"),
         "metrics": art.get("metrics"),
         "timings_s": {k: round(v, 3) for k, v in state.timings.items()},
+        "precision": run_precisions(state),
     }
     return atomic.write_json(state.output_dir / "run.json", record, indent=2, default=str)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -20,8 +21,17 @@ def _mul(*factors):
     return math.prod(factors)
 
 
+# oneDNN ISA caps without bf16 instructions: ONEDNN_MAX_CPU_ISA=AVX2 (with
+# ATEN_CPU_CAPABILITY=avx2) runs a newer CPU as an AVX2-only one, so it counts as one here too.
+NO_BF16_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                "AVX512_CORE_VNNI")
+
+
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: the CPU multiplies bf16 in hardware (Linux /proc/cpuinfo flags)."""
+    """AVX512-BF16 or AMX: the CPU multiplies bf16 in hardware (Linux /proc/cpuinfo flags),
+    unless oneDNN is capped below them."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in NO_BF16_ISAS:
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -67,6 +67,7 @@ def data_kept(by_category: dict[str, dict[str, int]] | None) -> str | None:
 def summary_lines(metrics: dict[str, float] | None, task: str, timings: dict[str, float],
                   paths: dict[str, Any], precision: str | None = None,
                   data: dict[str, dict[str, int]] | None = None) -> list[str]:
+    """``precision``: the stages' precisions in one line (``precision_record``)."""
     lines = ["## Run summary", ""]
     if metrics:
         lines += [*headline_table(metrics, task), ""]
@@ -75,7 +76,8 @@ def summary_lines(metrics: dict[str, float] | None, task: str, timings: dict[str
     if data_kept(data):
         lines.append(data_kept(data))
     stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
-    lines.append(f"Stage times: {stages} (total {sum(timings.values()) / 60:.1f} min)"
-                 + (f"; training precision {precision}" if precision else ""))
+    lines.append(f"Stage times: {stages} (total {sum(timings.values()) / 60:.1f} min)")
+    if precision:
+        lines.append(precision)
     lines += [f"- {name}: {path}" for name, path in paths.items() if path]
     return lines

@@ -32,15 +32,23 @@ def fields(line: str) -> dict[str, str]:
 def test_train_step(capsys, monkeypatch):
     out = run_benchmark("train_step.py", "--arch", "tiny_llama", "--repeats", "2", "--steps", "1",
                         "--batch", "2", "--seq", "32", capsys=capsys, monkeypatch=monkeypatch)
-    trainable = {line.split()[0]: int(line.rsplit(" ", 1)[1].replace(",", ""))
-                 for line in out if line.split()[0] in ("loki", "lora", "full", "split")}
+    arms = {line.split()[0]: line for line in out
+            if line.split()[0] in ("loki", "lora", "full", "split")}
+    trainable = {m: int(re.search(r"trainable ([\d,]+)", line)[1].replace(",", ""))
+                 for m, line in arms.items()}
+    flops = {m: float(re.search(r"([\d.]+) GFLOP/step", line)[1]) for m, line in arms.items()}
     # tiny_llama: 3 layers, d_model 64, d_ff 96; q=10 is 6 rows of 96 weights per layer.
     assert trainable["loki"] == trainable["split"] == 3 * 6 * 96
     assert trainable["loki"] < trainable["lora"] < trainable["full"]
-    last = fields(out[-1])
-    assert set(last) == {"loki_vs_lora_time", "loki_vs_lora_step_mem", "loki_vs_lora_state",
-                         "loki_vs_split_time", "loki_vs_full_time"}
-    assert 0 < float(last["loki_vs_lora_state"]) < 1
+    # LoKI computes no weight gradient for a frozen weight: fewer FLOPs than full training.
+    assert 0 < flops["loki"] < flops["full"]
+    ratios = fields(out[-2])
+    assert set(ratios) == {"loki_vs_lora_time", "loki_vs_lora_step_mem", "loki_vs_lora_state",
+                           "loki_vs_split_time", "loki_vs_full_time"}
+    assert 0 < float(ratios["loki_vs_lora_state"]) < 1
+    peak = fields(out[-1])
+    assert float(peak["peak_gflops"]) > 0
+    assert all(0 < float(peak[f"{m}_peak_fraction"]) for m in arms)
 
 
 def test_adapter_size(capsys, monkeypatch):
@@ -58,6 +66,7 @@ def test_kva_speed_fast_paths_equal_their_references(capsys, monkeypatch):
     # Float32 paths against their references: tests/tolerances.py.
     assert float(last["max_rel_err"]) < CROSS_PATH_FP32
     assert float(last["published_max_rel_err"]) < CROSS_PATH_FP32
+    assert float(last["published_peak_fraction"]) > 0
 
 
 def test_kva_speed_presets(capsys, monkeypatch):
@@ -73,14 +82,25 @@ def test_kva_gpu_tiny(capsys, monkeypatch):
     assert int(last["prompts"]) == 6 and float(last["s_per_prompt"]) > 0
 
 
-def test_eval_suite_time(capsys, monkeypatch):
+def test_eval_suite_time(capsys, monkeypatch, tmp_path, tiny_models):
+    tiny_models["tiny_llama"].model.save_pretrained(tmp_path / "tuned")
     out = run_benchmark("eval_suite_time.py", "--model", "tiny_llama", "--limit", "2",
+                        "--tuned", str(tmp_path / "tuned"), "--before", "eval.benchmarks=[arc_easy]",
                         "eval.bpb_limit=2", "eval.drift_prompts=2", "eval.drift_max_new_tokens=4",
-                        capsys=capsys, monkeypatch=monkeypatch)
+                        "eval.task_bpb_items=2", "eval.bfcl_trained_items=1",
+                        "eval.bfcl_irrelevance_items=1", "eval.bfcl_transfer_items=0",
+                        "eval.max_new_tokens=4", capsys=capsys, monkeypatch=monkeypatch)
     last = fields(out[-1])
     assert last["limit"] == "2" and last["bpb_sets"] == "4x2" and float(last["suite_seconds"]) > 0
-    bpb = {k: float(v) for line in out if line.startswith(" ") for k, v in fields(line).items()
-           if not k.startswith("acc")}
+    assert float(last["tuned_seconds"]) > 0
+    bpb = {k: float(v) for line in out[:out.index("-- tuned")] if line.startswith(" ")
+           for k, v in fields(line).items() if not k.startswith("acc") and "gold" not in k
+           and "peak" not in k and "accuracy" not in k and "rate" not in k}
     assert sorted(bpb) == sorted(f"{s}{c}" for s in ("gsm8k", "humaneval", "naturalqs", "jeopardy")
                                  for c in ("", "_chat"))
     assert all(0 < v < 30 for v in bpb.values())  # bits per byte of a random model: finite
+    gold = [fields(line) for line in out if "gold_bpb_peak_fraction" in line]
+    assert len(gold) == 2 and all(0 < float(g["gold_bpb_peak_fraction"]) for g in gold)
+    parts = [line.split("  ")[0] for line in out]
+    assert {"BFCL generation, by category (before)", "drift KL, base loaded again (before)",
+            "drift KL (base loaded once)", "BFCL generation (one batch run)"} <= set(parts)

@@ -126,3 +126,31 @@ def test_bfcl_irrelevance_scores_calling_nothing_as_right():
         assert bfcl_correct(text, irrelevant) is right, text
     simple = held["simple_python"][0]
     assert bfcl_correct(simple.target, simple) and not bfcl_correct("I cannot.", simple)
+
+
+def test_an_evaluation_loads_the_base_model_once(compose_cfg, tiny_models, tmp_path, monkeypatch):
+    """Uncached, the base's scores and the KL drift share one load of the base model (they
+    used to load it twice); cached, the KL alone loads it. The drift questions are read
+    from the wheel once per process."""
+    from loki_exp.data.tasks import load_task
+    from loki_exp.evaluation import drift, evaluate
+
+    cfg = compose_cfg("model=tiny_llama", "eval.benchmarks=[]", "eval.bpb=[naturalqs]",
+                      "eval.bpb_limit=2", "eval.drift_prompts=2", "eval.drift_max_new_tokens=4",
+                      "eval.task_bpb_items=1", "eval.bfcl_trained_items=1",
+                      "eval.bfcl_irrelevance_items=0", "eval.bfcl_transfer_items=0",
+                      "eval.max_new_tokens=4", f"paths.cache_dir={tmp_path / 'cache'}",
+                      f"paths.output_dir={tmp_path / 'run'}")
+    loads, reads = [], []
+    real_load, real_gold = evaluate.load_model, drift.load_gold
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    monkeypatch.setattr(drift, "load_gold", lambda *a, **k: reads.append(a[0]) or real_gold(*a, **k))
+    drift._questions.cache_clear()
+    task = load_task(cfg.dataset)
+    (tmp_path / "run").mkdir()
+    loaded = tiny_models["tiny_llama"]
+    first = evaluate.run_evaluate(cfg, loaded, task, tmp_path / "run")
+    assert len(loads) == 1 and sorted(reads) == ["gsm8k", "jeopardy", "naturalqs"]
+    second = evaluate.run_evaluate(cfg, loaded, task, tmp_path / "run")
+    assert len(loads) == 2 and len(reads) == 3
+    assert first["drift/kl/after"] == second["drift/kl/after"] == 0.0  # the base against itself

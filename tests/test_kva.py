@@ -205,11 +205,24 @@ def test_store_layout_provenance_and_cache_reuse(compose_cfg, tiny_models, tmp_p
     assert run_analyse(_cfg(compose_cfg, tmp_path, "kva.steps=3"), loaded) != path
 
 
-def test_batch_4_equals_batch_1(compose_cfg, tiny_models, tmp_path):
+def test_batch_4_equals_batch_1(compose_cfg, tiny_models, tmp_path, monkeypatch):
+    """Stored by index whatever the order: batches of more than one prompt come longest first
+    (less left padding), and the store is the same."""
+    from loki_exp.kva import stage
+
+    seen = []
+
+    class Recording(stage.ProbeDataModule):
+        def __init__(self, items, batch_size=1):
+            seen.append([len(r["prompt"]) for r in items])
+            super().__init__(items, batch_size)
+
+    monkeypatch.setattr(stage, "ProbeDataModule", Recording)
     one = run_analyse(_cfg(compose_cfg, tmp_path / "a"), tiny_models["tiny_llama"])
     four = run_analyse(_cfg(compose_cfg, tmp_path / "b", "kva.batch_size=4"),
                        tiny_models["tiny_llama"])
     np.testing.assert_array_equal(_read(one)[0]["attributions"], _read(four)[0]["attributions"])
+    assert seen[1] == sorted(seen[1], reverse=True) and seen[0] != seen[1]
 
 
 class _Crash(RuntimeError):

@@ -151,16 +151,28 @@ class GlobalBatchSampler(Sampler[list[int]]):
     training equals single-process training. An incomplete last batch is dropped, so every
     step has the same global batch. ``skip`` starts the epoch after the batches a resumed
     run already trained on.
+
+    With ``lengths`` the batches are grouped by length (less padding, the same examples per
+    epoch): the epoch's shuffled order (seed + epoch) is cut into windows of ``GROUP`` global
+    batches, each window sorted by length and cut into batches, and the batches shuffled
+    (the same generator). As Hugging Face's ``LengthGroupedSampler`` does with its mega-batches;
+    written here because that one knows nothing of the global batch and the rank slices.
     """
 
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+    GROUP = 64  # global batches per sorted window: 256 examples at batch 4
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 lengths: list[int] | None = None):
         if batch_size % world_size:
             raise LokiError(f"trainer.batch_size={batch_size} is the global batch and must split "
                             f"evenly over {world_size} processes")
         if n < batch_size:
             raise LokiError(f"{n} training examples are fewer than trainer.batch_size={batch_size}")
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"{len(lengths)} lengths for {n} examples")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        self.lengths = lengths
         self.epoch = 0
         self.skip = 0
 
@@ -170,13 +182,37 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.n // self.batch_size
 
+    def global_batches(self) -> list[list[int]]:
+        """This epoch's global batches (the same at every rank and world size)."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        size = self.batch_size
+        order = torch.randperm(self.n, generator=generator).tolist()[:len(self) * size]
+        if self.lengths is None:
+            return [order[k * size:(k + 1) * size] for k in range(len(self))]
+        batches = []
+        for start in range(0, len(order), size * self.GROUP):
+            window = sorted(order[start:start + size * self.GROUP], key=lambda i: -self.lengths[i])
+            batches += [window[j:j + size] for j in range(0, len(window), size)]
+        return [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
+
     def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         local = self.batch_size // self.world_size
-        for k in range(self.skip, len(self)):
-            start = k * self.batch_size + self.rank * local
-            yield order[start:start + local].tolist()
+        batches = self.global_batches()
+        for k in range(self.skip, len(batches)):
+            yield batches[k][self.rank * local:(self.rank + 1) * local]
         self.skip = 0  # only the first epoch after a resume is partial
+
+
+def real_token_share(batches: list[list[int]], lengths: list[int], world_size: int = 1) -> float:
+    """Real tokens over padded ones in these global batches (each rank pads its own slice)."""
+    local = len(batches[0]) // world_size
+    real = padded = 0
+    for batch in batches:
+        for r in range(world_size):
+            part = [lengths[i] for i in batch[r * local:(r + 1) * local]]
+            real += sum(part)
+            padded += len(part) * max(part)
+    return real / padded
 
 
 class ResumableLoader(DataLoader):
@@ -186,7 +222,8 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         s = self.batch_sampler
-        return {"examples": s.n, "global_batch_size": s.batch_size, "seed": s.seed}
+        return {"examples": s.n, "global_batch_size": s.batch_size, "seed": s.seed,
+                "grouped_by_length": int(s.lengths is not None)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state != self.state_dict():
@@ -198,17 +235,28 @@ class SFTDataModule(L.LightningDataModule):
     """Training batches for ``trainer.fit``; build the Trainer with ``use_distributed_sampler=False``
     (the sampler here does the rank split)."""
 
-    def __init__(self, train: list[dict[str, Any]], batch_size: int, pad_id: int, seed: int = 0):
+    def __init__(self, train: list[dict[str, Any]], batch_size: int, pad_id: int, seed: int = 0,
+                 group_by_length: bool = False):
         super().__init__()
         self.train = train
         self.batch_size = batch_size
         self.collate = PadCollator(pad_id)
         self.seed = seed
+        self.group_by_length = group_by_length
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        sampler = GlobalBatchSampler(len(self.train), self.batch_size, rank, world, self.seed)
+        lengths = [len(r["input_ids"]) for r in self.train]
+        sampler = GlobalBatchSampler(len(self.train), self.batch_size, rank, world, self.seed,
+                                     lengths if self.group_by_length else None)
+        if rank == 0:
+            shares = {name: real_token_share(GlobalBatchSampler(
+                len(self.train), self.batch_size, 0, world, self.seed, by).global_batches(),
+                lengths, world) for name, by in (("grouped", lengths), ("shuffled", None))}
+            log.info("training batches: %.1f%% of the tokens are real grouped by length, %.1f%% "
+                     "shuffled (trainer.group_by_length=%s)", 100 * shares["grouped"],
+                     100 * shares["shuffled"], self.group_by_length)
         if trainer is not None:  # resumed mid-epoch: continue after the batches already trained
             sampler.skip = batches_processed(trainer)
             sampler.epoch = trainer.current_epoch

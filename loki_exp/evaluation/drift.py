@@ -16,6 +16,7 @@ asked as a plain user turn with no tools.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import re
@@ -29,10 +30,17 @@ _CALL = re.compile(r"^\[?\s*[A-Za-z_][\w.]*\s*\((.|\n)*\)\s*\]?$")
 
 
 def drift_questions(n: int, cache: str | os.PathLike | None = None) -> list[str]:
-    """``n`` questions, taken in turn from each source (the first items of each file)."""
+    """``n`` questions, taken in turn from each source (the first items of each file); read
+    from the wheel once per process (an evaluation asks for them three times, a curve at
+    every point)."""
+    return list(_questions(n, None if cache is None else str(cache)))
+
+
+@functools.lru_cache(maxsize=16)
+def _questions(n: int, cache: str | None) -> tuple[str, ...]:
     per = -(-n // len(DRIFT_SOURCES))
     pools = [[it.question for it in load_gold(s, per, cache)] for s in DRIFT_SOURCES]
-    return [pools[i % len(pools)][i // len(pools)] for i in range(n)]
+    return tuple(pools[i % len(pools)][i // len(pools)] for i in range(n))
 
 
 def looks_like_call(text: str) -> bool:

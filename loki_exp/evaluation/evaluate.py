@@ -141,12 +141,25 @@ def score_model(cfg: DictConfig, model, tokenizer, task: TaskData,
     return out
 
 
-def drift_kl(cfg: DictConfig, tuned, tokenizer, base_answers: list[str]) -> list[float]:
+class BaseModel:
+    """The base model, loaded at most once per evaluation: its scores (when not cached) and
+    the KL drift both need it."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self._loaded: LoadedModel | None = None
+
+    def __call__(self) -> LoadedModel:
+        if self._loaded is None:
+            self._loaded = load_model(self.cfg.model, self.cfg.paths.cache_dir)
+        return self._loaded
+
+
+def drift_kl(cfg: DictConfig, tuned, tokenizer, base_answers: list[str], base) -> list[float]:
     """Per question, the mean per-token KL(base || tuned) on the base model's own answers."""
     prompts = chat_prompts(tokenizer, drift_questions(len(base_answers), cfg.paths.cache_dir))
-    base = load_model(cfg.model, cfg.paths.cache_dir).model.to(next(tuned.parameters()).device)
-    base_lp = answer_logprobs(base, tokenizer, prompts, base_answers)
-    del base
+    base_lp = answer_logprobs(base.to(next(tuned.parameters()).device), tokenizer, prompts,
+                              base_answers)
     return kl_per_item(base_lp, answer_logprobs(tuned, tokenizer, prompts, base_answers))
 
 
@@ -181,13 +194,14 @@ def base_cheap_scores(cfg: DictConfig, loaded: LoadedModel, task: TaskData,
         return scores
 
 
-def base_scores(cfg: DictConfig, loaded: LoadedModel, task: TaskData) -> dict[str, Any]:
+def base_scores(cfg: DictConfig, loaded: LoadedModel, task: TaskData,
+                base_model: BaseModel | None = None) -> dict[str, Any]:
     path = _base_path(cfg, loaded, task)
     with atomic.cache_lock(path):  # jobs sharing the cache score the base once
         if path.exists():
             log.info("evaluate: base scores from cache %s", path)
             return json.loads(path.read_text())
-        base = load_model(cfg.model, cfg.paths.cache_dir)
+        base = (base_model or BaseModel(cfg))()
         scores = score_model(cfg, base.model, base.tokenizer, task,
                              cheap=base_cheap_scores(cfg, loaded, task, base))
         atomic.write_json(path, scores)
@@ -293,11 +307,12 @@ def _forgetting(out, key, before, after, items_before, items_after, signs) -> No
 
 def run_evaluate(cfg: DictConfig, loaded: LoadedModel, task: TaskData,
                  output_dir: Path) -> dict[str, float]:
-    before = base_scores(cfg, loaded, task)
+    base = BaseModel(cfg)
+    before = base_scores(cfg, loaded, task, base)
     after = score_model(cfg, loaded.model, loaded.tokenizer, task)
     if before.get("drift", {}).get("answers"):
         after["items"]["drift/kl"] = drift_kl(cfg, loaded.model, loaded.tokenizer,
-                                              before["drift"]["answers"])
+                                              before["drift"]["answers"], base().model)
     metrics = flat_metrics(task.name, before, after, str(cfg.eval.forgetting_metric))
     atomic.write_json(output_dir / "metrics.json", metrics, indent=2, sort_keys=True)
     items = {key: {"before": before.get("items", {}).get(key), "after": values}

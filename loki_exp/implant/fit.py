@@ -201,7 +201,7 @@ def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]]
     pad_id = loaded.tokenizer.pad_token_id
     data = SFTDataModule(train, int(cfg.trainer.batch_size),
                          pad_id if pad_id is not None else loaded.tokenizer.eos_token_id,
-                         seed=int(cfg.seed))
+                         seed=int(cfg.seed), group_by_length=bool(cfg.trainer.group_by_length))
     trainer = build_trainer(cfg, output_dir, loggers, callbacks)
     trainer.fit(tuner, datamodule=data, ckpt_path=resume,
                 weights_only=True)  # a checkpoint never needs arbitrary unpickling

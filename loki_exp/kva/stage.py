@@ -233,6 +233,11 @@ def _compute(cfg: DictConfig, loaded: LoadedModel, settings: KVASettings, dtype:
     # to do, so a resumed run reuses exactly the same prefix keys/values.
     ids = [loaded.tokenizer(r["prompt"], add_special_tokens=False).input_ids for r in rows]
     module = KVAModule(kva_model, loaded.tokenizer, settings, common_prefix(ids))
+    if int(cfg.kva.batch_size) > 1:
+        # Batches of similar lengths waste less on left padding; the store is keyed by each
+        # prompt's index, so the order it is computed in changes nothing stored.
+        length = {r["index"]: len(i) for r, i in zip(rows, ids)}
+        todo = sorted(todo, key=lambda r: -length[r["index"]])
     trainer.predict(module, datamodule=ProbeDataModule(todo, int(cfg.kva.batch_size)),
                     return_predictions=False)
     trainer.strategy.barrier("kva_predicted")  # every rank's shard is complete

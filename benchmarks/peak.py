@@ -1,0 +1,48 @@
+"""Achieved FLOP/s against this machine's own matmul peak, measured in the same process.
+
+FLOPs are counted by torch's ``FlopCounterMode`` over one call (matmuls and attention, forward
+and backward as executed). The peak is the best FLOP/s of ``torch.matmul`` on the model's own
+shapes in the same dtype and thread count, timed here: what this machine reaches on this work,
+not a datasheet number.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(shapes: list[tuple[int, int, int]], dtype: torch.dtype,
+                device: str | torch.device = "cpu", repeats: int = 5) -> float:
+    """Best FLOP/s of ``[m, k] @ [k, n]`` over ``shapes`` in ``dtype``."""
+    best = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device).to(dtype)
+        b = torch.randn(k, n, device=device).to(dtype)
+        for _ in range(2):  # warm-up: kernels chosen, caches filled
+            a @ b
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        best = max(best, 2 * m * k * n / min(times))
+    return best
+
+
+def linear_shapes(model: torch.nn.Module, tokens: int) -> list[tuple[int, int, int]]:
+    """``(tokens, in, out)`` of every distinct Linear shape in the model (lm_head included)."""
+    shapes = {(tokens, m.in_features, m.out_features) for m in model.modules()
+              if isinstance(m, torch.nn.Linear)}
+    return sorted(shapes)
