@@ -15,7 +15,8 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 # schema (a typo'd key was ignored, a typo'd forgetting metric fell back to acc).
 REFUSED = [
     (["+trainer.max_stepz=3"], "trainer.max_stepz is not a known key; expected one of "
-     "['max_steps', 'max_epochs', 'batch_size', 'accumulate_grad_batches', 'warmup_ratio', "
+     "['max_steps', 'max_epochs', 'batch_size', 'group_by_length', 'accumulate_grad_batches', "
+     "'warmup_ratio', "
      "'weight_decay', 'precision', 'log_every_n_steps', 'gradient_clip_val', "
      "'checkpoint_every_n_steps', 'deterministic', 'resume_from', 'callbacks', 'lightning']"),
     (["+kva.probe.sampels=3"], "kva.probe.sampels is not a known key; expected one of "
