@@ -27,12 +27,13 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from loki_exp.data import bfcl
+from loki_exp.data.sft import encode
 from loki_exp.data.tasks import load_task
 from loki_exp.evaluation.benchmarks import make_lm, run_suite
 from loki_exp.evaluation.bpb import score_bpb
 from loki_exp.evaluation.drift import answer_logprobs, chat_prompts, drift_questions
 from loki_exp.evaluation.evaluate import task_heldout
-from loki_exp.evaluation.gold_bpb import gold_bpb
+from loki_exp.evaluation.gold_bpb import as_example, gold_bpb
 from loki_exp.evaluation.task_metric import bfcl_accuracy, bfcl_measures, generate
 from loki_exp.models import load_model
 
@@ -75,10 +76,11 @@ def score(name, model, tokenizer, cfg, task, limit, before, base_model=None) -> 
     start = time.perf_counter()
     gold_bpb(model, tokenizer, heldout[:16], int(ev.batch_size))
     rate = flops / (time.perf_counter() - start)
-    tokens = 16 * 512
+    sample = [len(encode(tokenizer, as_example(i), 1 << 30)["input_ids"]) for i in heldout[:16]]
+    tokens = int(ev.batch_size) * sum(sample) // len(sample)  # one batch of gold_bpb's
     peak = matmul_peak(linear_shapes(model, tokens), next(model.parameters()).dtype)
     print(f"{'':34s} gold_bpb={sum(gold) / len(gold):.4f} gold_bpb_gflops={rate / 1e9:.1f} "
-          f"peak_gflops={peak / 1e9:.1f} gold_bpb_peak_fraction={rate / peak:.3f}")
+          f"peak_gflops={peak / 1e9:.1f} gold_bpb_peak_fraction={rate / peak:.3g}")
     counts = {"trained": int(ev.bfcl_trained_items), "irrelevance": int(ev.bfcl_irrelevance_items),
               "transfer": int(ev.bfcl_transfer_items)}
     if task.name == "bfcl" and any(counts.values()):
@@ -105,6 +107,9 @@ def score(name, model, tokenizer, cfg, task, limit, before, base_model=None) -> 
         int(ev.drift_max_new_tokens), int(ev.batch_size)))
     prompts = chat_prompts(tokenizer, questions)
     if base_model is not None:  # a tuned model: KL against the base on the base's answers
+        answers = generate(base_model, tokenizer, [[{"role": "user", "content": q}]
+                                                   for q in questions],
+                           int(ev.drift_max_new_tokens), int(ev.batch_size))
         clock("drift KL (base loaded once)", lambda: [answer_logprobs(m, tokenizer, prompts, answers)
                                                       for m in (base_model, model)])
         if before:

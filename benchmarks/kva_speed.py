@@ -12,7 +12,7 @@ the same quantity (``kva=published``: zero baseline, last position, left Riemann
 f: the same error measure between those two. Also on that line: ``published_peak_fraction``,
 the fast published path's achieved FLOP/s (its matmul and attention FLOPs per prompt, forward
 and backward, counted by torch's FlopCounterMode) over the FLOP/s of ``torch.matmul`` on the
-model's own Linear shapes at the prompts' mean length, in fp32, timed in this process
+model's own Linear shapes at the prompts' mean length, in the model's dtype, timed in this process
 (``benchmarks/peak.py``).
 
     .venv/bin/python benchmarks/kva_speed.py --prompts 3 [--baseline zero|token] [--skip-captum]
@@ -27,9 +27,8 @@ published preset also in fp32 (the CPU experiments run it so).
 from __future__ import annotations
 
 import argparse
-import time
-
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,11 +121,11 @@ def main() -> None:
     pub_err = max(rel_err(a.scores, ref) for a, (ref, _) in zip(fast_pub, first))
     flops = sum(count_flops(lambda ids=ids: published(ids)) for ids in prompts)
     tokens = int(np.mean([p.shape[1] for p in prompts]))
-    peak = matmul_peak(linear_shapes(loaded.model, tokens), torch.float32)
+    peak = matmul_peak(linear_shapes(loaded.model, tokens), next(loaded.model.parameters()).dtype)
     print(f"fast published     : {flops / len(prompts) / 1e9:7.1f} GFLOP/prompt, "
           f"{flops / t_pub / 1e9:.1f} GFLOP/s; matmul peak {peak / 1e9:.1f} GFLOP/s")
     tail = (f"published_speedup={t_first / t_pub:.2f} published_max_rel_err={pub_err:.2e} "
-            f"published_peak_fraction={flops / t_pub / peak:.3f}")
+            f"published_peak_fraction={flops / t_pub / peak:.3g}")
     if args.skip_captum:
         print(tail)
         return

@@ -1,9 +1,11 @@
 """Achieved FLOP/s against this machine's own matmul peak, measured in the same process.
 
 FLOPs are counted by torch's ``FlopCounterMode`` over one call (matmuls and attention, forward
-and backward as executed). The peak is the best FLOP/s of ``torch.matmul`` on the model's own
-shapes in the same dtype and thread count, timed here: what this machine reaches on this work,
-not a datasheet number.
+and backward as executed). Its table has no formula for the CPU's flash attention kernels, so
+they are added here with torch's own SDPA formulas, halved for a causal call (the kernel skips
+the masked half). The peak is the best FLOP/s of ``torch.matmul`` on the model's own shapes in
+the same dtype and thread count, timed here: what this machine reaches on this work, not a
+datasheet number.
 """
 
 from __future__ import annotations
@@ -12,11 +14,32 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+
+def _causal_share(args: tuple, kwargs: dict, position: int) -> float:
+    causal = kwargs.get("is_causal", args[position] if len(args) > position else False)
+    return 0.5 if causal else 1.0
+
+
+def _cpu_flash(query, key, value, *args, out_val=None, **kwargs) -> int:
+    return int(sdpa_flop_count(query, key, value) * _causal_share(args, kwargs, 1))
+
+
+def _cpu_flash_backward(grad_out, query, key, value, out, logsumexp, *args, out_val=None,
+                        **kwargs) -> int:
+    return int(sdpa_backward_flop_count(grad_out, query, key, value)
+               * _causal_share(args, kwargs, 1))
+
+
+CPU_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
+}
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
         fn()
     return int(counter.get_total_flops())
 
@@ -32,6 +55,8 @@ def matmul_peak(shapes: list[tuple[int, int, int]], dtype: torch.dtype,
             a @ b
         times = []
         for _ in range(repeats):
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
             start = time.perf_counter()
             a @ b
             if torch.device(device).type == "cuda":

@@ -33,10 +33,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import sys
 import time
 from pathlib import Path
-
-import sys
 
 import numpy as np
 import torch
@@ -251,7 +250,7 @@ def main() -> None:
           f"loki_vs_split_time={ratio('loki', 'split', ms)} "
           f"loki_vs_full_time={ratio('loki', 'full', ms)}")
     print(f"peak_gflops={peak_flops / 1e9:.1f} ({dtype}, torch.matmul on the model's Linear "
-          f"shapes) " + " ".join(f"{m}_peak_fraction={achieved[m] / peak_flops:.3f}"
+          f"shapes) " + " ".join(f"{m}_peak_fraction={achieved[m] / peak_flops:.3g}"
                                  for m in METHODS))
 
 

@@ -61,6 +61,7 @@ def analyse(state: RunState) -> None:
         log.info("analyse: not needed (positions_file given, method=%s, strategy=%s)",
                  cfg.method.name, cfg.strategy.name)
         return
+    state.artifacts["kva_dtype"] = compute_dtype(cfg.kva, state.loaded)  # before training casts
     state.artifacts["kva_store"] = run_analyse(state.cfg, state.loaded)
 
 
@@ -108,6 +109,8 @@ def _eval_task(state: RunState):
 
 
 def evaluate(state: RunState) -> None:
+    state.artifacts["eval_dtype"] = str(next(state.loaded.model.parameters()).dtype).removeprefix(
+        "torch.")
     metrics = run_evaluate(state.cfg, state.loaded, _eval_task(state), state.output_dir)
     state.artifacts["metrics"] = metrics
     if state.artifacts.get("model_dir"):  # the card gets the before/after table
@@ -189,8 +192,8 @@ def _run_stages(state: RunState) -> None:
 
 
 def run_precisions(state: RunState) -> dict[str, Any]:
-    kva = compute_dtype(state.cfg.kva, state.loaded) if state.artifacts.get("kva_store") else None
-    return stage_precisions(state.cfg, kva)
+    return stage_precisions(state.cfg, state.artifacts.get("kva_dtype"),
+                            state.artifacts.get("eval_dtype"))
 
 
 def write_summary(state: RunState) -> None:

@@ -23,9 +23,11 @@ def cpu_name() -> str:
     return "unknown CPU"
 
 
-def stage_precisions(cfg: DictConfig, kva_dtype: str | None = None) -> dict[str, Any]:
+def stage_precisions(cfg: DictConfig, kva_dtype: str | None = None,
+                     eval_dtype: str | None = None) -> dict[str, Any]:
     """``{"cpu": ..., "cpu_bf16_hardware": bool, "<stage>": "<precision> (<why>)"}`` for the
-    stages this run has; ``kva_dtype``: what the analyse stage computed in, when it ran."""
+    stages this run has; ``kva_dtype`` / ``eval_dtype``: what the analyse stage computed in
+    and the dtype of the model the evaluate stage scored, when they ran."""
     hardware = cpu_has_native_bf16()
     raw = OmegaConf.to_container(cfg.trainer, resolve=False).get("precision")
     if raw == PICKED_FOR_THE_CPU:
@@ -39,8 +41,8 @@ def stage_precisions(cfg: DictConfig, kva_dtype: str | None = None) -> dict[str,
         record["analyse"] = f"{kva_dtype} (kva.dtype, or the model's own when null)"
     if "implant" in stages:
         record["implant"] = f"{cfg.trainer.precision} ({why})"
-    if "evaluate" in stages:
-        record["evaluate"] = f"{cfg.model.dtype} (the model's dtype, no autocast)"
+    if "evaluate" in stages and eval_dtype:
+        record["evaluate"] = f"{eval_dtype} (the scored model's dtype, no autocast)"
     return record
 
 

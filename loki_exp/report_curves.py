@@ -12,8 +12,9 @@ From them, at every point:
 A run's path joins its points in step order (linear between them). Read at gain g, it is the
 least forgetting anywhere on the path with at least that gain: at a point with gain >= g, or
 where a segment crosses g (a run that never reaches g has no value there). A method's front
-at g is the least of its runs' values: the lower envelope over its runs and points. Two methods are compared at common levels of gain (25, 50
-and 75% of the smaller of their best gains), and each run at levels common to the study.
+at g is the least of its runs' values: the lower envelope over its runs and points. Two
+methods are compared at common levels of gain (25, 50 and 75% of the smaller of their best
+gains), and each run at levels common to the study.
 Intervals: 95% percentile bootstrap that resamples the items (the same indices for every run
 and point: all runs score the same items, so the comparison is paired), with the levels held
 fixed. Written by hand: no library computes matched comparisons over learning curves.

@@ -104,3 +104,23 @@ def test_eval_suite_time(capsys, monkeypatch, tmp_path, tiny_models):
     parts = [line.split("  ")[0] for line in out]
     assert {"BFCL generation, by category (before)", "drift KL, base loaded again (before)",
             "drift KL (base loaded once)", "BFCL generation (one batch run)"} <= set(parts)
+
+
+def test_flop_count_includes_the_cpus_flash_attention():
+    """torch's FlopCounterMode has no formula for the CPU flash kernels: benchmarks/peak.py adds
+    torch's own SDPA ones (forward 4 B H S^2 D, backward 2.5x), halved for a causal call."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("peak", ROOT / "benchmarks" / "peak.py")
+    peak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peak)
+    q, k, v = (torch.randn(2, 4, 64, 32, requires_grad=True) for _ in range(3))
+
+    def attend(causal):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()
+
+    forward = 4 * 2 * 4 * 64 * 64 * 32
+    assert peak.count_flops(lambda: attend(False)) == 3.5 * forward
+    assert peak.count_flops(lambda: attend(True)) == 3.5 * forward / 2

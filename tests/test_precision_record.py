@@ -16,7 +16,7 @@ def test_the_cpu_picked_precision_says_why(compose_cfg, monkeypatch, hardware, e
 
     monkeypatch.setattr(resolvers, "cpu_has_native_bf16", lambda: hardware)
     cfg = compose_cfg("experiment=cpu_demo")
-    record = precision_record.stage_precisions(cfg, "float32")
+    record = precision_record.stage_precisions(cfg, "float32", "float32")
     assert record["implant"] == expected and record["cpu_bf16_hardware"] is hardware
     assert record["analyse"].startswith("float32") and record["evaluate"].startswith("float32")
     line = precision_record.precision_line(record)

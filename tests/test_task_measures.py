@@ -188,3 +188,18 @@ def test_random_rows_match_layer_balanced_counts_and_follow_the_seed():
     other = select_random(10, 30, 576, seed=1)
     overlap = np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(one, other)])
     assert 0.0 < overlap < 0.25  # two uniform draws of 10% share about 10% of their rows
+
+
+def test_length_grouping_on_bfcl_pads_far_less(bfcl_task):
+    """The README's numbers: real tokens over padded ones in BFCL's training batches (batch 4,
+    seed 42), shuffled against grouped by length, in one process and over 2 ranks."""
+    from loki_exp.data.sft import GlobalBatchSampler, real_token_share
+
+    task, tok = bfcl_task
+    encoded, _ = encode_all(tok, task.train, 1152)
+    lengths = [len(e["input_ids"]) for e in encoded]
+    shares = {(world, by is not None): real_token_share(
+        GlobalBatchSampler(len(lengths), 4, 0, world, 42, by).global_batches(), lengths, world)
+        for world in (1, 2) for by in (None, lengths)}
+    assert shares == pytest.approx({(1, False): 0.658, (1, True): 0.987, (2, False): 0.801,
+                                    (2, True): 0.996}, abs=0.0005)

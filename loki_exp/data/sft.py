@@ -226,9 +226,11 @@ class ResumableLoader(DataLoader):
                 "grouped_by_length": int(s.lengths is not None)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        state = {"grouped_by_length": 0, **state}  # checkpoints from before the grouping
         if state != self.state_dict():
             raise LokiError(f"the checkpoint was trained on data {state}, this run has "
-                            f"{self.state_dict()}: resume with the same dataset, batch size and seed")
+                            f"{self.state_dict()}: resume with the same dataset, batch size, "
+                            "seed and trainer.group_by_length")
 
 
 class SFTDataModule(L.LightningDataModule):

@@ -62,6 +62,7 @@ class CurveEvaluator:
         """One point: metrics (as the evaluate stage names them) and per-item values. The
         model goes back to the mode it was in (lm-eval's wrapper switches it to eval)."""
         was_training = model.training
+        model.eval()
         try:
             after = score_cheap(self.cfg, model, self.tokenizer, self.task)
             if self.answers:
