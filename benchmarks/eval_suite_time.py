@@ -34,7 +34,7 @@ from loki_exp.evaluation.bpb import score_bpb
 from loki_exp.evaluation.drift import answer_logprobs, chat_prompts, drift_questions
 from loki_exp.evaluation.evaluate import task_heldout
 from loki_exp.evaluation.gold_bpb import as_example, gold_bpb
-from loki_exp.evaluation.task_metric import bfcl_accuracy, bfcl_measures, generate
+from loki_exp.evaluation.task_metric import bfcl_accuracy, bfcl_groups, bfcl_measures, generate
 from loki_exp.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/peak.py
@@ -90,10 +90,7 @@ def score(name, model, tokenizer, cfg, task, limit, before, base_model=None) -> 
                           lambda: bfcl_measures(model, tokenizer, *args))
         if before:  # as it ran before: each category on its own
             def per_category():
-                groups = {"trained": list(task.categories), "irrelevance": list(bfcl.IRRELEVANCE),
-                          "transfer": [c for c in bfcl.LEADERBOARD if c not in task.categories
-                                       and c not in bfcl.IRRELEVANCE]}
-                for group, categories in groups.items():
+                for group, categories in bfcl_groups(list(task.categories)).items():
                     if counts[group]:
                         for items in bfcl.heldout_by_category(categories, task.test_fraction,
                                                               counts[group], cache).values():

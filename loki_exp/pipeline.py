@@ -187,30 +187,28 @@ def _run_stages(state: RunState) -> None:
         state.timings[name] = time.perf_counter() - start
         log.info("stage %-8s done in %.1f s", name, state.timings[name])
     if is_global_zero():
-        write_run_record(state)
-        write_summary(state)
+        precision = stage_precisions(state.cfg, state.artifacts.get("kva_dtype"),
+                                     state.artifacts.get("eval_dtype"))
+        write_run_record(state, precision)
+        write_summary(state, precision)
 
 
-def run_precisions(state: RunState) -> dict[str, Any]:
-    return stage_precisions(state.cfg, state.artifacts.get("kva_dtype"),
-                            state.artifacts.get("eval_dtype"))
-
-
-def write_summary(state: RunState) -> None:
+def write_summary(state: RunState, precision: dict[str, Any]) -> None:
     """The run's headline measures, stage times and output paths: printed and ``summary.md``."""
     art = state.artifacts
     task = _eval_task(state).name if "task" in art else str(state.cfg.dataset.name)
     lines = summary_lines(art.get("metrics"), task, state.timings,
                           {"run dir": state.output_dir, "model": art.get("model_dir"),
                            "adapter": art.get("adapter_dir")},
-                          precision_line(run_precisions(state)),
+                          precision_line(precision),
                           (art.get("implant") or {}).get("data_by_category"))
     atomic.write_text(state.output_dir / "summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
 
-def write_run_record(state: RunState) -> Path:
-    """``run.json``: resolved config, where the inputs came from, sizes and stage timings."""
+def write_run_record(state: RunState, precision: dict[str, Any]) -> Path:
+    """``run.json``: resolved config, where the inputs came from, sizes, stage timings and
+    each stage's precision (``precision_record.stage_precisions``)."""
     art = state.artifacts
     record = {
         "config": OmegaConf.to_container(state.cfg, resolve=True),
@@ -223,6 +221,6 @@ def write_run_record(state: RunState) -> Path:
         "implant": art.get("implant"),
         "metrics": art.get("metrics"),
         "timings_s": {k: round(v, 3) for k, v in state.timings.items()},
-        "precision": run_precisions(state),
+        "precision": precision,
     }
     return atomic.write_json(state.output_dir / "run.json", record, indent=2, default=str)

@@ -33,10 +33,10 @@ from loki_exp.evaluation.benchmarks import primary_metric
 from loki_exp.evaluation.curves import FILE as CURVE_FILE
 from loki_exp.report_curves import (
     Curve,
-    comparable,
     load_curve,
     matched_by_method,
     matched_by_run,
+    paired_values,
     plot_curves,
 )
 from loki_exp.report_figures import save_figure
@@ -102,17 +102,17 @@ def collect_runs(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def task_axis(rows: list[dict[str, Any]]) -> tuple[str, str, str] | None:
-    """(value key, interval key, axis label) of the task gain: the gold-answer bits per byte's
-    reduction where runs have it, else the task score's change (older runs)."""
+def task_axis(rows: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """(key, axis label) of the task gain, whose interval hangs on the same key: the gold-
+    answer bits per byte's reduction where runs have it, else the task score's change (older
+    runs)."""
     gold = sorted({k for r in rows for k in r if k.endswith("/gold_bpb/reduction_pct")})
     if gold:
-        return gold[0], gold[0], "task gain: gold-answer bits per byte, % below base"
+        return gold[0], "task gain: gold-answer bits per byte, % below base"
     key = _task_key(rows)
     if key is None:
         return None
-    delta = key.replace("/after", "/delta")
-    return delta, delta, f"task gain: {key.removesuffix('/after')} after - before"
+    return key.replace("/after", "/delta"), f"task gain: {key.removesuffix('/after')} after - before"
 
 
 def _task_key(rows: list[dict[str, Any]]) -> str | None:
@@ -137,7 +137,7 @@ def write_table(rows: list[dict[str, Any]], root: Path,
     task = axis[0].removesuffix("/gold_bpb/reduction_pct") if gold else None
     # (column, the value's key, the key its interval hangs on)
     summary = [("task gain %" if task else "task gain", axis[0] if axis else None,
-                axis[1] if axis else None)]
+                axis[0] if axis else None)]
     if task:
         summary += [("trained accuracy change", f"{task}/trained_accuracy/delta",
                      f"{task}/trained_accuracy/delta"),
@@ -323,7 +323,7 @@ def plot_forgetting_vs_task(rows: list[dict[str, Any]], root: Path) -> Path | No
             ax.annotate(f"lr {_fmt(r.get('lr'))}", (x, y), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel(axis[2])
+    ax.set_xlabel(axis[1])
     ax.set_ylabel("Avg forgetting, % (lower is better)")
     ax.set_title("Forgetting vs task gain, end of training")
     ax.legend(fontsize=8)
@@ -356,7 +356,7 @@ def plot_pareto(rows: list[dict[str, Any]], root: Path) -> Path | None:
     axis = task_axis(rows)
     if not axis:
         return None
-    gain_key, gain_ci, xlabel = axis
+    gain_key, xlabel = axis
     panels = [(k, ci, label) for k, ci, label in
               [("forgetting/avg", "forgetting/avg", "Avg forgetting, % of base (lower is better)"),
                ("drift/kl/after", "drift/kl", "KL(base || tuned), nats/token (lower is better)")]
@@ -372,7 +372,7 @@ def plot_pareto(rows: list[dict[str, Any]], root: Path) -> Path | None:
                 continue
             color = f"C{n}"
             xy = [(r[gain_key], r[key]) for r in mine]
-            xerr = np.array([_err(r, r[gain_key], gain_ci) for r in mine]).T
+            xerr = np.array([_err(r, r[gain_key], gain_key) for r in mine]).T
             yerr = np.array([_err(r, r[key], ci) for r in mine]).T
             ax.errorbar([p[0] for p in xy], [p[1] for p in xy], xerr=xerr, yerr=yerr, fmt="o",
                         color=color, alpha=0.55, capsize=2, lw=0.8)
@@ -432,12 +432,12 @@ def make_report(root: str | Path) -> dict[str, Any]:
     if not root.is_dir():
         raise LokiError(f"report: {root} is not a directory (expected a multirun dir)")
     rows = collect_runs(root)
-    curves = run_curves(rows)
-    by_method, by_run = matched_by_method(curves), matched_by_run(curves)
+    values = paired_values(run_curves(rows))
+    by_method, by_run = matched_by_method(values), matched_by_run(values)
     table = write_table(rows, root, (by_method, by_run))
     plot = plot_forgetting_vs_task(rows, root)
     pareto = plot_pareto(rows, root)
-    curve_plot = plot_curves(comparable(curves), root)
+    curve_plot = plot_curves(values, root)
     store = next((r["kva_store"] for r in rows if r.get("kva_store")
                   and Path(r["kva_store"]).exists()), None)
     heatmap = plot_kva_heatmap(store, root) if store else None

@@ -149,24 +149,38 @@ def comparable(curves: list[Curve]) -> list[Curve]:
     return same
 
 
-def matched_by_method(curves: list[Curve], levels=LEVELS, resamples: int = RESAMPLES,
-                      seed: int = SEED) -> list[dict[str, Any]]:
+@dataclass
+class PairedValues:
+    """The comparable curves, every point's values (by run) and the same values in each
+    bootstrap resample of the items: computed once, read by every comparison and plot."""
+    curves: list[Curve]
+    point: dict[str, dict[str, np.ndarray]]
+    boot: list[dict[str, dict[str, np.ndarray]]]
+
+
+def paired_values(curves: list[Curve], resamples: int = RESAMPLES, seed: int = SEED) -> PairedValues:
+    curves = comparable(curves)
+    point = {c.run: point_values(c) for c in curves}
+    boot = ([{c.run: point_values(c, idx) for c in curves} for idx in _draws(curves, resamples, seed)]
+            if curves else [])
+    return PairedValues(curves, point, boot)
+
+
+def _best_gain(values: PairedValues, label: str) -> float:
+    return max(values.point[c.run]["gain"].max() for c in values.curves if c.label == label)
+
+
+def matched_by_method(values: PairedValues, levels=LEVELS) -> list[dict[str, Any]]:
     """For every pair of methods and measure: each front at 25/50/75% of the smaller best
     gain, and the difference (b - a) with its 95% interval."""
-    curves = comparable(curves)
-    labels = sorted({c.label for c in curves})
-    if len(labels) < 2:
-        return []
-    point = {c.run: point_values(c) for c in curves}
-    draws = _draws(curves, resamples, seed)
-    boot = [{c.run: point_values(c, idx) for c in curves} for idx in draws]
+    labels = sorted({c.label for c in values.curves})
+    point, boot = values.point, values.boot
     rows = []
     for i, a in enumerate(labels):
         for b in labels[i + 1:]:
-            runs_a = [c.run for c in curves if c.label == a]
-            runs_b = [c.run for c in curves if c.label == b]
-            best = min(max(point[r]["gain"].max() for r in runs_a),
-                       max(point[r]["gain"].max() for r in runs_b))
+            runs_a = [c.run for c in values.curves if c.label == a]
+            runs_b = [c.run for c in values.curves if c.label == b]
+            best = min(_best_gain(values, a), _best_gain(values, b))
             if best <= 0:
                 continue
             for measure in MEASURES:
@@ -185,28 +199,25 @@ def matched_by_method(curves: list[Curve], levels=LEVELS, resamples: int = RESAM
     return rows
 
 
-def matched_by_run(curves: list[Curve], levels=LEVELS, resamples: int = RESAMPLES,
-                   seed: int = SEED) -> list[dict[str, Any]]:
+def matched_by_run(values: PairedValues, levels=LEVELS) -> list[dict[str, Any]]:
     """Every run's forgetting at 25/50/75% of the smallest of the methods' best gains (a
     level every method reached), with its 95% interval: seeds side by side."""
-    curves = comparable(curves)
-    if not curves:
+    if not values.curves:
         return []
-    point = {c.run: point_values(c) for c in curves}
-    best = min(max(point[c.run]["gain"].max() for c in curves if c.label == label)
-               for label in {c.label for c in curves})
+    best = min(_best_gain(values, label) for label in {c.label for c in values.curves})
     if best <= 0:
         return []
-    boot = [{c.run: point_values(c, idx) for c in curves} for idx in _draws(curves, resamples, seed)]
     rows = []
-    for c in curves:
+    for c in values.curves:
+        mine = values.point[c.run]
         for measure in MEASURES:
-            if measure not in point[c.run]:
+            if measure not in mine:
                 continue
             for frac in levels:
                 level = frac * best
-                value = at_gain(point[c.run]["gain"], point[c.run][measure], level)
-                samples = [at_gain(s[c.run]["gain"], s[c.run][measure], level) for s in boot]
+                value = at_gain(mine["gain"], mine[measure], level)
+                samples = [at_gain(s[c.run]["gain"], s[c.run][measure], level)
+                           for s in values.boot]
                 low, high = _interval(samples) if value == value else (float("nan"),) * 2
                 rows.append({"run": c.run, "label": c.label, "lr": c.lr, "measure": measure,
                              "fraction": frac, "gain": level, "value": value,
@@ -214,13 +225,7 @@ def matched_by_run(curves: list[Curve], levels=LEVELS, resamples: int = RESAMPLE
     return rows
 
 
-def envelope(curves: list[Curve], measure: str, grid: np.ndarray) -> np.ndarray:
-    """A method's front on a grid of gains (nan where none of its runs got that far)."""
-    values = [point_values(c) for c in curves]
-    return np.array([front_at(values, measure, g) for g in grid])
-
-
-def plot_curves(curves: list[Curve], root: Path) -> Path | None:
+def plot_curves(values: PairedValues, root: Path) -> Path | None:
     """``curves.png``: every run's path (task gain against KL and against Avg bpb forgetting,
     one marker per evaluation point, lr at its end) and each method's front (thick)."""
     import matplotlib
@@ -230,9 +235,8 @@ def plot_curves(curves: list[Curve], root: Path) -> Path | None:
 
     from loki_exp.report_figures import save_figure
 
-    if not curves:
-        return None
-    measures = [m for m in MEASURES if all(m in point_values(c) for c in curves)]
+    curves, point = values.curves, values.point
+    measures = [m for m in MEASURES if curves and all(m in point[c.run] for c in curves)]
     if not measures:
         return None
     labels = sorted({c.label for c in curves})
@@ -242,7 +246,7 @@ def plot_curves(curves: list[Curve], root: Path) -> Path | None:
             color = f"C{n}"
             mine = [c for c in curves if c.label == label]
             for c in mine:
-                v = point_values(c)
+                v = point[c.run]
                 ax.plot(v["gain"], v[measure], "-o", color=color, alpha=0.45, ms=3, lw=0.9)
                 for step, x, y in zip(c.steps, v["gain"], v[measure]):
                     ax.annotate(f"{step}", (x, y), textcoords="offset points", xytext=(-4, -9),
@@ -250,10 +254,10 @@ def plot_curves(curves: list[Curve], root: Path) -> Path | None:
                 lr = f"lr {c.lr:g}" if c.lr is not None else c.run
                 ax.annotate(lr, (v["gain"][-1], v[measure][-1]), textcoords="offset points",
                             xytext=(3, 3), fontsize=7, color=color)
-            top = max(point_values(c)["gain"].max() for c in mine)
+            top = _best_gain(values, label)
             grid = np.linspace(0, top, 60) if top > 0 else np.array([0.0])
-            ax.plot(grid, envelope(mine, measure, grid), "-", color=color, lw=2.4,
-                    label=f"{label} (front)")
+            front = [front_at([point[c.run] for c in mine], measure, g) for g in grid]
+            ax.plot(grid, front, "-", color=color, lw=2.4, label=f"{label} (front)")
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
         ax.set_xlabel("task gain: gold-answer bits per byte, % below base")

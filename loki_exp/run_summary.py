@@ -1,6 +1,6 @@
 """What a run did, in one short table: the headline measures with their 95% intervals, the
 stage times and where the outputs are. Printed at the end of a run, written to
-``summary.md`` in the run dir, and the head of the model card's evaluation section."""
+``summary.md`` in the run dir; its table leads the model card."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ HEADLINE = (
     ("damage: false-call rate", "task/{task}/false_call_rate", "irrelevance items, lower is better"),
     ("task: transfer accuracy", "task/{task}/transfer_accuracy", "untrained call categories"),
 )
-# (label, key, interval key)
+# (label, key, the key its interval hangs on, what the number is)
 FORGETTING = (
     ("forgetting: Avg %", "forgetting/avg", "forgetting/avg", "benchmarks + bpb sets, lower is better"),
     ("forgetting: KL drift from the base", "drift/kl/after", "drift/kl",

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from loki_exp.report import make_report
-from loki_exp.report_curves import at_gain, front_at, matched_by_method, matched_by_run
+from loki_exp.report_curves import (
+    at_gain,
+    front_at,
+    matched_by_method,
+    matched_by_run,
+    paired_values,
+)
 
 N = 40  # items per measure
 
@@ -73,7 +79,7 @@ def test_matched_comparison_on_known_curves(tmp_path):
     _write_curve(root / "2", [0, 5, 30], [0, 0.5, 1.5], [0, 5, 15])
     _write_run(root / "2", "lora", 1e-2)
     curves = run_curves(collect_runs(root))
-    rows = matched_by_method(curves, resamples=50)
+    rows = matched_by_method(paired_values(curves, resamples=50))
     kl = [r for r in rows if r["measure"] == "kl"]
     assert [r["gain"] for r in kl] == pytest.approx([7.5, 15.0, 22.5])
     assert [r["value_a"] for r in kl] == pytest.approx([0.0375, 0.075, 0.1125])
@@ -85,7 +91,7 @@ def test_matched_comparison_on_known_curves(tmp_path):
     avg = [r for r in rows if r["measure"] == "avg_bpb"]
     assert [r["value_a"] for r in avg] == pytest.approx([0.375, 0.75, 1.125])
     assert [r["value_b"] for r in avg] == pytest.approx([2.25, 4.5, 6.75])
-    per_run = matched_by_run(curves, resamples=50)
+    per_run = matched_by_run(paired_values(curves, resamples=50))
     lora_worse = [r for r in per_run if r["run"] == "2" and r["measure"] == "kl"]
     # Run 2: gain 0 -> 5 -> 30 with KL 0 -> 0.5 -> 1.5; at 7.5: 0.5 + 2.5/25 * 1.0 = 0.6.
     assert lora_worse[0]["value"] == pytest.approx(0.6)
@@ -99,7 +105,7 @@ def test_matched_intervals_cover_a_real_difference_with_noisy_items(tmp_path):
     _write_run(root / "0", "loki", 1e-3)
     _write_curve(root / "1", [0, 20, 40], [0, 0.4, 0.8], [0, 1, 2], noise=0.05, seed=2)
     _write_run(root / "1", "full", 1e-4)
-    rows = matched_by_method(run_curves(collect_runs(root)), resamples=300)
+    rows = matched_by_method(paired_values(run_curves(collect_runs(root)), resamples=300))
     at_half = next(r for r in rows if r["measure"] == "kl" and r["fraction"] == 0.5)
     # full: KL 0.4 at 20% gain; loki: 0.1; loki - full = -0.3 (arms in name order: a = full),
     # its interval about +-2 x 0.05 x sqrt(2 / 40) wide.

@@ -102,10 +102,10 @@ class EncodedCounts:
         return {c: {"examples": n, "kept": n - self.dropped[c], "dropped": self.dropped[c],
                     "truncated": self.truncated[c]} for c, n in sorted(self.examples.items())}
 
-    def worst_loss(self) -> tuple[str, float] | None:
-        """The category that lost the largest share (dropped or truncated), and that share."""
-        shares = {c: (self.dropped[c] + self.truncated[c]) / n for c, n in self.examples.items() if n}
-        return max(shares.items(), key=lambda kv: kv[1]) if shares else None
+    def lost_shares(self) -> dict[str, float]:
+        """Per category that lost any, the share dropped or cut."""
+        return {c: (self.dropped[c] + self.truncated[c]) / n for c, n in self.examples.items()
+                if self.dropped[c] + self.truncated[c]}
 
 
 def encode_all(tokenizer, examples: list[Example], max_length: int,

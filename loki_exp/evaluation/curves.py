@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from loki_exp import atomic
 from loki_exp.data.tasks import TaskData
 from loki_exp.evaluation.drift import answer_logprobs, chat_prompts, drift_questions, kl_per_item
-from loki_exp.evaluation.evaluate import base_cheap_scores, flat_metrics, score_cheap
+from loki_exp.evaluation.evaluate import BaseModel, base_cheap_scores, flat_metrics, score_cheap
 from loki_exp.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class CurveEvaluator:
 
     def __init__(self, cfg: DictConfig, loaded: LoadedModel, task: TaskData):
         self.cfg, self.task, self.tokenizer = cfg, task, loaded.tokenizer
-        base = base_cheap_scores(cfg, loaded, task, loaded)
+        base = base_cheap_scores(cfg, loaded, task, BaseModel(cfg, loaded))
         gold = f"task/{task.name}/gold_bpb"
         self.base = {"task": {"gold_bpb": base["task"]["gold_bpb"]}, "bench": {},
                      "bpb": base["bpb"],

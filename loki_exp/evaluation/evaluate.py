@@ -143,11 +143,12 @@ def score_model(cfg: DictConfig, model, tokenizer, task: TaskData,
 
 class BaseModel:
     """The base model, loaded at most once per evaluation: its scores (when not cached) and
-    the KL drift both need it."""
+    the KL drift both need it. ``loaded``: a copy already in memory (the model before
+    training changes it)."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, loaded: LoadedModel | None = None):
         self.cfg = cfg
-        self._loaded: LoadedModel | None = None
+        self._loaded = loaded
 
     def __call__(self) -> LoadedModel:
         if self._loaded is None:
@@ -179,7 +180,7 @@ def _base_path(cfg: DictConfig, loaded: LoadedModel, task: TaskData, part: str =
 
 
 def base_cheap_scores(cfg: DictConfig, loaded: LoadedModel, task: TaskData,
-                      base: LoadedModel | None = None) -> dict[str, Any]:
+                      base_model: BaseModel | None = None) -> dict[str, Any]:
     """The base model's ``score_cheap`` with its drift answers, cached on its own: what a
     curve along training needs (no benchmarks, no BFCL generation), and the part of
     ``base_scores`` that the curve's points are paired with."""
@@ -188,7 +189,7 @@ def base_cheap_scores(cfg: DictConfig, loaded: LoadedModel, task: TaskData,
         if path.exists():
             log.info("evaluate: base scores (no generation) from cache %s", path)
             return json.loads(path.read_text())
-        base = base or load_model(cfg.model, cfg.paths.cache_dir)
+        base = (base_model or BaseModel(cfg))()
         scores = score_cheap(cfg, base.model, base.tokenizer, task, answers=True)
         atomic.write_json(path, scores)
         return scores
@@ -201,9 +202,10 @@ def base_scores(cfg: DictConfig, loaded: LoadedModel, task: TaskData,
         if path.exists():
             log.info("evaluate: base scores from cache %s", path)
             return json.loads(path.read_text())
-        base = (base_model or BaseModel(cfg))()
+        base_model = base_model or BaseModel(cfg)
+        base = base_model()
         scores = score_model(cfg, base.model, base.tokenizer, task,
-                             cheap=base_cheap_scores(cfg, loaded, task, base))
+                             cheap=base_cheap_scores(cfg, loaded, task, base_model))
         atomic.write_json(path, scores)
         return scores
 

@@ -17,6 +17,7 @@ Each is an unweighted mean over its categories; its per-item values are kept per
 
 from __future__ import annotations
 
+from statistics import fmean
 from typing import Any
 
 import torch
@@ -81,8 +82,12 @@ def bfcl_accuracy(model, tokenizer, items: list[BFCLItem], max_new_tokens: int =
     return (sum(r["correct"] for r in rows) / len(rows) if rows else float("nan")), rows
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
+def bfcl_groups(trained: list[str]) -> dict[str, list[str]]:
+    """The categories each BFCL measure draws from: the trained ones, the two irrelevance
+    ones, and the leaderboard's other call categories (transfer)."""
+    return {"trained": list(trained), "irrelevance": list(bfcl.IRRELEVANCE),
+            "transfer": [c for c in bfcl.LEADERBOARD
+                         if c not in trained and c not in bfcl.IRRELEVANCE]}
 
 
 def bfcl_measures(model, tokenizer, trained: list[str], test_fraction: float, counts: dict[str, int],
@@ -91,11 +96,8 @@ def bfcl_measures(model, tokenizer, trained: list[str], test_fraction: float, co
     """Scores ``{measure: mean over categories, "<measure>/<category>": mean}`` and per-item
     values ``{"<measure>/<category>": [...]}``; ``counts``: held-out items per category for
     ``trained``, ``irrelevance`` and ``transfer`` (0: that measure off)."""
-    groups = {"trained": list(trained), "irrelevance": list(bfcl.IRRELEVANCE),
-              "transfer": [c for c in bfcl.LEADERBOARD
-                           if c not in trained and c not in bfcl.IRRELEVANCE]}
     held = {}
-    for group, categories in groups.items():
+    for group, categories in bfcl_groups(trained).items():
         if counts.get(group):
             held[group] = bfcl.heldout_by_category(categories, test_fraction, counts[group], cache)
     flat = [item for by_cat in held.values() for items in by_cat.values() for item in items]
@@ -116,7 +118,7 @@ def bfcl_measures(model, tokenizer, trained: list[str], test_fraction: float, co
                 items[f"leaderboard_accuracy/{category}"] = right
     if {k.split("/")[1] for k in items if k.startswith("leaderboard_")} != set(bfcl.LEADERBOARD):
         items = {k: v for k, v in items.items() if not k.startswith("leaderboard_")}
-    scores = {key: _mean(values) for key, values in items.items()}
+    scores = {key: fmean(values) for key, values in items.items()}  # no category is empty
     for measure in {k.split("/")[0] for k in items}:
-        scores[measure] = _mean([v for k, v in scores.items() if k.startswith(f"{measure}/")])
+        scores[measure] = fmean([v for k, v in scores.items() if k.startswith(f"{measure}/")])
     return scores, items

@@ -160,14 +160,12 @@ def warn_data_loss(task: str, counts: EncodedCounts, max_length: int, overflow: 
     if counts.total_dropped:
         log.info("%s: %d of %d training examples longer than max_length=%d dropped (overflow=%s)",
                  task, counts.total_dropped, sum(counts.examples.values()), max_length, overflow)
-    worst = counts.worst_loss()
-    if worst and worst[1] > LOSS_WARNING_SHARE:
-        lost = {c: f"{(v['dropped'] + v['truncated']) / v['examples']:.0%}"
-                for c, v in counts.as_dict().items() if v["dropped"] + v["truncated"]}
+    lost = counts.lost_shares()
+    if any(share > LOSS_WARNING_SHARE for share in lost.values()):
         log.warning("%s: max_length=%d %s more than %.0f%% of a category's training examples "
                     "(%s); raise dataset.max_length", task, max_length,
                     "drops" if overflow == "drop" else "cuts", 100 * LOSS_WARNING_SHARE,
-                    ", ".join(f"{c} {v}" for c, v in lost.items()))
+                    ", ".join(f"{c} {share:.0%}" for c, share in sorted(lost.items())))
 
 
 def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]] | None,
