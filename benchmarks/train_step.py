@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/peak.py
-from peak import count_flops, linear_shapes, matmul_peak  # noqa: E402
+from peak import CPU_ATTENTION, count_flops, linear_shapes, matmul_peak  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("loki", "lora", "full", "split")
@@ -199,6 +199,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--autocast", choices=["bf16", "none"], default=None,
                         help="default: bf16 on a GPU or a CPU with bf16 hardware, else none")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one LoKI step: where its time goes")
     args = parser.parse_args()
     if args.autocast is None:
         args.autocast = "bf16" if args.device != "cpu" or cpu_has_native_bf16() else "none"
@@ -252,6 +254,33 @@ def main() -> None:
     print(f"peak_gflops={peak_flops / 1e9:.1f} ({dtype}, torch.matmul on the model's Linear "
           f"shapes) " + " ".join(f"{m}_peak_fraction={achieved[m] / peak_flops:.3g}"
                                  for m in METHODS))
+    if args.profile:
+        print(profile_line(arms["loki"], peak_flops))
+
+
+def profile_line(arm: Arm, peak_flops: float) -> str:
+    """Where one LoKI step's time goes: the matmuls' and the attention kernels' share of the
+    profiled time (torch.profiler, self CPU time), the matmuls' FLOP/s against the peak and
+    the attention's share of the step's FLOPs."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        arm.step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul_us = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm",
+                                                                         "aten::bmm"))
+    attention_us = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key)
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
+        arm.step()
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    attention = sum(n for op, n in by_op.items() if "scaled_dot_product" in op)
+    matmul = sum(n for op, n in by_op.items() if op.split(".")[-1] in ("mm", "addmm", "bmm"))
+    return (f"loki_profile: matmul_time_share={matmul_us / total:.2f} "
+            f"matmul_peak_fraction={matmul / (matmul_us / 1e6) / peak_flops:.2f} "
+            f"attention_time_share={attention_us / total:.2f} "
+            f"attention_flop_share={attention / counter.get_total_flops():.3f}")
 
 
 if __name__ == "__main__":

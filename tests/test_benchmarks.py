@@ -31,7 +31,12 @@ def fields(line: str) -> dict[str, str]:
 
 def test_train_step(capsys, monkeypatch):
     out = run_benchmark("train_step.py", "--arch", "tiny_llama", "--repeats", "2", "--steps", "1",
-                        "--batch", "2", "--seq", "32", capsys=capsys, monkeypatch=monkeypatch)
+                        "--batch", "2", "--seq", "32", "--profile", capsys=capsys,
+                        monkeypatch=monkeypatch)
+    profile = fields(out.pop())
+    assert set(profile) == {"matmul_time_share", "matmul_peak_fraction", "attention_time_share",
+                            "attention_flop_share"}
+    assert 0 < float(profile["attention_flop_share"]) < 1
     arms = {line.split()[0]: line for line in out
             if line.split()[0] in ("loki", "lora", "full", "split")}
     trainable = {m: int(re.search(r"trainable ([\d,]+)", line)[1].replace(",", ""))
@@ -124,3 +129,13 @@ def test_flop_count_includes_the_cpus_flash_attention():
     forward = 4 * 2 * 4 * 64 * 64 * 32
     assert peak.count_flops(lambda: attend(False)) == 3.5 * forward
     assert peak.count_flops(lambda: attend(True)) == 3.5 * forward / 2
+
+
+def test_fp32_path_error_stays_inside_the_tolerance(capsys, monkeypatch):
+    """The measurement behind tests/tolerances.py, on this machine's kernels: the budget holds it."""
+    import torch
+
+    last = fields(run_benchmark("fp32_path_error.py", capsys=capsys, monkeypatch=monkeypatch)[-1])
+    eps = torch.finfo(torch.float32).eps
+    assert set(last) == {"worst_one_eps", "worst_batch_eps", "worst_batch_vs_one_eps"}
+    assert all(0 <= float(v) * eps < CROSS_PATH_FP32 for v in last.values())

@@ -154,3 +154,28 @@ def test_an_evaluation_loads_the_base_model_once(compose_cfg, tiny_models, tmp_p
     second = evaluate.run_evaluate(cfg, loaded, task, tmp_path / "run")
     assert len(loads) == 2 and len(reads) == 3
     assert first["drift/kl/after"] == second["drift/kl/after"] == 0.0  # the base against itself
+
+
+def test_a_curve_point_measures_in_eval_mode_and_restores_the_mode(compose_cfg, tiny_models,
+                                                                   tmp_path, monkeypatch):
+    """Without bpb sets nothing else switches the model to eval mode: the KL pass must not run
+    in training mode (dropout), and the model goes back to training afterwards."""
+    from loki_exp.data.tasks import load_task
+    from loki_exp.evaluation import curves
+
+    cfg = compose_cfg("model=tiny_llama", "eval.bpb=[]", "eval.drift_prompts=2",
+                      "eval.drift_max_new_tokens=4", "eval.task_bpb_items=1",
+                      f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path}")
+    loaded = tiny_models["tiny_llama"]
+    evaluator = curves.CurveEvaluator(cfg, loaded, load_task(cfg.dataset))
+    modes = []
+    real = curves.answer_logprobs
+    monkeypatch.setattr(curves, "answer_logprobs",
+                        lambda model, *a: modes.append(model.training) or real(model, *a))
+    loaded.model.train()
+    try:
+        point = evaluator.measure(loaded.model)
+        assert modes == [False] and loaded.model.training
+    finally:
+        loaded.model.eval()
+    assert point["metrics"]["drift/kl/after"] == 0.0

@@ -204,6 +204,21 @@ def test_length_grouped_batches_keep_the_epoch_and_the_global_batch():
     assert shuffled_share < 0.8 < 0.97 < grouped_share
 
 
+def test_a_checkpoint_from_before_the_length_grouping_resumes_ungrouped_only():
+    """Its loader state has no grouped_by_length: it was shuffled, so it resumes with
+    trainer.group_by_length=false and is refused, naming the setting, otherwise."""
+    from loki_exp.data.sft import GlobalBatchSampler, ResumableLoader
+    from loki_exp.errors import LokiError
+
+    old_state = {"examples": 22, "global_batch_size": 4, "seed": 3}
+    shuffled = ResumableLoader(list(range(22)), batch_sampler=GlobalBatchSampler(22, 4, seed=3))
+    shuffled.load_state_dict(old_state)
+    grouped = ResumableLoader(list(range(22)), batch_sampler=GlobalBatchSampler(
+        22, 4, seed=3, lengths=list(range(22))))
+    with pytest.raises(LokiError, match="seed and trainer.group_by_length"):
+        grouped.load_state_dict(old_state)
+
+
 def test_fsdp_full_finetune_of_a_bf16_model(tmp_path, compose_cfg):
     """FSDP2 x2, full fine-tuning of a bf16 model: the shards are fp32 (the masters) and are
     gathered in bf16; a checkpoint is written (optimizer-held masters would break FSDP2's

@@ -70,6 +70,11 @@ def test_loki_run_writes_positions_model_and_record(compose_cfg, tmp_path, isola
     assert set(data) == {"simple_python", "multiple", "live_simple", "irrelevance",
                          "live_irrelevance"}
     assert all(d["dropped"] == 0 and d["kept"] == d["examples"] for d in data.values())
+    # Each stage's precision as it ran: KVA in the published preset's bf16, training as
+    # configured, the evaluation in the model's fp32.
+    assert record["precision"]["analyse"].startswith("bfloat16")
+    assert record["precision"]["implant"] == "32-true (as configured)"
+    assert record["precision"]["evaluate"].startswith("float32")
     # The continuous measures: bits per byte as shipped and chat-rendered, KL drift and
     # format damage, each with its interval; per-item scores for the report.
     for name in ("gsm8k", "gsm8k_chat", "humaneval", "naturalqs_chat", "jeopardy"):

@@ -136,3 +136,20 @@ def test_report_arms_curves_and_matched_tables(tmp_path):
             "(every run with training, 3)") in md
     csv_head = (root / "report.csv").read_text().splitlines()[0]
     assert csv_head.startswith("run,label,method,strategy,quota,strategy_seed,seed,lr")
+
+
+def test_the_committed_curve_demo_re_renders_from_its_records(tmp_path):
+    """docs/results/curve_demo: `python -m loki_exp.report` on its committed records writes the
+    committed report.md and report.csv again."""
+    import shutil
+
+    from tests.conftest import ROOT
+
+    committed = ROOT / "docs" / "results" / "curve_demo"
+    copy = tmp_path / "curve_demo"
+    shutil.copytree(committed, copy)
+    for name in ("report.md", "report.csv"):
+        (copy / name).unlink()
+    make_report(copy)
+    for name in ("report.md", "report.csv"):
+        assert (copy / name).read_text() == (committed / name).read_text(), name

@@ -203,3 +203,22 @@ def test_length_grouping_on_bfcl_pads_far_less(bfcl_task):
         for world in (1, 2) for by in (None, lengths)}
     assert shares == pytest.approx({(1, False): 0.658, (1, True): 0.987, (2, False): 0.801,
                                     (2, True): 0.996}, abs=0.0005)
+
+
+def test_the_bfcl_sizes_the_configs_and_readme_cite(bfcl_task):
+    """dataset=bfcl's comments and the README: 167 held-out items of the trained categories;
+    multiple's longest example is 1,108 SmolLM2 tokens (768 dropped 29 of its 166, 17%); a
+    held-in live_irrelevance prompt runs to 4,189; irrelevance is 1,120 of the leaderboard's
+    3,471 items."""
+    task, tok = bfcl_task
+    assert len(task.test) == 167
+    multiple = [len(encode(tok, e, 1 << 30)["input_ids"]) for e in task.train
+                if e.category == "multiple"]
+    assert max(multiple) == 1108 and sum(n > 768 for n in multiple) == 29
+    items, _ = bfcl.load_items(list(bfcl.LEADERBOARD), known=bfcl.CATEGORIES + bfcl.IRRELEVANCE)
+    assert len(items) == 3471 and sum(i.category in bfcl.IRRELEVANCE for i in items) == 1120
+    from loki_exp.data.tasks import _bfcl_example
+
+    live = [i for i in items if i.category == "live_irrelevance"
+            and not bfcl.in_test_split(i.id, 0.2)]
+    assert max(len(encode(tok, _bfcl_example(i), 1 << 30)["input_ids"]) for i in live) == 4189

@@ -3,10 +3,12 @@
 Two paths that compute the same value in float32 (a left-padded batch against one prompt, a
 merged weight against base + adapter, a cached prefix against a full pass, the engine against a
 reference) run different kernels: their sums round differently, and on AVX-512 CPUs torch's
-vectorised exp is an approximation of up to ~20 ulp. Measured on the tiny random models against
-float64 runs of the same paths: up to 127 float32 eps (1.5e-5 of the largest value) with the
-AVX-512 kernels, 25 eps with the AVX2 ones (``ATEN_CPU_CAPABILITY=avx2``). 1e-4 of the compared
-values' scale (~840 eps) leaves 6x room over the worst seen, is the budget the KVA engine's own
+vectorised exp is an approximation of up to ~20 ulp. ``benchmarks/fp32_path_error.py`` measures
+it on the tiny models (a left-padded batch against one prompt at a time, each against float64):
+on an AVX-512 EPYC, batch vs one prompt up to 126.7 float32 eps (1.5e-5 of the largest value),
+either path vs float64 up to 122.9; with the AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2``) 9.3 and 24.8. 1e-4 of the compared values' scale (~840 eps) leaves
+6x room over the worst seen, is the budget the KVA engine's own
 self-check holds its float32 path to (``FastKVA.CHECK_TOLERANCE``), and stays far below what
 these tests exist to catch: an attended pad token, a row not merged, a wrong baseline move
 values by 1e-2 of their scale and more.
