@@ -11,11 +11,12 @@ ARGS   ?=
 # On a GPU use EXPERIMENT=null for the paper's probe size.
 EXPERIMENT ?= cpu_demo
 PYTEST_ARGS ?=
+FAST_ONLY ?=
 
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.loki_exp-installed
 
-.PHONY: run test setup assets devcache benchmarks clean-venv
+.PHONY: run test test-fast setup assets devcache benchmarks clean-venv
 
 run: assets
 	$(PY) -m loki_exp.train experiment=$(EXPERIMENT) $(ARGS)
@@ -24,8 +25,12 @@ run: assets
 # nothing) is an empty run, not a failure; handled here, where pytest's own code is seen
 # (make itself would turn any failing recipe into 2).
 test: assets
-	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(FAST_ONLY) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+# The developer's loop: no slow, distributed or CLI-process tests (pyproject's markers).
+test-fast: FAST_ONLY = -m "not slow and not distributed and not cli"
+test-fast: test
 
 setup: $(STAMP)
 

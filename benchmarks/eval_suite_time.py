@@ -29,11 +29,11 @@ from hydra import compose, initialize_config_dir
 from loki_exp.data import bfcl
 from loki_exp.data.sft import encode
 from loki_exp.data.tasks import load_task
-from loki_exp.evaluation.benchmarks import make_lm, run_suite
 from loki_exp.evaluation.bpb import score_bpb
 from loki_exp.evaluation.drift import answer_logprobs, chat_prompts, drift_questions
 from loki_exp.evaluation.evaluate import task_heldout
 from loki_exp.evaluation.gold_bpb import as_example, gold_bpb
+from loki_exp.evaluation.suite import make_lm, run_suite
 from loki_exp.evaluation.task_metric import bfcl_accuracy, bfcl_groups, bfcl_measures, generate
 from loki_exp.models import load_model
 

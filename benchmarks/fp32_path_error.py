@@ -1,5 +1,5 @@
 """How far two float32 paths to the same KVA scores differ, measured against float64: the
-numbers behind ``tests/tolerances.py``'s budget.
+numbers behind ``tests/support/tolerances.py``'s budget.
 
     .venv/bin/python benchmarks/fp32_path_error.py
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python benchmarks/fp32_path_error.py
@@ -22,12 +22,12 @@ import torch
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests.tiny_decoders: the tiny models the tests use
+sys.path.insert(0, str(ROOT))  # tests.support.tiny_decoders: the tiny models the tests use
 
 from loki_exp.kva.engine import FastKVA, KVASettings  # noqa: E402
 from loki_exp.models import load_model  # noqa: E402
-from tests.test_kva import _prompts  # noqa: E402
-from tests.tiny_decoders import tiny_decoder  # noqa: E402
+from tests.support.prompts import mmlu_prompts  # noqa: E402
+from tests.support.tiny_decoders import tiny_decoder  # noqa: E402
 
 TYPES = ("llama", "gemma2", "gemma3_text", "olmo2")
 
@@ -35,7 +35,7 @@ TYPES = ("llama", "gemma2", "gemma3_text", "olmo2")
 def main() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         tokenizer = load_model(compose("config", overrides=["model=tiny_llama"]).model).tokenizer
-    prompts = [p[0] for p in _prompts(tokenizer, 3)]
+    prompts = [p[0] for p in mmlu_prompts(tokenizer, 3)]
     eps = torch.finfo(torch.float32).eps
     worst = {"one": 0.0, "batch": 0.0, "batch_vs_one": 0.0}
     print(f"{torch.get_num_threads()} threads, ATen CPU capability "

@@ -16,14 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from loki_exp import atomic
 from loki_exp.config_schema import check_config
-from loki_exp.data.tasks import load_task
+from loki_exp.data.tasks import TaskData, load_task
 from loki_exp.errors import LokiError
 from loki_exp.evaluation.curves import CurveEvaluator, EvalCurve
 from loki_exp.evaluation.evaluate import run_evaluate
+from loki_exp.implant import methods
 from loki_exp.implant.adapter import save_adapter
 from loki_exp.implant.export import export_checkpoint
 from loki_exp.implant.fit import resume_checkpoint, run_implant
-from loki_exp.implant.methods import LOKI_METHODS, SELECTING_METHODS, TRAINING_METHODS
 from loki_exp.implant.model_card import write_model_card
 from loki_exp.kva.stage import compute_dtype, run_analyse
 from loki_exp.kva.store import StoreView
@@ -46,28 +46,41 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunState:
+    """What the stages hand on: each field is set by the stage named beside it (None when
+    that stage did not run or had nothing to do)."""
+
     cfg: DictConfig
     output_dir: Path
     loaded: LoadedModel | None = None
-    artifacts: dict[str, Any] = field(default_factory=dict)
+    task: TaskData | None = None            # the training dataset (before the stages)
+    eval_task: TaskData | None = None       # eval.task_dataset, when the task is scored elsewhere
+    kva_dtype: str | None = None            # analyse: the precision KVA computed in
+    kva_store: Path | None = None           # analyse
+    positions: list[list[int]] | None = None  # select
+    positions_path: Path | None = None      # select
+    implant: dict[str, Any] | None = None   # implant: parameters, rate, data, losses
+    model_dir: Path | None = None           # export
+    adapter_dir: Path | None = None         # export (methods whose change is the rows)
+    eval_dtype: str | None = None           # evaluate: the precision it scored in
+    metrics: dict[str, float] | None = None  # evaluate
     timings: dict[str, float] = field(default_factory=dict)
     loggers: list = field(default_factory=list)
 
 
 def analyse(state: RunState) -> None:
     cfg = state.cfg
-    if (cfg.get("positions_file") or cfg.method.name not in SELECTING_METHODS
+    if (cfg.get("positions_file") or not methods.get(cfg.method.name).selects_rows
             or cfg.strategy.name not in ATTRIBUTION_STRATEGIES):
         log.info("analyse: not needed (positions_file given, method=%s, strategy=%s)",
                  cfg.method.name, cfg.strategy.name)
         return
-    state.artifacts["kva_dtype"] = compute_dtype(cfg.kva, state.loaded)  # before training casts
-    state.artifacts["kva_store"] = run_analyse(state.cfg, state.loaded)
+    state.kva_dtype = compute_dtype(cfg.kva, state.loaded)  # before training casts
+    state.kva_store = run_analyse(state.cfg, state.loaded)
 
 
 def select_rows(state: RunState) -> None:
     cfg = state.cfg
-    if cfg.method.name not in SELECTING_METHODS:
+    if not methods.get(cfg.method.name).selects_rows:
         log.info("select: method=%s trains no selected rows, skipped", cfg.method.name)
         return
     grid = node_grid(state.loaded.model)
@@ -76,17 +89,17 @@ def select_rows(state: RunState) -> None:
     elif cfg.strategy.name == "random":
         positions = select_random(cfg.quota, *grid, seed=cfg.strategy.seed)
     else:
-        store = state.artifacts.get("kva_store")
+        store = state.kva_store
         if store is None:
             raise LokiError("select needs a KVA store (keep 'analyse' in stages) or "
                             "positions_file=/path/to/positions.json")
         with StoreView(store) as view:
             view.check_grid(*grid)
             positions = select(view.chunks(), cfg.quota, cfg.strategy.name, cfg.strategy.score)
-    state.artifacts["positions"] = positions
+    state.positions = positions
     path = state.output_dir / "positions.json"
     # Every rank selects the same rows; one writes them (two writers race on the temp file).
-    state.artifacts["positions_path"] = save_positions(positions, path) if is_global_zero() else path
+    state.positions_path = save_positions(positions, path) if is_global_zero() else path
     log.info("select: %s q=%s -> %d rows (%s per layer)", cfg.strategy.name, cfg.quota,
              sum(map(len, positions)), sorted({len(p) for p in positions}))
 
@@ -94,38 +107,37 @@ def select_rows(state: RunState) -> None:
 def implant(state: RunState) -> None:
     callbacks = []
     every = state.cfg.eval.get("every_n_steps") or 0
-    if every and state.cfg.method.name in TRAINING_METHODS:
+    if every and methods.get(state.cfg.method.name).trains:
         # Curves along training: built on the base model, before the method changes it.
         evaluator = (CurveEvaluator(state.cfg, state.loaded, _eval_task(state))
                      if is_global_zero() else None)
         callbacks.append(EvalCurve(evaluator, every, state.output_dir))
-    state.artifacts["implant"] = run_implant(state.cfg, state.loaded, state.artifacts.get("positions"),
-                                             state.artifacts["task"], state.output_dir, state.loggers,
-                                             callbacks)
+    state.implant = run_implant(state.cfg, state.loaded, state.positions, state.task,
+                                state.output_dir, state.loggers, callbacks)
 
 
 def _eval_task(state: RunState):
-    return state.artifacts.get("eval_task", state.artifacts["task"])
+    return state.eval_task or state.task
 
 
 def evaluate(state: RunState) -> None:
-    state.artifacts["eval_dtype"] = str(next(state.loaded.model.parameters()).dtype).removeprefix(
+    state.eval_dtype = str(next(state.loaded.model.parameters()).dtype).removeprefix(
         "torch.")
     metrics = run_evaluate(state.cfg, state.loaded, _eval_task(state), state.output_dir)
-    state.artifacts["metrics"] = metrics
-    if state.artifacts.get("model_dir"):  # the card gets the before/after table
-        write_model_card(state.cfg, state.artifacts["model_dir"], state.artifacts.get("implant"),
+    state.metrics = metrics
+    if state.model_dir:  # the card gets the before/after table
+        write_model_card(state.cfg, state.model_dir, state.implant,
                          metrics)
     log_final_metrics(state.loggers, metrics)
 
 
 def export(state: RunState) -> None:
-    state.artifacts["model_dir"] = export_checkpoint(state.cfg, state.loaded, state.output_dir)
-    if state.cfg.method.name in LOKI_METHODS and state.artifacts.get("positions"):
-        state.artifacts["adapter_dir"] = save_adapter(
-            state.cfg, state.loaded.fingerprint, state.loaded.model, state.artifacts["positions"],
+    state.model_dir = export_checkpoint(state.cfg, state.loaded, state.output_dir)
+    if methods.get(state.cfg.method.name).rows_adapter and state.positions:
+        state.adapter_dir = save_adapter(
+            state.cfg, state.loaded.fingerprint, state.loaded.model, state.positions,
             state.output_dir / "adapter")
-    write_model_card(state.cfg, state.artifacts["model_dir"], state.artifacts.get("implant"))
+    write_model_card(state.cfg, state.model_dir, state.implant)
 
 
 # Under DDP/FSDP every rank runs analyse, select and implant together; the rest runs once.
@@ -172,10 +184,10 @@ def _run_stages(state: RunState) -> None:
     n_layers, n_nodes = node_grid(state.loaded.model)
     state.timings["load_model"] = time.perf_counter() - start
     if {"implant", "evaluate"} & set(cfg.stages):  # before KVA: a bad dataset fails in seconds
-        state.artifacts["task"] = load_task(cfg.dataset, cfg.paths.cache_dir, state.loaded.tokenizer)
+        state.task = load_task(cfg.dataset, cfg.paths.cache_dir, state.loaded.tokenizer)
     scored = "evaluate" in cfg.stages or cfg.eval.get("every_n_steps")
     if scored and cfg.eval.get("task_dataset"):  # the task scored elsewhere
-        state.artifacts["eval_task"] = load_task(cfg.eval.task_dataset, cfg.paths.cache_dir,
+        state.eval_task = load_task(cfg.eval.task_dataset, cfg.paths.cache_dir,
                                                  state.loaded.tokenizer)
     log.info("model %s: %d layers x %d nodes (base weights: %s)", state.loaded.name, n_layers,
              n_nodes, state.loaded.base_dir)
@@ -187,21 +199,20 @@ def _run_stages(state: RunState) -> None:
         state.timings[name] = time.perf_counter() - start
         log.info("stage %-8s done in %.1f s", name, state.timings[name])
     if is_global_zero():
-        precision = stage_precisions(state.cfg, state.artifacts.get("kva_dtype"),
-                                     state.artifacts.get("eval_dtype"))
+        precision = stage_precisions(state.cfg, state.kva_dtype,
+                                     state.eval_dtype)
         write_run_record(state, precision)
         write_summary(state, precision)
 
 
 def write_summary(state: RunState, precision: dict[str, Any]) -> None:
     """The run's headline measures, stage times and output paths: printed and ``summary.md``."""
-    art = state.artifacts
-    task = _eval_task(state).name if "task" in art else str(state.cfg.dataset.name)
-    lines = summary_lines(art.get("metrics"), task, state.timings,
-                          {"run dir": state.output_dir, "model": art.get("model_dir"),
-                           "adapter": art.get("adapter_dir")},
+    task = _eval_task(state).name if state.task else str(state.cfg.dataset.name)
+    lines = summary_lines(state.metrics, task, state.timings,
+                          {"run dir": state.output_dir, "model": state.model_dir,
+                           "adapter": state.adapter_dir},
                           precision_line(precision),
-                          (art.get("implant") or {}).get("data_by_category"))
+                          (state.implant or {}).get("data_by_category"))
     atomic.write_text(state.output_dir / "summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
@@ -209,17 +220,19 @@ def write_summary(state: RunState, precision: dict[str, Any]) -> None:
 def write_run_record(state: RunState, precision: dict[str, Any]) -> Path:
     """``run.json``: resolved config, where the inputs came from, sizes, stage timings and
     each stage's precision (``precision_record.stage_precisions``)."""
-    art = state.artifacts
+    def path(value: Path | None) -> str | None:
+        return str(value) if value else None
+
     record = {
         "config": OmegaConf.to_container(state.cfg, resolve=True),
         "base_model_dir": str(state.loaded.base_dir) if state.loaded.base_dir else None,
         "weights_fingerprint": state.loaded.fingerprint,
-        "kva_store": str(art["kva_store"]) if art.get("kva_store") else None,
-        "positions": str(art["positions_path"]) if art.get("positions_path") else None,
-        "model_dir": str(art["model_dir"]) if art.get("model_dir") else None,
-        "adapter_dir": str(art["adapter_dir"]) if art.get("adapter_dir") else None,
-        "implant": art.get("implant"),
-        "metrics": art.get("metrics"),
+        "kva_store": path(state.kva_store),
+        "positions": path(state.positions_path),
+        "model_dir": path(state.model_dir),
+        "adapter_dir": path(state.adapter_dir),
+        "implant": state.implant,
+        "metrics": state.metrics,
         "timings_s": {k: round(v, 3) for k, v in state.timings.items()},
         "precision": precision,
     }

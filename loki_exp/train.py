@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> dict:
     if ran_in_own_process(cfg, "loki_exp.train"):  # a DDP job of a --multirun
         return {}
     state = run(cfg, Path(cfg.paths.output_dir))
-    return state.artifacts.get("metrics", {})
+    return state.metrics or {}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The private names of Lightning and Captum loki_exp relies on, each behind one function.
 
 None of them is public API, so an upgrade may move them; each adapter then fails with one
-message naming what moved and the installed version (tests/test_upstream.py checks every
+message naming what moved and the installed version (tests/models/test_upstream.py checks every
 one against the installed packages), instead of a bare ImportError deep in a stage.
 """
 

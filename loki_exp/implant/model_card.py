@@ -14,9 +14,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from loki_exp import atomic
+from loki_exp.implant import methods
 from loki_exp.run_summary import headline_table
-
-SELECTING = ("loki", "loki_lora", "suppress")
 
 
 def base_model_name(cfg: DictConfig) -> str:
@@ -62,7 +61,8 @@ def _config_yaml(cfg: DictConfig) -> str:
 def write_model_card(cfg: DictConfig, model_dir: Path, implant: dict[str, Any] | None = None,
                      metrics: dict[str, float] | None = None) -> Path:
     method, dataset = cfg.method, cfg.dataset
-    selecting = method.name in SELECTING and not cfg.get("positions_file")
+    selects_rows = methods.get(method.name).selects_rows
+    selecting = selects_rows and not cfg.get("positions_file")
     front = {"base_model": base_model_name(cfg), "library_name": "transformers",
              "tags": ["loki_exp", f"method:{method.name}"]
              + ([f"quota:{cfg.quota}", f"strategy:{cfg.strategy.name}"] if selecting else [])}
@@ -91,7 +91,7 @@ def write_model_card(cfg: DictConfig, model_dir: Path, implant: dict[str, Any] |
                   f"probe: MMLU ({probe.source}), {probe.samples_per_subject} rows per subject, "
                   f"subjects {probe.subjects}, {probe.shots}-shot"
                   + (f", limit {cfg.kva.limit} prompts" if cfg.kva.get("limit") else "")]
-    elif method.name in SELECTING:
+    elif selects_rows:
         lines.append(f"- Rows: given by `{cfg.positions_file}`")
     tr = cfg.trainer
     length = (f"{tr.max_steps} steps" if tr.get("max_steps") is not None

@@ -32,7 +32,7 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 from loki_exp.errors import LokiError
 from loki_exp.model_access import decoder_layers, down_projs
 
-# Model types whose blocks FastKVA re-runs exactly (tests/test_kva_architectures.py checks each
+# Model types whose blocks FastKVA re-runs exactly (tests/kva/test_architectures.py checks each
 # against Captum). Others: kva.engine=captum, which only hooks down_proj.
 FAST_KVA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
                   "olmo", "olmo2", "phi3")

@@ -42,8 +42,6 @@ keep their clean keys/values and each layer needs just ``m`` single-token stream
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,79 +49,21 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from loki_exp.errors import LokiError
+from loki_exp.kva.captum_reference import CaptumKVA
 from loki_exp.kva.decoder_view import DecoderView, capture_block_inputs, refuse
-from loki_exp.model_access import down_projs
-from loki_exp.upstream import captum_quadrature
+from loki_exp.kva.fast_all_positions import AllPositions
+from loki_exp.kva.fast_last_position import LastPosition
+from loki_exp.kva.passes import capture_outputs, target_of
+from loki_exp.kva.settings import (
+    BASELINES,
+    ENGINES,
+    SCALE_POSITIONS,
+    Attribution,
+    KVASettings,
+)
 
-BASELINES = ("zero", "token")
-SCALE_POSITIONS = ("all", "last")
-ENGINES = ("fast", "captum")
-
-
-@dataclass(frozen=True)
-class KVASettings:
-    method: str = "riemann_trapezoid"
-    steps: int = 7
-    baseline: str = "zero"
-    baseline_token_id: int = 0
-    scale_positions: str = "all"
-    engine: str = "fast"
-
-    def __post_init__(self) -> None:
-        supported, _ = captum_quadrature()
-        if self.method not in supported:
-            raise LokiError(f"kva.method={self.method!r} is not known; expected one of "
-                            f"{supported}")
-        min_steps = 1 if self.method == "gausslegendre" else 2
-        if not isinstance(self.steps, int) or self.steps < min_steps:
-            raise LokiError(f"kva.steps={self.steps!r} must be an integer >= {min_steps} "
-                            f"for {self.method}")
-        if self.baseline not in BASELINES:
-            raise LokiError(f"kva.baseline={self.baseline!r} is not known; expected one of "
-                            f"{list(BASELINES)}")
-        if self.scale_positions not in SCALE_POSITIONS:
-            raise LokiError(f"kva.scale_positions={self.scale_positions!r} is not known; "
-                            f"expected one of {list(SCALE_POSITIONS)}")
-        if self.engine not in ENGINES:
-            raise LokiError(f"kva.engine={self.engine!r} is not known; expected one of "
-                            f"{list(ENGINES)}")
-        if self.engine == "captum" and self.scale_positions != "all":
-            raise LokiError("kva.engine=captum implements only scale_positions=all")
-
-    def quadrature(self) -> tuple[list[float], list[float]]:
-        """Captum's integration points and weights (not re-derived: see docs/method.md)."""
-        step_sizes, alphas = captum_quadrature()[1](self.method)
-        return list(alphas(self.steps)), list(step_sizes(self.steps))
-
-
-@dataclass
-class Attribution:
-    scores: torch.Tensor  # [L, D] float32
-    target_token: int
-    target_prob: float
-
-
-@contextmanager
-def capture_outputs(modules: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
-    """Collect each module's output (first element of a tuple) during the block, in call order."""
-    outputs: list[torch.Tensor] = []
-
-    def keep(module, args, out):
-        outputs.append(out[0] if isinstance(out, tuple) else out)
-
-    hooks = [m.register_forward_hook(keep) for m in modules]
-    try:
-        yield outputs
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def _target(logits_last: torch.Tensor) -> tuple[int, float]:
-    probs = torch.softmax(logits_last.float(), dim=-1)
-    token = int(probs.argmax())
-    return token, float(probs[token])
+__all__ = ["BASELINES", "ENGINES", "SCALE_POSITIONS", "Attribution", "CaptumKVA", "FastKVA",
+           "KVASettings", "build_engine", "capture_outputs"]
 
 
 class _StopAfterAttention(Exception):
@@ -139,7 +79,7 @@ class _Clean:
     tables: list[tuple[torch.Tensor, ...]]  # rotary tables each block received
 
 
-class FastKVA:
+class FastKVA(AllPositions, LastPosition):
     """Exact KVA with the shortcuts in the module docstring."""
 
     # Layers whose scaled last tokens run as one batch (one call per decoder layer, one
@@ -258,7 +198,7 @@ class FastKVA:
         if self.settings.scale_positions == "last":
             return self._attribute_last([input_ids[0]], record)[0]
         clean = self._clean(input_ids)
-        target, prob = _target(clean.logits_last[0])
+        target, prob = target_of(clean.logits_last[0])
         if self.settings.baseline == "zero":
             z_base = [torch.zeros_like(z) for z in clean.z]
         else:
@@ -286,231 +226,6 @@ class FastKVA:
             return [self.attribute(p.view(1, -1)) for p in prompts]
         self._follow(prompts[0].device)
         return self._attribute_last(prompts)
-
-    def _grads_all_positions(self, input_ids, mids, z_base, deltas, clean, target, record):
-        """Per layer l: the scaled prefix once without autograd, for the keys/values it leaves
-        in layers l+1..L (points at alpha = 1 are the clean run: their keys/values come from
-        the clean cache). Then the last tokens of a group of layers run together."""
-        seq = input_ids.shape[1]
-        device = input_ids.device
-        m = self.alphas.numel()
-        alphas = self.alphas.view(m, 1, 1)
-        shared = self._shared_prefix_len(input_ids)
-        n_layers = len(self.layers)
-        grads: list[torch.Tensor] = []
-        for group_start in range(0, n_layers, self.STREAM_GROUP):
-            group = list(range(group_start, min(group_start + self.STREAM_GROUP, n_layers)))
-            caches: dict[int, DynamicCache] = {}
-            for layer in group:
-                if seq == 1 or layer + 1 == n_layers:
-                    continue
-                cache = caches[layer] = DynamicCache()
-                with torch.no_grad():
-                    if shared:
-                        for idx, (keys, values) in self._prefix_kv[layer].items():
-                            cache.update(keys, values, idx)
-                    if shared < seq - 1:
-                        rows = slice(shared, seq - 1)
-                        scaled = z_base[layer][:, rows] + alphas[self.run_rows] * deltas[layer][:, rows]
-                        hidden = mids[layer][:, rows] + self.view.residual_add(layer, scaled)
-                        self._run_from(layer + 1, hidden, torch.arange(shared, seq - 1, device=device),
-                                       cache, clean.tables, use_mask=True, kv_only=True)
-                    if self.clean_rows:
-                        self._insert_clean_rows(cache, clean.cache, layer + 1)
-
-            def prefix_kv(layer: int, idx: int, caches=caches) -> tuple[torch.Tensor, torch.Tensor]:
-                return caches[layer].layers[idx].keys, caches[layer].layers[idx].values
-
-            grads += self._stream_last_tokens(group, prefix_kv, seq, mids, z_base, deltas,
-                                              clean.tables, target, record)
-        return grads
-
-    def _stream_last_tokens(self, group, prefix_kv, seq, mids, z_base, deltas, tables, target,
-                            record):
-        """Scaled last tokens of the layers in ``group`` as one batch of streams.
-
-        Stream (l, k) joins at layer l+1 with ``mid_l + branch_l(z_l(a_k))`` at the last
-        position and attends to its own prefix keys/values ``prefix_kv(l, j)`` (cropped to the
-        window in sliding-window layers); layer j runs all streams that have joined in one
-        call, and one logits call and one backward serve them all (their graphs are
-        independent). Returns d prob / d z_l(a_k) per layer, [m, 1, D].
-        """
-        m = self.alphas.numel()
-        alphas = self.alphas.view(m, 1, 1)
-        n_layers = len(self.layers)
-        view = self.view
-        last = torch.tensor([seq - 1], device=mids[0].device)
-        leaves = {layer: (z_base[layer][:, -1:] + alphas * deltas[layer][:, -1:]).detach()
-                  .requires_grad_(True) for layer in group}
-        cache = DynamicCache()
-        with torch.enable_grad():
-            active, joined = None, []
-            for j in range(group[0] + 1, n_layers + 1):
-                if j - 1 in leaves:
-                    stream = mids[j - 1][:, -1:] + view.residual_add(j - 1, leaves[j - 1])
-                    active = stream if active is None else torch.cat([active, stream])
-                    joined.append(j - 1)
-                if j == n_layers:
-                    break
-                if seq > 1:
-                    kv = [prefix_kv(layer, j) for layer in joined]
-                    cache.update(torch.cat([view.visible_prefix(j, k) for k, _ in kv]),
-                                 torch.cat([view.visible_prefix(j, v) for _, v in kv]), j)
-                active = self.layers[j](active, attention_mask=None,
-                                        position_embeddings=tuple(t[:, last] for t in tables[j]),
-                                        position_ids=last.view(1, 1), cache=cache, use_cache=True)
-            probs = torch.softmax(view.logits(active)[:, -1], dim=-1)[:, target]
-            if record is not None:  # stream order: layer by layer, m points each
-                record.update({layer: p.detach() for layer, p in zip(group, probs.view(-1, m))})
-            return list(torch.autograd.grad(probs.sum(), [leaves[layer] for layer in group]))
-
-    # -- the prefix shared by every probe prompt -------------------------------------------
-    def set_shared_prefix(self, prefix_ids: torch.Tensor | None) -> None:
-        """Token ids that every probe prompt starts with (the chat template and instruction).
-
-        Their scaled keys/values do not depend on the rest of the prompt (causal attention),
-        so they are computed once, from the prefix alone, and reused by every prompt: exact,
-        and the same for a prompt whatever ran before it (resume stays bit-identical).
-        """
-        self._prefix_ids = None if prefix_ids is None or prefix_ids.numel() == 0 else prefix_ids
-        self._prefix_kv = None
-
-    def _shared_prefix_len(self, input_ids: torch.Tensor) -> int:
-        prefix = getattr(self, "_prefix_ids", None)
-        if prefix is None or self.settings.scale_positions != "all":
-            return 0
-        n = min(prefix.numel(), input_ids.shape[1] - 1)
-        if n < 1 or not torch.equal(input_ids[0, :n].cpu(), prefix[:n].cpu()):
-            return 0
-        if n < prefix.numel():
-            return 0  # shorter than the cached prefix: compute everything
-        if self._prefix_kv is None:
-            self._prefix_kv = self._build_prefix_kv(prefix.to(input_ids.device).view(1, -1))
-        return n
-
-    @torch.no_grad()
-    def _build_prefix_kv(self, prefix: torch.Tensor) -> list[dict[int, tuple]]:
-        clean = self._clean(prefix)
-        z_base = ([torch.zeros_like(z) for z in clean.z] if self.settings.baseline == "zero"
-                  else self._token_baseline(prefix))
-        m = self.alphas.numel()
-        alphas = self.alphas.view(m, 1, 1)[self.run_rows]
-        positions = torch.arange(prefix.shape[1], device=prefix.device)
-        out = []
-        for layer in range(len(self.layers) - 1):
-            cache = DynamicCache()
-            z = clean.z[layer]
-            hidden = (clean.layer_out[layer] - self.view.residual_add(layer, z)
-                      + self.view.residual_add(layer, z_base[layer] + alphas * (z - z_base[layer])))
-            self._run_from(layer + 1, hidden, positions, cache, clean.tables, use_mask=True,
-                           kv_only=True)
-            out.append({idx: (cache.layers[idx].keys, cache.layers[idx].values)
-                        for idx in range(layer + 1, len(self.layers))})
-        return out
-
-    def _insert_clean_rows(self, cache, clean_cache, start):
-        order = torch.tensor(self.run_rows + self.clean_rows).argsort()
-        for idx in range(start, len(self.layers)):
-            mine, clean = cache.layers[idx], clean_cache.layers[idx]
-            n = len(self.clean_rows)
-            mine.keys = torch.cat([mine.keys, clean.keys[:, :, :-1].expand(n, -1, -1, -1)])[order]
-            mine.values = torch.cat([mine.values,
-                                     clean.values[:, :, :-1].expand(n, -1, -1, -1)])[order]
-
-    def _attribute_last(self, prompts: list[torch.Tensor], record=None) -> list[Attribution]:
-        """The last-position definition for a batch of prompts (left-padded to one length).
-
-        Only the last position is scaled, so every stream of a prompt attends to the same clean
-        prefix: a prompt's ``m`` points of a group of layers run as that many query tokens of
-        one batch row, over one copy of its prefix keys/values plus their own key (a mask
-        keeps each to its own), and one logits call and one backward serve the whole batch.
-        """
-        device = prompts[0].device
-        seq = max(p.numel() for p in prompts)
-        batch = len(prompts)
-        ids = torch.zeros(batch, seq, dtype=prompts[0].dtype, device=device)
-        keep = torch.zeros(batch, seq, dtype=torch.bool, device=device)
-        for row, p in enumerate(prompts):
-            ids[row, seq - p.numel():] = p
-            keep[row, seq - p.numel():] = True
-        positions = (keep.cumsum(-1) - 1).clamp(min=0)
-        padding = None if bool(keep.all()) else {"attention_mask": keep.long(),
-                                                 "position_ids": positions}
-        clean = self._clean(ids, padding)
-        probs = torch.softmax(clean.logits_last.float(), dim=-1)
-        targets = probs.argmax(-1)
-        if self.settings.baseline == "zero":
-            z_base = [torch.zeros_like(z[:, -1:]) for z in clean.z]
-        else:
-            z_base = [z[:, -1:] for z in self._token_baseline(ids, padding)]
-        view = self.view
-        mids = [out[:, -1:] - view.residual_add(layer, z[:, -1:])
-                for layer, (out, z) in enumerate(zip(clean.layer_out, clean.z))]
-        deltas = [z[:, -1:] - zb for z, zb in zip(clean.z, z_base)]  # [B, 1, D]
-        n_layers, m = len(self.layers), self.alphas.numel()
-        # Each layer's visible clean prefix, once for all groups of layers: keys and values
-        # [B, H, P, d] and which of them are real tokens [B, 1, P, 1]. Left padding's
-        # keys/values are zeroed so nothing undefined meets a zero attention weight.
-        prefixes = []
-        for j, kv in enumerate(clean.cache.layers):
-            seen = view.visible_prefix(j, keep[:, None, :-1, None])
-            prefixes.append((view.visible_prefix(j, kv.keys[:, :, :-1]) * seen,
-                             view.visible_prefix(j, kv.values[:, :, :-1]) * seen, seen[:, 0, :, 0]))
-        grads: list[torch.Tensor] = []
-        for start in range(0, n_layers, self.STREAM_GROUP):
-            group = list(range(start, min(start + self.STREAM_GROUP, n_layers)))
-            grads += self._last_position_streams(group, mids, z_base, deltas, prefixes,
-                                                 clean.tables, positions, targets, record)
-        out = []
-        for row in range(batch):
-            scores = [d[row, 0].float() * (g[row].float() * self.weights.view(m, 1)).sum(0)
-                      for d, g in zip(deltas, grads)]
-            target = int(targets[row])
-            out.append(Attribution(torch.stack(scores), target, float(probs[row, target])))
-        return out
-
-    def _last_position_streams(self, group, mids, z_base, deltas, prefixes, tables, positions,
-                               targets, record):
-        """d prob / d z_l(a_k) [B, m, D] for the layers of ``group``: stream (l, k) joins at
-        layer l+1 as a query token at its prompt's last position."""
-        m = self.alphas.numel()
-        view, n_layers = self.view, len(self.layers)
-        leaves = {layer: (z_base[layer] + self.alphas.view(1, m, 1) * deltas[layer]).detach()
-                  .requires_grad_(True) for layer in group}
-        cache = DynamicCache()
-        with torch.enable_grad():
-            active = None
-            for j in range(group[0] + 1, n_layers + 1):
-                if j - 1 in leaves:
-                    stream = mids[j - 1] + view.residual_add(j - 1, leaves[j - 1])  # [B, m, D]
-                    active = stream if active is None else torch.cat([active, stream], dim=1)
-                if j == n_layers:
-                    break
-                n = active.shape[1]
-                keys, values, seen = prefixes[j]
-                cache.update(keys, values, j)
-                active = self.layers[j](
-                    active, attention_mask=self._stream_mask(seen, n),
-                    position_embeddings=tuple(t[:, -1:].expand(-1, n, -1) for t in tables[j]),
-                    position_ids=positions[:, -1:].expand(-1, n), cache=cache, use_cache=True)
-            logits = view.logits(active)  # [B, streams, V]
-            index = targets.view(-1, 1, 1).expand(-1, logits.shape[1], 1)
-            probs = torch.softmax(logits, dim=-1).gather(-1, index)[..., 0]  # [B, streams]
-            if record is not None:  # stream order: layer by layer, m points each
-                record.update({layer: p.detach() for layer, p in zip(group, probs[0].view(-1, m))})
-            return list(torch.autograd.grad(probs.sum(), [leaves[layer] for layer in group]))
-
-    def _stream_mask(self, prefix_seen: torch.Tensor, n: int) -> torch.Tensor:
-        """[B, 1, n, P + n]: each of the n stream queries sees its prompt's visible prefix and
-        its own key, not the other streams' (boolean for sdpa, additive for eager)."""
-        batch, prefix = prefix_seen.shape
-        own = torch.eye(n, dtype=torch.bool, device=prefix_seen.device).expand(batch, n, n)
-        allowed = torch.cat([prefix_seen[:, None, :].expand(batch, n, prefix), own], dim=-1)[:, None]
-        if self.view.attention == "sdpa":
-            return allowed
-        dtype = next(self.model.parameters()).dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
 
     # -- checking the whole path against the model's own forward ----------------------------
     @torch.no_grad()
@@ -560,54 +275,6 @@ class FastKVA:
         finally:
             handle.remove()
         return torch.softmax(logits[:, -1].float(), dim=-1)[:, target]
-
-    def __call__(self, input_ids: torch.Tensor) -> Attribution:
-        return self.attribute(input_ids)
-
-
-class CaptumKVA:
-    """The reference: one Captum attribution per layer, all positions scaled.
-
-    ``token``: ``LayerIntegratedGradients`` on ``down_proj`` with the all-token-id input as
-    baseline (the original code's computation, ``multiply_by_inputs=True``). ``zero``:
-    ``IntegratedGradients`` on the down_proj output injected by a forward hook, baseline 0.
-    """
-
-    def __init__(self, model: nn.Module, settings: KVASettings):
-        self.model = model
-        self.settings = settings
-        self.projs = down_projs(model)
-
-    def _prob(self, input_ids: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids, use_cache=False, logits_to_keep=1).logits
-        return torch.softmax(logits[:, -1].float(), dim=-1)
-
-    def attribute(self, input_ids: torch.Tensor) -> Attribution:
-        from captum.attr import IntegratedGradients, LayerIntegratedGradients
-
-        s = self.settings
-        with torch.no_grad(), capture_outputs(self.projs) as outputs:
-            target, prob = _target(self.model(input_ids, use_cache=False,
-                                              logits_to_keep=1).logits[0, -1])
-        scores = []
-        for layer, proj in enumerate(self.projs):
-            if s.baseline == "token":
-                lig = LayerIntegratedGradients(self._prob, proj, multiply_by_inputs=True)
-                attr = lig.attribute(input_ids, baselines=torch.full_like(input_ids, s.baseline_token_id),
-                                     target=target, n_steps=s.steps, method=s.method)
-            else:
-                def injected(z: torch.Tensor, proj=proj) -> torch.Tensor:
-                    handle = proj.register_forward_hook(lambda m, i, o: z)
-                    try:
-                        return self._prob(input_ids.expand(z.shape[0], -1))
-                    finally:
-                        handle.remove()
-
-                attr = IntegratedGradients(injected, multiply_by_inputs=True).attribute(
-                    outputs[layer].detach(), baselines=0.0, target=target, n_steps=s.steps,
-                    method=s.method)
-            scores.append(attr[0, -1].detach().float())
-        return Attribution(torch.stack(scores), target, prob)
 
     def __call__(self, input_ids: torch.Tensor) -> Attribution:
         return self.attribute(input_ids)

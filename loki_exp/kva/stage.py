@@ -33,8 +33,8 @@ from loki_exp.data.mmlu import (
     subject_choice,
 )
 from loki_exp.errors import LokiError
-from loki_exp.kva.engine import KVASettings
 from loki_exp.kva.lightning import KVAModule, KVAStoreWriter, ProbeDataModule, common_prefix
+from loki_exp.kva.settings import KVASettings
 from loki_exp.kva.store import StoreView, completed_rows, merge_shards
 from loki_exp.model_access import node_grid
 from loki_exp.models import LoadedModel, torch_dtype

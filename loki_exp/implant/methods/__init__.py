@@ -1,0 +1,74 @@
+"""The registry of methods: what each ``method`` trains, and how its result becomes a plain
+transformers model again (one module per method, ``base.Method`` for the interface).
+
+Everything that depends on the method (the schema's ``method`` group, the stages that run,
+the learning rate, the adapter, the report, the model card) asks the registry, never a name.
+README "Adding a method" shows how to add one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from loki_exp.config_walk import check_group
+from loki_exp.errors import LokiError
+from loki_exp.implant.methods.base import Method, MethodSettings, PrepareContext
+from loki_exp.implant.methods.corda import CORDA
+from loki_exp.implant.methods.full import FULL
+from loki_exp.implant.methods.loki import LOKI, LOKI_LORA
+from loki_exp.implant.methods.lora import DORA, LORA, PISSA
+from loki_exp.implant.methods.suppress import SUPPRESS
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from loki_exp.models import LoadedModel
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (LOKI, LOKI_LORA, LORA, DORA, PISSA, CORDA, FULL,
+                                                   SUPPRESS)}
+METHOD_NAMES = tuple(REGISTRY)
+
+__all__ = ["REGISTRY", "METHOD_NAMES", "Method", "MethodSettings", "PrepareContext", "get",
+           "register", "prepare", "merge"]
+
+
+def register(method: Method) -> Method:
+    """Add a method (a plugin's, or a test's); its name must be new."""
+    global METHOD_NAMES
+    if method.name in REGISTRY:
+        raise LokiError(f"method {method.name!r} is already registered")
+    REGISTRY[method.name] = method
+    METHOD_NAMES = tuple(REGISTRY)
+    return method
+
+
+def get(name: str) -> Method:
+    try:
+        return REGISTRY[str(name)]
+    except KeyError:
+        raise LokiError(f"method.name={name!r} is not known; expected one of {list(REGISTRY)}"
+                        ) from None
+
+
+def prepare(cfg: DictConfig, model: nn.Module, positions: list[list[int]] | None, *,
+            loaded: LoadedModel | None = None, cache_dir: Any = None,
+            like: nn.Module | None = None) -> nn.Module:
+    """The model with exactly this method's parameters trainable (or its edit applied).
+
+    ``cfg``: the ``method`` group, checked against the method's settings here, before any
+    weight is touched (the pipeline has checked it already; a library caller may not have).
+    ``loaded``/``cache_dir``/``like``: ``PrepareContext``.
+    """
+    method = get(cfg.name)
+    check_group("method", OmegaConf.to_container(cfg, resolve=True)
+                if isinstance(cfg, DictConfig) else dict(cfg), method.settings, None)
+    if method.selects_rows and positions is None:
+        raise LokiError(f"method={cfg.name} needs positions (run the select stage)")
+    return method.prepare(cfg, model, positions, PrepareContext(loaded, cache_dir, like))
+
+
+def merge(cfg: DictConfig, model: nn.Module) -> nn.Module:
+    """A plain transformers model with the trained changes folded in."""
+    return get(cfg.name).merge(model)

@@ -1,0 +1,101 @@
+"""The method registry: every registered method runs, exports and reloads; a new method
+needs only its module (README "Adding a method")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from loki_exp.config_fields import spec
+from loki_exp.errors import LokiError
+from loki_exp.implant import methods
+from loki_exp.implant.methods import Method, MethodSettings
+from loki_exp.model_access import down_projs
+from loki_exp.models import load_model
+from loki_exp.pipeline import run
+
+STAGES = "stages=[analyse,select,implant,export]"
+
+
+def _run(compose_cfg, tmp_path, *overrides):
+    cfg = compose_cfg("model=tiny_llama", "kva.limit=2", "trainer.max_steps=2",
+                      "trainer.batch_size=2", "trainer.precision=32-true", "quota=10",
+                      "method.covariance.samples=4" if "method=corda" in overrides else "quota=10",
+                      STAGES, f"paths.cache_dir={tmp_path / 'cache'}",
+                      f"paths.output_dir={tmp_path / 'run'}", *overrides)
+    return cfg, run(cfg, tmp_path / "run")
+
+
+def _changed(base: torch.nn.Module, model: torch.nn.Module) -> set[str]:
+    new = dict(model.named_parameters())
+    return {name for name, p in base.named_parameters() if not torch.equal(p, new[name])}
+
+
+@pytest.mark.parametrize("name", list(methods.REGISTRY))
+def test_every_registered_method_runs_two_steps_exports_and_reloads(compose_cfg, tmp_path,
+                                                                    isolated_cache, name):
+    cfg, state = _run(compose_cfg, tmp_path, f"method={name}")
+    method = methods.get(name)
+    base = load_model(cfg.model).model
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    changed = _changed(base, reloaded)
+    downs = {n for n, _ in base.named_parameters() if "down_proj" in n}
+    if method.selects_rows:  # only the selected rows of down_proj changed, each of them
+        assert changed == downs
+        positions = state.positions
+        for layer, (b, r) in enumerate(zip(down_projs(base), down_projs(reloaded))):
+            moved = (b.weight != r.weight).any(dim=1).nonzero().flatten().tolist()
+            assert moved == sorted(positions[layer])
+        assert (tmp_path / "run" / "adapter").is_dir() == method.rows_adapter
+    elif name == "full":
+        assert changed == {n for n, _ in base.named_parameters()}
+    else:  # peft adapters on every linear layer, merged: their weights moved, nothing else
+        linear = {n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)
+                  and n != "lm_head"}
+        assert changed == {f"{n}.weight" for n in linear}
+    ids = torch.tensor([[1, 5, 9, 14]])
+    with torch.no_grad():  # the reloaded export is the model the run ended with
+        torch.testing.assert_close(reloaded(ids).logits, state.loaded.model(ids).logits)
+
+
+@dataclass
+class NormOnlySettings(MethodSettings):
+    scale: float = spec(1.0, gt=0.0)
+
+
+def _norm_only(cfg, model, positions, context):
+    model.requires_grad_(False)
+    model.get_decoder().norm.weight.requires_grad_(True)
+    return model
+
+
+@pytest.fixture
+def norm_only():
+    method = methods.register(Method("norm_only", NormOnlySettings, _norm_only, lambda m: m,
+                                     "the final norm only"))
+    yield method
+    methods.REGISTRY.pop("norm_only")
+    methods.METHOD_NAMES = tuple(methods.REGISTRY)
+
+
+def test_a_registered_method_is_checked_run_and_exported(compose_cfg, tmp_path, isolated_cache,
+                                                         norm_only):
+    cfg, _ = _run(compose_cfg, tmp_path, "method=full", "method.name=norm_only",
+                  "+method.scale=2.0")
+    base = load_model(cfg.model).model
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert _changed(base, reloaded) == {"model.norm.weight"}
+    assert not (tmp_path / "run" / "positions.json").exists()  # it selects no rows: no KVA
+    with pytest.raises(LokiError, match=r"^method.scale=-1 must be a positive number"):
+        _run(compose_cfg, tmp_path / "bad", "method=full", "method.name=norm_only",
+             "+method.scale=-1.0")
+    with pytest.raises(LokiError, match="already registered"):
+        methods.register(norm_only)
+
+
+def test_an_unknown_method_names_the_registered_ones(compose_cfg):
+    with pytest.raises(LokiError, match=r"method.name='nope'.*'loki', 'loki_lora'"):
+        methods.get("nope")
