@@ -72,11 +72,12 @@ def _norm_only(cfg, model, positions, context):
     return model
 
 
+NORM_ONLY = Method("norm_only", NormOnlySettings, _norm_only, lambda m: m, "the final norm only")
+
+
 @pytest.fixture
 def norm_only():
-    method = methods.register(Method("norm_only", NormOnlySettings, _norm_only, lambda m: m,
-                                     "the final norm only"))
-    yield method
+    yield methods.register(NORM_ONLY)
     methods.REGISTRY.pop("norm_only")
     methods.METHOD_NAMES = tuple(methods.REGISTRY)
 
@@ -99,3 +100,20 @@ def test_a_registered_method_is_checked_run_and_exported(compose_cfg, tmp_path, 
 def test_an_unknown_method_names_the_registered_ones(compose_cfg):
     with pytest.raises(LokiError, match=r"method.name='nope'.*'loki', 'loki_lora'"):
         methods.get("nope")
+
+
+def test_an_installed_package_s_method_is_registered_through_its_entry_point():
+    from importlib.metadata import EntryPoint
+
+    group = methods.ENTRY_POINT_GROUP
+    point = EntryPoint("norm_only", "tests.implant.test_methods:NORM_ONLY", group)
+    try:
+        assert methods.load_plugins([point]) == ["norm_only"]
+        assert methods.get("norm_only") is NORM_ONLY and "norm_only" in methods.METHOD_NAMES
+        assert methods.load_plugins([point]) == ["norm_only"]  # loading twice is harmless
+    finally:
+        methods.REGISTRY.pop("norm_only", None)
+        methods.METHOD_NAMES = tuple(methods.REGISTRY)
+    wrong = EntryPoint("bad", "tests.implant.test_methods:NormOnlySettings", group)
+    with pytest.raises(LokiError, match=r"^entry point bad = .* is a type; expected a loki_exp Method"):
+        methods.load_plugins([wrong])

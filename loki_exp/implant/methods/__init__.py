@@ -30,8 +30,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (LOKI, LOKI_LORA, LORA, DORA, 
                                                    SUPPRESS)}
 METHOD_NAMES = tuple(REGISTRY)
 
-__all__ = ["REGISTRY", "METHOD_NAMES", "Method", "MethodSettings", "PrepareContext", "get",
-           "register", "prepare", "merge"]
+__all__ = ["ENTRY_POINT_GROUP", "REGISTRY", "METHOD_NAMES", "Method", "MethodSettings",
+           "PrepareContext", "get", "load_plugins", "merge", "prepare", "register"]
 
 
 def register(method: Method) -> Method:
@@ -42,6 +42,28 @@ def register(method: Method) -> Method:
     REGISTRY[method.name] = method
     METHOD_NAMES = tuple(REGISTRY)
     return method
+
+
+ENTRY_POINT_GROUP = "loki_exp.methods"
+
+
+def load_plugins(entry_points=None) -> list[str]:
+    """Register the methods other installed packages declare in the ``loki_exp.methods``
+    entry-point group (their pyproject: ``[project.entry-points."loki_exp.methods"]``,
+    ``norm_only = "my_pkg.methods:NORM_ONLY"``, a ``Method``), so that the CLI runs them as it
+    runs the shipped ones. Run when this package is imported; returns the names loaded."""
+    from importlib.metadata import entry_points as installed
+
+    names = []
+    for ep in installed(group=ENTRY_POINT_GROUP) if entry_points is None else entry_points:
+        method = ep.load()
+        if not isinstance(method, Method):
+            raise LokiError(f"entry point {ep.name} = {ep.value!r} (group {ENTRY_POINT_GROUP}) "
+                            f"is a {type(method).__name__}; expected a loki_exp Method")
+        if REGISTRY.get(method.name) is not method:
+            register(method)
+        names.append(method.name)
+    return names
 
 
 def get(name: str) -> Method:
@@ -72,3 +94,6 @@ def prepare(cfg: DictConfig, model: nn.Module, positions: list[list[int]] | None
 def merge(cfg: DictConfig, model: nn.Module) -> nn.Module:
     """A plain transformers model with the trained changes folded in."""
     return get(cfg.name).merge(model)
+
+
+load_plugins()
