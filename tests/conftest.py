@@ -14,7 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-
 @pytest.fixture(scope="session", autouse=True)
 def converted_smollm2():
     """The SmolLM2 GGUF converted once into the real cache (tiny models use its tokenizer)."""
@@ -52,7 +51,6 @@ def tiny_models():
                for name in ("tiny_llama", "tiny_qwen")}
     GlobalHydra.instance().clear()
     return out
-
 
 
 @pytest.fixture

@@ -88,8 +88,6 @@ def total_steps(tr: DictConfig, n_train: int) -> int:
     return int(tr.max_epochs) * math.ceil(batches / int(tr.accumulate_grad_batches))
 
 
-
-
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     """``trainer.resume_from``: null (start fresh), "last" (this run dir's last checkpoint,
     e.g. after the job was killed; rerun with the same ``hydra.run.dir``) or a path."""

@@ -41,7 +41,6 @@ def test_wandb_offline_run_holds_config_metrics_and_group(compose_cfg, tmp_path,
     assert any(h.get("forgetting/avg") == 1.5 for h in run["history"])
 
 
-
 def test_any_argument_of_a_logger_from_the_shell(compose_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     loggers = build_loggers(compose_cfg(
