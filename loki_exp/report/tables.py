@@ -65,7 +65,7 @@ def data_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def matched_blocks(by_method: list[dict[str, Any]], by_run: list[dict[str, Any]]) -> list[Block]:
-    """report.md's sections on forgetting at matched task gain (``report_curves``)."""
+    """report.md's sections on forgetting at matched task gain (``report.matched``)."""
     if not by_method and not by_run:
         return []
     out: list[Block] = ["\n## Forgetting at matched task gain (along training)\n",
