@@ -176,13 +176,13 @@ class Probe:
 class Kva:
     preset: str = MISSING
     store: str | None = None
-    engine: str = _spec("fast", choices=_from("loki_exp.kva.engine", "ENGINES"))
+    engine: str = _spec("fast", choices=_from("loki_exp.kva.settings", "ENGINES"))
     method: str = _spec("riemann_left", choices=_captum_methods)
     steps: int = 7  # its range depends on the rule: KVASettings checks it
-    baseline: str = _spec("zero", choices=_from("loki_exp.kva.engine", "BASELINES"))
+    baseline: str = _spec("zero", choices=_from("loki_exp.kva.settings", "BASELINES"))
     baseline_token_id: int = _spec(0, ge=0)
     scale_positions: str = _spec("last",
-                                 choices=_from("loki_exp.kva.engine", "SCALE_POSITIONS"))
+                                 choices=_from("loki_exp.kva.settings", "SCALE_POSITIONS"))
     dtype: str | None = _spec(None, choices=_dtypes)
     store_dtype: str = _spec("float16", choices=_from("loki_exp.kva.store", "STORE_DTYPES"))
     batch_size: int = _spec(1, ge=1)

@@ -66,16 +66,13 @@ def render(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
 
 
 def lora_config(cfg: DictConfig, model: nn.Module, cache_file: str | None = None):
-    from peft import LoraConfig
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 
-    target = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
-    lora_cfg = LoraConfig(
-        r=int(cfg.rank), lora_alpha=float(cfg.alpha), lora_dropout=0.0, target_modules=target,
-        init_lora_weights="corda", task_type="CAUSAL_LM",
-        corda_config=CordaConfig(corda_method=str(cfg.corda_method), cache_file=cache_file),
-    )
+    from loki_exp.implant.methods.lora import peft_config
+
+    lora_cfg = peft_config(cfg, init_lora_weights="corda", corda_config=CordaConfig(
+        corda_method=str(cfg.corda_method), cache_file=cache_file))
     # preprocess_corda matches target_modules literally; "all-linear" is only expanded inside
     # get_peft_model, so expand it first with peft's own rule (the layers peft will adapt).
     return _maybe_include_all_linear_layers(lora_cfg, model)

@@ -54,16 +54,10 @@ from loki_exp.kva.decoder_view import DecoderView, capture_block_inputs, refuse
 from loki_exp.kva.fast_all_positions import AllPositions
 from loki_exp.kva.fast_last_position import LastPosition
 from loki_exp.kva.passes import capture_outputs, target_of
-from loki_exp.kva.settings import (
-    BASELINES,
-    ENGINES,
-    SCALE_POSITIONS,
-    Attribution,
-    KVASettings,
-)
+from loki_exp.kva.settings import Attribution, KVASettings
 
-__all__ = ["BASELINES", "ENGINES", "SCALE_POSITIONS", "Attribution", "CaptumKVA", "FastKVA",
-           "KVASettings", "build_engine", "capture_outputs"]
+# Attribution and KVASettings (kva/settings.py) are re-exported: callers build an engine from here.
+__all__ = ["Attribution", "CaptumKVA", "FastKVA", "KVASettings", "build_engine"]
 
 
 class _StopAfterAttention(Exception):

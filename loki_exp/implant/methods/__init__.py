@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (LOKI, LOKI_LORA, LORA, DORA, PISSA, CORDA, FULL,
                                                    SUPPRESS)}
-METHOD_NAMES = tuple(REGISTRY)
 
 __all__ = ["ENTRY_POINT_GROUP", "REGISTRY", "METHOD_NAMES", "Method", "MethodSettings",
            "PrepareContext", "get", "load_plugins", "merge", "prepare", "register"]
@@ -36,12 +35,17 @@ __all__ = ["ENTRY_POINT_GROUP", "REGISTRY", "METHOD_NAMES", "Method", "MethodSet
 
 def register(method: Method) -> Method:
     """Add a method (a plugin's, or a test's); its name must be new."""
-    global METHOD_NAMES
     if method.name in REGISTRY:
         raise LokiError(f"method {method.name!r} is already registered")
     REGISTRY[method.name] = method
-    METHOD_NAMES = tuple(REGISTRY)
     return method
+
+
+def __getattr__(name: str):
+    """``METHOD_NAMES``: the registered names, read from ``REGISTRY`` (the schema's choices)."""
+    if name == "METHOD_NAMES":
+        return tuple(REGISTRY)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 ENTRY_POINT_GROUP = "loki_exp.methods"
