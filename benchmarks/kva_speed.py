@@ -16,7 +16,7 @@ model's own Linear shapes at the prompts' mean length, in the model's dtype, tim
 (``benchmarks/peak.py``).
 
     .venv/bin/python benchmarks/kva_speed.py --prompts 3 [--baseline zero|token] [--skip-captum]
-        [--model smollm2]
+        [--model smollm2] [--all-logits]
 
 ``--presets`` instead times each KVA preset (``kva=published|reference_captum|paper_text``)
 as the analyse stage runs it (the preset's engine settings and compute dtype, on its own
@@ -94,6 +94,9 @@ def main() -> None:
     parser.add_argument("--skip-captum", action="store_true", help="time the fast paths only")
     parser.add_argument("--presets", action="store_true", help="time each KVA preset instead")
     parser.add_argument("--model", default="smollm2", help="a conf/model choice")
+    parser.add_argument("--all-logits", action="store_true",
+                        help="also time the Captum reference computing logits at every position, "
+                             "as it did before a90620d (the ratio 5.61 was measured against it)")
     args = parser.parse_args()
     if args.presets:
         time_presets(args.prompts, args.model)
@@ -144,7 +147,22 @@ def main() -> None:
     same = overlap(select_layer_balanced(np.stack([a.scores.numpy() for a in fast]), 10),
                    select_layer_balanced(np.stack([a.scores.numpy() for a in ref]), 10))
     print(f"fast vs captum layer_balanced q=10 overlap: {same:.4f}")
+    if args.all_logits:
+        before, t_before = timed(AllLogitsCaptumKVA(loaded.model, KVASettings(engine="captum", **kw)),
+                                 prompts)
+        same = max(rel_err(a.scores, b.scores) for a, b in zip(before, ref))
+        print(f"captum all logits  : {t_before / len(prompts):7.2f} s/prompt "
+              f"(same scores to {same:.1e}): kva_speedup_exact_vs_all_logits={t_before / t_fast:.2f}")
     print(f"kva_speedup_exact={t_ref / t_fast:.2f} max_rel_err={err:.2e} {tail}")
+
+
+class AllLogitsCaptumKVA(CaptumKVA):
+    """The reference as it ran before a90620d: the model's logits at every position (the
+    same attribution; the logits of all but the last position are computed and dropped)."""
+
+    def _prob(self, input_ids: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids, use_cache=False).logits
+        return torch.softmax(logits[:, -1].float(), dim=-1)
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
