@@ -63,6 +63,7 @@ class RunState:
     adapter_dir: Path | None = None         # export (methods whose change is the rows)
     eval_dtype: str | None = None           # evaluate: the precision it scored in
     metrics: dict[str, float] | None = None  # evaluate
+    final_point: dict[str, Any] | None = None  # implant: the curve's point at the last step
     timings: dict[str, float] = field(default_factory=dict)
     loggers: list = field(default_factory=list)
 
@@ -105,15 +106,18 @@ def select_rows(state: RunState) -> None:
 
 
 def implant(state: RunState) -> None:
-    callbacks = []
+    callbacks, curve = [], None
     every = state.cfg.eval.get("every_n_steps") or 0
-    if every and methods.get(state.cfg.method.name).trains:
+    method = methods.get(state.cfg.method.name)
+    if every and method.trains:
         # Curves along training: built on the base model, before the method changes it.
         evaluator = (CurveEvaluator(state.cfg, state.loaded, _eval_task(state))
                      if is_global_zero() else None)
-        callbacks.append(EvalCurve(evaluator, every, state.output_dir))
+        curve = EvalCurve(evaluator, every, state.output_dir, method.starts_at_base)
+        callbacks.append(curve)
     state.implant = run_implant(state.cfg, state.loaded, state.positions, state.task,
                                 state.output_dir, state.loggers, callbacks)
+    state.final_point = curve.final_point if curve else None
 
 
 def _eval_task(state: RunState):
@@ -123,7 +127,8 @@ def _eval_task(state: RunState):
 def evaluate(state: RunState) -> None:
     state.eval_dtype = str(next(state.loaded.model.parameters()).dtype).removeprefix(
         "torch.")
-    metrics = run_evaluate(state.cfg, state.loaded, _eval_task(state), state.output_dir)
+    metrics = run_evaluate(state.cfg, state.loaded, _eval_task(state), state.output_dir,
+                           state.final_point)
     state.metrics = metrics
     if state.model_dir:  # the card gets the before/after table
         write_model_card(state.cfg, state.model_dir, state.implant,

@@ -5,7 +5,9 @@ point it evaluates the measures that need no generation, on the same items as th
 stage: the task's gold-answer bits per byte, the forgetting suite's bits-per-byte sets and
 the KL drift on the base model's own answers. A point's metrics carry the evaluate stage's
 names and intervals (``task/bfcl/gold_bpb/reduction_pct``, ``drift/kl/after``,
-``forgetting/avg_bpb``...), so the last point equals the final evaluation of those measures.
+``forgetting/avg_bpb``...). Neither end is measured twice: a method that starts at the base's
+function (``Method.starts_at_base``) gets the base's scores as its step-0 point, and the
+evaluate stage takes those measures from the point at the last step (``final_point``).
 
 Records: ``curve.jsonl`` in the run dir, rewritten whole at every point (never half a line):
 first the base model's per-item values (``{"model": "base", "items": ...}``), then one line
@@ -58,6 +60,14 @@ class CurveEvaluator:
         self.base_logprobs = answer_logprobs(loaded.model, loaded.tokenizer, self.prompts,
                                              self.answers) if self.answers else []
 
+    def base_point(self) -> dict[str, Any]:
+        """The step-0 point of a method that starts at the base model's function: the base's
+        own items (KL 0), read instead of measured (the evaluations are deterministic)."""
+        items = dict(self.base["items"])
+        if self.answers:
+            items["drift/kl"] = [0.0] * len(self.answers)
+        return {"metrics": self._metrics({**self.base, "items": items}), "items": items}
+
     def measure(self, model) -> dict[str, Any]:
         """One point: metrics (as the evaluate stage names them) and per-item values. The
         model goes back to the mode it was in (lm-eval's wrapper switches it to eval)."""
@@ -72,11 +82,13 @@ class CurveEvaluator:
         finally:
             model.train(was_training)
         after["bench"] = {}
+        return {"metrics": self._metrics(after), "items": after["items"]}
+
+    def _metrics(self, after: dict[str, Any]) -> dict[str, float]:
         metrics = flat_metrics(self.task.name, self.base, after, str(self.cfg.eval.forgetting_metric))
         # forgetting/avg here would be the bits-per-byte sets alone: named avg_bpb instead.
-        metrics = {k: v for k, v in metrics.items() if not k.startswith(("forgetting/avg/",))
-                   and k != "forgetting/avg"}
-        return {"metrics": metrics, "items": after["items"]}
+        return {k: v for k, v in metrics.items() if not k.startswith(("forgetting/avg/",))
+                and k != "forgetting/avg"}
 
 
 class EvalCurve(L.Callback):
@@ -84,12 +96,15 @@ class EvalCurve(L.Callback):
     Under DDP rank 0 evaluates (its ``evaluator``) while the other ranks wait; the run is
     refused under FSDP2, whose model is sharded across ranks (``pipeline.validate``)."""
 
-    def __init__(self, evaluator: CurveEvaluator | None, every_n_steps: int, output_dir: Path):
+    def __init__(self, evaluator: CurveEvaluator | None, every_n_steps: int, output_dir: Path,
+                 starts_at_base: bool = False):
         self.evaluator = evaluator
         self.every = every_n_steps
+        self.starts_at_base = starts_at_base  # step 0 is the base's scores (Method.starts_at_base)
         self.path = Path(output_dir) / FILE
         self.last_step: int | None = None
         self.records: list[dict[str, Any]] = []
+        self.final_point: dict[str, Any] | None = None  # the point at the step training ended
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.evaluator is not None:
@@ -107,6 +122,8 @@ class EvalCurve(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._point(trainer, pl_module)
+        if self.records and self.records[-1].get("step") == trainer.global_step:
+            self.final_point = self.records[-1]
 
     def _point(self, trainer, pl_module) -> None:
         step = trainer.global_step
@@ -115,10 +132,12 @@ class EvalCurve(L.Callback):
         self.last_step = step
         if self.evaluator is not None:
             start = time.perf_counter()
-            point = self.evaluator.measure(pl_module.model)
+            from_base = step == 0 and self.starts_at_base
+            point = (self.evaluator.base_point() if from_base
+                     else self.evaluator.measure(pl_module.model))
             seconds = time.perf_counter() - start
             self.records.append({"model": "tuned", "step": step, "seconds": round(seconds, 3),
-                                 **point})
+                                 **({"from": "base"} if from_base else {}), **point})
             atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
             for lg in trainer.loggers:
                 lg.log_metrics({f"curve/{k}": v for k, v in point["metrics"].items()}, step=step)

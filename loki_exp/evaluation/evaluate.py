@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from loki_exp import atomic
@@ -85,13 +86,33 @@ def score_cheap(cfg: DictConfig, model, tokenizer, task: TaskData, lm=None,
                                       cfg.paths.cache_dir).items():
             out["bpb"][name] = _mean(values)
             out["items"][f"bpb/{name}"] = values
-    out["drift"] = {}
-    if answers and int(ev.get("drift_prompts") or 0):
-        questions = drift_questions(int(ev.drift_prompts), cfg.paths.cache_dir)
-        out["drift"]["answers"] = generate(
-            model, tokenizer, [[{"role": "user", "content": q}] for q in questions],
-            int(ev.drift_max_new_tokens), int(ev.batch_size), "drift answers")
+    out["drift"] = drift_answers(cfg, model, tokenizer) if answers else {}
     return out
+
+
+def drift_answers(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
+    """``{"answers": [...]}``: the model's own greedy answers to the drift questions (the
+    base's are what KL drift is measured on; a tuned model's, for format damage)."""
+    ev = cfg.eval
+    if not int(ev.get("drift_prompts") or 0):
+        return {}
+    questions = drift_questions(int(ev.drift_prompts), cfg.paths.cache_dir)
+    return {"answers": generate(
+        model, tokenizer, [[{"role": "user", "content": q}] for q in questions],
+        int(ev.drift_max_new_tokens), int(ev.batch_size), "drift answers")}
+
+
+def cheap_from_point(cfg: DictConfig, model, tokenizer, task: TaskData,
+                     point: dict[str, Any]) -> dict[str, Any]:
+    """``score_cheap(answers=True)`` of the trained model from the curve's point at its last
+    step (``evaluation/curves.py``): the same model on the same items, so only the drift
+    answers are generated; the point's KL stays in ``items``."""
+    items = point["items"]
+    gold = f"task/{task.name}/gold_bpb"
+    return {"task": {"gold_bpb": _mean(items[gold])},
+            "bpb": {k.removeprefix("bpb/"): _mean(v) for k, v in items.items()
+                    if k.startswith("bpb/")},
+            "items": dict(items), "drift": drift_answers(cfg, model, tokenizer)}
 
 
 def _bfcl_counts(ev: DictConfig) -> dict[str, int]:
@@ -307,12 +328,24 @@ def _forgetting(out, key, before, after, items_before, items_after, signs) -> No
             {b: items_before[b] for b in kept}, {b: items_after[b] for b in kept}, signs)
 
 
-def run_evaluate(cfg: DictConfig, loaded: LoadedModel, task: TaskData,
-                 output_dir: Path) -> dict[str, float]:
+def run_evaluate(cfg: DictConfig, loaded: LoadedModel, task: TaskData, output_dir: Path,
+                 final_point: dict[str, Any] | None = None) -> dict[str, float]:
+    """Score the base (cached) and the tuned model, write ``metrics.json`` and ``items.json``.
+    ``final_point``: the curve's point at the step training ended; its gold bits per byte,
+    bits-per-byte sets and KL are this model's, so they are not computed again. Only in fp32:
+    there, merging an adapter into the weights changes them by rounding alone (~1e-7), while
+    in a 16-bit model the merged weights round differently from what the point measured."""
     base = BaseModel(cfg)
     before = base_scores(cfg, loaded, task, base)
-    after = score_model(cfg, loaded.model, loaded.tokenizer, task)
-    if before.get("drift", {}).get("answers"):
+    if final_point is not None and next(loaded.model.parameters()).dtype != torch.float32:
+        final_point = None
+    cheap = None
+    if final_point is not None:
+        log.info("evaluate: gold bits per byte, bits-per-byte sets and KL from the curve's "
+                 "point at step %d (the model this stage scores)", final_point["step"])
+        cheap = cheap_from_point(cfg, loaded.model, loaded.tokenizer, task, final_point)
+    after = score_model(cfg, loaded.model, loaded.tokenizer, task, cheap)
+    if before.get("drift", {}).get("answers") and "drift/kl" not in after["items"]:
         after["items"]["drift/kl"] = drift_kl(cfg, loaded.model, loaded.tokenizer,
                                               before["drift"]["answers"], base().model)
     metrics = flat_metrics(task.name, before, after, str(cfg.eval.forgetting_metric))

@@ -16,6 +16,7 @@ from loki_exp.implant.methods import Method, MethodSettings
 from loki_exp.model_access import down_projs
 from loki_exp.models import load_model
 from loki_exp.pipeline import run
+from tests.support.tolerances import assert_close_fp32
 
 STAGES = "stages=[analyse,select,implant,export]"
 
@@ -59,6 +60,24 @@ def test_every_registered_method_runs_two_steps_exports_and_reloads(compose_cfg,
     ids = torch.tensor([[1, 5, 9, 14]])
     with torch.no_grad():  # the reloaded export is the model the run ended with
         torch.testing.assert_close(reloaded(ids).logits, state.loaded.model(ids).logits)
+
+
+@pytest.mark.parametrize("name", [n for n, m in methods.REGISTRY.items() if m.starts_at_base])
+def test_a_method_that_starts_at_base_keeps_the_base_function(compose_cfg, tmp_path,
+                                                               isolated_cache, name):
+    """What ``Method.starts_at_base`` promises, and a curve's step-0 point relies on: the
+    prepared model's logits are the base's (up to the rounding of a residual plus factors)."""
+    cfg = compose_cfg("model=tiny_llama", f"method={name}", "method.covariance.samples=4"
+                      if name == "corda" else "quota=10", f"paths.cache_dir={tmp_path}")
+    loaded = load_model(cfg.model)
+    grid = [list(range(0, 64, 7))] * len(down_projs(loaded.model))
+    ids = torch.tensor([[1, 5, 9, 14, 3, 8]])
+    with torch.no_grad():
+        before = loaded.model(ids).logits
+        model = methods.prepare(cfg.method, loaded.model, grid, loaded=loaded,
+                                cache_dir=cfg.paths.cache_dir)
+        after = model(ids).logits
+    assert_close_fp32(after, before, f"{name} prepared")
 
 
 @dataclass

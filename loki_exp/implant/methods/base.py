@@ -55,6 +55,10 @@ class Method:
     trains: bool = True         # False: an edit applied once, no training (suppress)
     rows_adapter: bool = False  # its change is the selected rows: saved as a rows adapter
     quota_scales_lr: bool = False  # an experiment's ``quota_lr_scale`` applies to its rate
+    # ``prepare`` keeps the base model's function (an adapter that starts at zero, rows split
+    # off unchanged, a residual plus its factors): a curve's step-0 point is then the base's
+    # own scores, not measured again (``evaluation/curves.py``)
+    starts_at_base: bool = True
 
 
 def unchanged(model: nn.Module) -> nn.Module:

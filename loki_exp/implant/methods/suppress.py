@@ -32,4 +32,4 @@ def suppress_rows(model, positions):
 
 SUPPRESS = Method("suppress", SuppressSettings, lambda cfg, model, positions, context:
                   suppress_rows(model, positions), unchanged, "the selected rows zeroed, no training",
-                  selects_rows=True, trains=False)
+                  selects_rows=True, trains=False, starts_at_base=False)
