@@ -274,6 +274,7 @@ class Eval:
     bfcl_irrelevance_items: int = _spec(30, ge=0)
     bfcl_transfer_items: int = _spec(6, ge=0)
     every_n_steps: int = _spec(0, ge=0)  # 0: no curve
+    curve_steps: list[int] = field(default_factory=list)  # more curve points (early steps)
     task_dataset: dict[str, Any] | None = None  # a dataset group entry, checked as one
     max_new_tokens: int = _spec(128, ge=1)
     batch_size: int = _spec(8, ge=1)
@@ -297,6 +298,9 @@ class Eval:
                             "child process, README \"Evaluate\") or leave humaneval out")
         if self.task_dataset is not None:
             check_group(f"{at}.task_dataset", self.task_dataset, DATASET_SHAPES, "source")
+        if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in self.curve_steps):
+            raise LokiError(f"{at}.curve_steps={list(self.curve_steps)!r}: expected a list of "
+                            "optimizer steps, integers >= 1")
 
 
 WANDB_MODES = ("online", "offline", "disabled", "shared")

@@ -18,7 +18,7 @@ from loki_exp import atomic
 from loki_exp.config_schema import check_config
 from loki_exp.data.tasks import TaskData, load_task
 from loki_exp.errors import LokiError
-from loki_exp.evaluation.curves import CurveEvaluator, EvalCurve
+from loki_exp.evaluation.curves import CurveEvaluator, EvalCurve, curve_wanted
 from loki_exp.evaluation.evaluate import run_evaluate
 from loki_exp.implant import methods
 from loki_exp.implant.adapter import save_adapter
@@ -107,13 +107,13 @@ def select_rows(state: RunState) -> None:
 
 def implant(state: RunState) -> None:
     callbacks, curve = [], None
-    every = state.cfg.eval.get("every_n_steps") or 0
     method = methods.get(state.cfg.method.name)
-    if every and method.trains:
+    if curve_wanted(state.cfg) and method.trains:
         # Curves along training: built on the base model, before the method changes it.
         evaluator = (CurveEvaluator(state.cfg, state.loaded, _eval_task(state))
                      if is_global_zero() else None)
-        curve = EvalCurve(evaluator, every, state.output_dir, method.starts_at_base)
+        curve = EvalCurve(evaluator, int(state.cfg.eval.every_n_steps), state.output_dir,
+                          method.starts_at_base, list(state.cfg.eval.curve_steps))
         callbacks.append(curve)
     state.implant = run_implant(state.cfg, state.loaded, state.positions, state.task,
                                 state.output_dir, state.loggers, callbacks)
@@ -162,10 +162,12 @@ def validate(cfg: DictConfig) -> None:
     check_config(cfg)
     if "implant" in cfg.stages:
         resume_checkpoint(cfg, Path(cfg.paths.output_dir))
-    if cfg.eval.get("every_n_steps") and cfg.parallelism.mode == "fsdp2":
-        raise LokiError(f"eval.every_n_steps={cfg.eval.every_n_steps} needs the whole model on "
-                        "one process (parallelism single or ddp); under fsdp the model is "
-                        "sharded: set eval.every_n_steps=0")
+    if curve_wanted(cfg) and cfg.parallelism.mode == "fsdp2":
+        what = (f"eval.every_n_steps={cfg.eval.every_n_steps}" if cfg.eval.every_n_steps
+                else f"eval.curve_steps={list(cfg.eval.curve_steps)}")
+        raise LokiError(f"{what} needs the whole model on one process (parallelism single or "
+                        "ddp); under fsdp the model is sharded: set eval.every_n_steps=0 and "
+                        "eval.curve_steps=[]")
 
 
 def run(cfg: DictConfig, output_dir: Path) -> RunState:
@@ -190,7 +192,7 @@ def _run_stages(state: RunState) -> None:
     state.timings["load_model"] = time.perf_counter() - start
     if {"implant", "evaluate"} & set(cfg.stages):  # before KVA: a bad dataset fails in seconds
         state.task = load_task(cfg.dataset, cfg.paths.cache_dir, state.loaded.tokenizer)
-    scored = "evaluate" in cfg.stages or cfg.eval.get("every_n_steps")
+    scored = "evaluate" in cfg.stages or curve_wanted(cfg)
     if scored and cfg.eval.get("task_dataset"):  # the task scored elsewhere
         state.eval_task = load_task(cfg.eval.task_dataset, cfg.paths.cache_dir,
                                                  state.loaded.tokenizer)

@@ -1,6 +1,7 @@
 """Evaluation along training: task against forgetting at step 0 and every N steps.
 
-``eval.every_n_steps`` (0: off) adds ``EvalCurve`` to the implant stage's Trainer. At each
+``eval.every_n_steps`` (0: off) and ``eval.curve_steps`` (more steps, e.g. early ones where the
+gain moves fastest) add ``EvalCurve`` to the implant stage's Trainer. At each
 point it evaluates the measures that need no generation, on the same items as the evaluate
 stage: the task's gold-answer bits per byte, the forgetting suite's bits-per-byte sets and
 the KL drift on the base model's own answers. A point's metrics carry the evaluate stage's
@@ -92,14 +93,16 @@ class CurveEvaluator:
 
 
 class EvalCurve(L.Callback):
-    """A point at the first step, every ``every_n_steps`` optimizer steps and the last step.
+    """A point at the first step, every ``every_n_steps`` optimizer steps (0: none), at each
+    of ``steps`` and at the last step.
     Under DDP rank 0 evaluates (its ``evaluator``) while the other ranks wait; the run is
     refused under FSDP2, whose model is sharded across ranks (``pipeline.validate``)."""
 
     def __init__(self, evaluator: CurveEvaluator | None, every_n_steps: int, output_dir: Path,
-                 starts_at_base: bool = False):
+                 starts_at_base: bool = False, steps: list[int] = ()):
         self.evaluator = evaluator
         self.every = every_n_steps
+        self.steps = set(steps)
         self.starts_at_base = starts_at_base  # step 0 is the base's scores (Method.starts_at_base)
         self.path = Path(output_dir) / FILE
         self.last_step: int | None = None
@@ -117,7 +120,8 @@ class EvalCurve(L.Callback):
         self._point(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every == 0:
+        step = trainer.global_step
+        if (self.every and step % self.every == 0) or step in self.steps:
             self._point(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -150,6 +154,11 @@ class EvalCurve(L.Callback):
                      m.get("drift/kl/after", float("nan")), m.get("forgetting/avg_bpb", float("nan")))
         if trainer.world_size > 1:
             trainer.strategy.barrier("eval_curve")
+
+
+def curve_wanted(cfg: DictConfig) -> bool:
+    """Whether the config asks for a curve (``eval.every_n_steps`` or ``eval.curve_steps``)."""
+    return bool(cfg.eval.get("every_n_steps") or cfg.eval.get("curve_steps"))
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

@@ -187,9 +187,9 @@ def drift_kl(cfg: DictConfig, tuned, tokenizer, base_answers: list[str], base) -
 
 def _base_key(cfg: DictConfig, loaded: LoadedModel, task: TaskData) -> str:
     spec = {"format": CACHE_FORMAT, "weights": loaded.fingerprint,
-            # every_n_steps changes when the tuned model is scored, not the base's scores
+            # the curve's steps change when the tuned model is scored, not the base's scores
             "eval": {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()
-                     if k != "every_n_steps"},
+                     if k not in ("every_n_steps", "curve_steps")},
             "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
             "test_ids": [getattr(i, "id", None) for i in task.test]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]

@@ -115,6 +115,7 @@ CASES = [
     (["eval.bfcl_trained_items=-2"], "eval.bfcl_trained_items=-2 must be an integer >= 0"),
     (["eval.every_n_steps=-5"], "eval.every_n_steps=-5 must be an integer >= 0"),
     (["eval.every_n_steps=2.5"], "eval.every_n_steps=2.5 must be an integer"),
+    (["eval.curve_steps=[4,0]"], "eval.curve_steps=[4, 0]: expected a list of optimizer steps"),
     (["eval.every_n_steps=10", "parallelism=fsdp"], "eval.every_n_steps=10 needs the whole model "
                                                     "on one process"),
     (["strategy=random", "strategy.seed=abc"], "strategy.seed='abc' must be an integer"),

@@ -175,7 +175,8 @@ def test_task_scored_on_another_dataset(compose_cfg, tmp_path, isolated_cache):
 def test_random_rows_with_curves_along_training(compose_cfg, tmp_path, isolated_cache, capsys,
                                                 monkeypatch):
     """strategy=random needs no KVA and trains layer_balanced's count of rows per layer;
-    eval.every_n_steps=2 evaluates at steps 0, 2 and 4 on the final evaluation's items: the
+    eval.every_n_steps=2 with eval.curve_steps=[1] evaluates at steps 0, 1, 2 and 4 on the final
+    evaluation's items: the
     step-0 point is the base model's scores, read not measured (LoKI starts at the base's
     function), the last one is the evaluate stage's numbers (not computed again), and the
     loggers get every point."""
@@ -185,14 +186,15 @@ def test_random_rows_with_curves_along_training(compose_cfg, tmp_path, isolated_
     scored = []
     monkeypatch.setattr(evaluate, "gold_bpb", lambda *a: scored.append(1) or gold_bpb(*a))
     cfg, state = _run(compose_cfg, tmp_path, "strategy=random", "strategy.seed=3", "quota=30",
-                      "trainer.max_steps=4", "eval.every_n_steps=2", "eval.bfcl_transfer_items=0")
-    assert len(scored) == 3  # the base, then the points at steps 2 and 4
+                      "trainer.max_steps=4", "eval.every_n_steps=2", "eval.curve_steps=[1]",
+                      "eval.bfcl_transfer_items=0")
+    assert len(scored) == 4  # the base, then the points at steps 1, 2 and 4
     out = tmp_path / "run"
     assert state.kva_store is None
     positions = load_positions(out / "positions.json", 3, 64)
     assert [len(p) for p in positions] == [19, 19, 19]  # as layer_balanced at q=30
     records = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
-    assert records[0]["model"] == "base" and [r["step"] for r in records[1:]] == [0, 2, 4]
+    assert records[0]["model"] == "base" and [r["step"] for r in records[1:]] == [0, 1, 2, 4]
     assert records[1]["from"] == "base" and "from" not in records[2]
     first, last = records[1]["metrics"], records[-1]["metrics"]
     assert first["drift/kl/after"] == 0.0
