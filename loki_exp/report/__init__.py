@@ -4,9 +4,10 @@ Reads each job's ``run.json`` / ``metrics.json`` / ``items.json`` / ``curve.json
 (``collect``) and writes into the dir: ``report.csv`` (every metric) and ``report.md``
 (``tables``): per run the task gain (gold-answer bits per byte, % below base), trained
 accuracy, false-call rate and each forgetting measure with its 95% paired-bootstrap interval;
-forgetting at matched task gain between methods and per run (``matched``, from the curves
-along training); then every pair of runs of different arms whose task score or Avg forgetting
-differs significantly on the same items (``differences``). Figures (``figures``):
+forgetting at matched task gain between methods, per run, and between runs of one setting
+that differ in their rows or seed (``matched``, from the curves along training); then every
+pair of runs of different arms whose task score or Avg forgetting differs significantly on the
+same items (``differences``). Figures (``figures``):
 ``curves.png`` (every run's path along training and each arm's front), ``pareto.png`` (final
 task gain against Avg forgetting and against KL drift, interval bars, each arm's
 non-dominated runs joined), ``forgetting_vs_task.png`` and ``kva_heatmap.png`` (per layer, how
@@ -31,7 +32,12 @@ from loki_exp.report.figures import (
     plot_kva_heatmap,
     plot_pareto,
 )
-from loki_exp.report.matched import matched_by_method, matched_by_run, paired_values
+from loki_exp.report.matched import (
+    matched_by_method,
+    matched_by_run,
+    matched_same_setting,
+    paired_values,
+)
 from loki_exp.report.render import markdown_lines, write_csv
 from loki_exp.report.tables import report_blocks
 
@@ -49,7 +55,8 @@ def make_report(root: str | Path) -> dict[str, Any]:
     rows = collect_runs(root)
     values = paired_values(run_curves(rows))
     by_method, by_run = matched_by_method(values), matched_by_run(values)
-    blocks = report_blocks(rows, (by_method, by_run))
+    same_setting = matched_same_setting(values)
+    blocks = report_blocks(rows, (by_method, by_run, same_setting))
     write_csv(rows, root / "report.csv", CSV_COLUMNS)
     table = markdown_lines(blocks)
     atomic.write_text(root / "report.md", "\n".join(table) + "\n")
@@ -59,4 +66,5 @@ def make_report(root: str | Path) -> dict[str, Any]:
             "plot": plot_forgetting_vs_task(rows, root), "pareto": plot_pareto(rows, root),
             "curves": plot_curves(values, root),
             "heatmap": plot_kva_heatmap(store, root) if store else None,
-            "matched_by_method": by_method, "matched_by_run": by_run}
+            "matched_by_method": by_method, "matched_by_run": by_run,
+            "matched_same_setting": same_setting}

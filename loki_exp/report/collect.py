@@ -108,7 +108,15 @@ def load_items(row: dict[str, Any]) -> dict[str, Any]:
     return (read_json(Path(row["items"])) or {}) if row.get("items") else {}
 
 
+def run_name(row: dict[str, Any]) -> str:
+    """``3: loki q=10 random, seed 42, rows 1``: a run as the tables name it."""
+    rows_seed = row.get("strategy_seed")
+    return (f"{row['run']}: {row['label']}, seed {row.get('seed')}"
+            + (f", rows {rows_seed}" if rows_seed is not None else ""))
+
+
 def run_curves(rows: list[dict[str, Any]]) -> list[Curve]:
-    curves = [load_curve(Path(r["curve"]), r["run"], r["label"], r.get("lr"))
+    curves = [load_curve(Path(r["curve"]), r["run"], r["label"], r.get("lr"),
+                         (r["method"], r.get("quota"), r.get("lr")), run_name(r))
               for r in rows if r.get("curve")]
     return [c for c in curves if c is not None]

@@ -50,6 +50,9 @@ class Curve:
     kl: np.ndarray | None
     bpb: dict[str, np.ndarray]
     base_bpb: dict[str, np.ndarray]
+    # runs with the same setting (method, quota, rate) differ only in their rows or seeds
+    setting: tuple | None = None
+    name: str = ""  # the run as the tables name it (arm, seed, rows' seed)
 
     def sizes(self) -> dict[str, int]:
         out = {"task": self.task.shape[1], **{k: v.shape[1] for k, v in self.bpb.items()}}
@@ -58,7 +61,8 @@ class Curve:
         return out
 
 
-def load_curve(path: Path, run: str, label: str, lr: float | None) -> Curve | None:
+def load_curve(path: Path, run: str, label: str, lr: float | None, setting: tuple | None = None,
+               name: str = "") -> Curve | None:
     """A run's ``curve.jsonl`` as a Curve (None, with a warning, when it cannot be read)."""
     try:
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -80,7 +84,7 @@ def load_curve(path: Path, run: str, label: str, lr: float | None) -> Curve | No
         np.array([p["items"][gold] for p in points], float), np.array(base[gold], float),
         np.array([p["items"]["drift/kl"] for p in points], float) if has_kl else None,
         {k: np.array([p["items"][k] for p in points], float) for k in sets},
-        {k: np.array(base[k], float) for k in sets})
+        {k: np.array(base[k], float) for k in sets}, setting, name or run)
 
 
 def point_values(curve: Curve, idx: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -199,12 +203,17 @@ def matched_by_method(values: PairedValues, levels=LEVELS) -> list[dict[str, Any
     return rows
 
 
+def common_best(values: PairedValues) -> float:
+    """The smallest of the arms' best gains: levels below it are reached by every arm."""
+    return min(best_gain(values, label) for label in {c.label for c in values.curves})
+
+
 def matched_by_run(values: PairedValues, levels=LEVELS) -> list[dict[str, Any]]:
     """Every run's forgetting at 25/50/75% of the smallest of the methods' best gains (a
     level every method reached), with its 95% interval: seeds side by side."""
     if not values.curves:
         return []
-    best = min(best_gain(values, label) for label in {c.label for c in values.curves})
+    best = common_best(values)
     if best <= 0:
         return []
     rows = []
@@ -222,4 +231,37 @@ def matched_by_run(values: PairedValues, levels=LEVELS) -> list[dict[str, Any]]:
                 rows.append({"run": c.run, "label": c.label, "lr": c.lr, "measure": measure,
                              "fraction": frac, "gain": level, "value": value,
                              "ci_low": low, "ci_high": high})
+    return rows
+
+
+def matched_same_setting(values: PairedValues, levels=LEVELS) -> list[dict[str, Any]]:
+    """Every pair of runs with one setting (method, quota, rate) that differ in their rows or
+    seed: KVA's rows against random ones, one seed against another. The difference (b - a)
+    in forgetting at ``matched_by_run``'s levels, with its 95% interval (items resampled,
+    the same indices for both runs). The seed-against-seed pairs are the spread that the
+    rows-against-rows pairs are read against."""
+    if not values.curves or common_best(values) <= 0:
+        return []
+    best, point, rows = common_best(values), values.point, []
+    for i, a in enumerate(values.curves):
+        for b in values.curves[i + 1:]:
+            if a.setting is None or a.setting != b.setting:
+                continue
+            for measure in MEASURES:
+                if measure not in point[a.run] or measure not in point[b.run]:
+                    continue
+                for frac in levels:
+                    level = frac * best
+                    va = at_gain(point[a.run]["gain"], point[a.run][measure], level)
+                    vb = at_gain(point[b.run]["gain"], point[b.run][measure], level)
+                    if va != va or vb != vb:
+                        continue
+                    low, high = _interval(
+                        [at_gain(s[b.run]["gain"], s[b.run][measure], level)
+                         - at_gain(s[a.run]["gain"], s[a.run][measure], level)
+                         for s in values.boot])
+                    rows.append({"a": a.name, "b": b.name, "measure": measure,
+                                 "fraction": frac, "gain": level, "value_a": va,
+                                 "value_b": vb, "difference": vb - va,
+                                 "ci_low": low, "ci_high": high})
     return rows

@@ -11,7 +11,7 @@ from loki_exp.report.render import Block, Table, fmt, with_interval
 from loki_exp.run_summary import data_kept
 
 
-def report_blocks(rows: list[dict[str, Any]], matched: tuple[list, list] = ([], [])
+def report_blocks(rows: list[dict[str, Any]], matched: tuple[list, ...] = ([], [], [])
                   ) -> list[Block]:
     """report.md's content: one row per run (task gain, trained accuracy, false-call rate,
     each forgetting measure, with intervals), the data kept, forgetting at matched gain and
@@ -64,7 +64,8 @@ def data_lines(rows: list[dict[str, Any]]) -> list[str]:
     return [f"- {run}: {text}" for run, text in found.items()]
 
 
-def matched_blocks(by_method: list[dict[str, Any]], by_run: list[dict[str, Any]]) -> list[Block]:
+def matched_blocks(by_method: list[dict[str, Any]], by_run: list[dict[str, Any]],
+                   same_setting: list[dict[str, Any]] = ()) -> list[Block]:
     """report.md's sections on forgetting at matched task gain (``report.matched``)."""
     if not by_method and not by_run:
         return []
@@ -77,11 +78,10 @@ def matched_blocks(by_method: list[dict[str, Any]], by_run: list[dict[str, Any]]
         table = Table(["arm a", "arm b", "measure", "at gain %", "a", "b", "b - a [95%]"], [],
                       ["---", "---", "---", "---:", "---:", "---:", "---"])
         for m in by_method:
-            star = "*" if m["ci_low"] > 0 or m["ci_high"] < 0 else ""
             table.rows.append([m["a"], m["b"], m["measure"],
                                f"{m['gain']:.3g} ({m['fraction']:.0%} of the smaller best)",
                                f"{m['value_a']:.3g}", f"{m['value_b']:.3g}",
-                               f"{m['difference']:.3g}{star} [{m['ci_low']:.3g}, {m['ci_high']:.3g}]"])
+                               _difference(m)])
         out += ["", table]
     if by_run:
         table = Table(["run", "arm", "lr", "measure", "at gain %", "forgetting [95%]"], [],
@@ -93,4 +93,20 @@ def matched_blocks(by_method: list[dict[str, Any]], by_run: list[dict[str, Any]]
                                value])
         out += ["", "Every run at the same levels (% of the smallest of the arms' best gains):", "",
                 table]
+    if same_setting:
+        table = Table(["run a", "run b", "measure", "at gain %", "a", "b", "b - a [95%]"], [],
+                      ["---", "---", "---", "---:", "---:", "---:", "---"])
+        for m in same_setting:
+            table.rows.append([m["a"], m["b"], m["measure"], f"{m['gain']:.3g}",
+                               f"{m['value_a']:.3g}", f"{m['value_b']:.3g}",
+                               _difference(m)])
+        out += ["", "Runs of one method, quota and rate that differ in their rows or seed, at "
+                "the same levels (KVA's rows against random rows beside one seed against "
+                "another):", "", table]
     return out
+
+
+def _difference(m: dict[str, Any]) -> str:
+    """``b - a [low, high]``, starred where the interval excludes 0."""
+    star = "*" if m["ci_low"] > 0 or m["ci_high"] < 0 else ""
+    return f"{m['difference']:.3g}{star} [{m['ci_low']:.3g}, {m['ci_high']:.3g}]"

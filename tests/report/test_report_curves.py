@@ -14,6 +14,7 @@ from loki_exp.report.matched import (
     front_at,
     matched_by_method,
     matched_by_run,
+    matched_same_setting,
     paired_values,
 )
 
@@ -97,6 +98,31 @@ def test_matched_comparison_on_known_curves(tmp_path):
     assert lora_worse[0]["value"] == pytest.approx(0.6)
 
 
+def test_runs_of_one_setting_are_compared_pairwise_at_the_common_levels(tmp_path):
+    """KVA rows (seeds 42 and 43) and random rows at one rate: every pair of them at 25/50/75%
+    of the smallest arm's best gain (LoRA's 40 here); a LoRA run has another setting."""
+    from loki_exp.report import collect_runs, run_curves
+
+    root = tmp_path / "multirun"
+    for run, kls, strategy, seed in (("0", [0, 0.1, 0.2], "layer_balanced", 42),
+                                     ("1", [0, 0.3, 0.6], "random", 42),
+                                     ("2", [0, 0.2, 0.4], "layer_balanced", 43)):
+        _write_curve(root / run, [0, 20, 40], kls, [0, 1, 2])
+        _write_run(root / run, "loki", 1e-3, strategy=strategy, seed=seed)
+    _write_curve(root / "3", [0, 10, 40], [0, 1, 2], [0, 1, 2])
+    _write_run(root / "3", "lora", 1e-3)
+    rows = matched_same_setting(paired_values(run_curves(collect_runs(root)), resamples=50))
+    at_20 = {(r["a"], r["b"]): r for r in rows if r["measure"] == "kl" and r["gain"] == 20.0}
+    kva, rand, kva2 = ("0: loki q=10 layer_balanced, seed 42", "1: loki q=10 random, seed 42, rows 7",
+                       "2: loki q=10 layer_balanced, seed 43")
+    assert set(at_20) == {(kva, rand), (kva, kva2), (rand, kva2)}
+    assert at_20[(kva, rand)]["difference"] == pytest.approx(0.2)
+    assert at_20[(kva, kva2)]["difference"] == pytest.approx(0.1)
+    assert at_20[(rand, kva2)]["difference"] == pytest.approx(-0.1)
+    assert at_20[(kva, rand)]["ci_low"] == pytest.approx(0.2)  # constant items: a point
+    assert sorted({r["gain"] for r in rows}) == pytest.approx([10.0, 20.0, 30.0])
+
+
 def test_matched_intervals_cover_a_real_difference_with_noisy_items(tmp_path):
     from loki_exp.report import collect_runs, run_curves
 
@@ -138,15 +164,16 @@ def test_report_arms_curves_and_matched_tables(tmp_path):
     assert csv_head.startswith("run,label,method,strategy,quota,strategy_seed,seed,lr")
 
 
-def test_the_committed_curve_demo_re_renders_from_its_records(tmp_path):
-    """docs/results/curve_demo: `python -m loki_exp.report` on its committed records writes the
+@pytest.mark.parametrize("study", ["curve_demo", "matched_study", "matched_pilot"])
+def test_a_committed_study_re_renders_from_its_records(tmp_path, study):
+    """docs/results/<study>: `python -m loki_exp.report` on its committed records writes the
     committed report.md and report.csv again."""
     import shutil
 
     from tests.support.paths import ROOT
 
-    committed = ROOT / "docs" / "results" / "curve_demo"
-    copy = tmp_path / "curve_demo"
+    committed = ROOT / "docs" / "results" / study
+    copy = tmp_path / "study"
     shutil.copytree(committed, copy)
     for name in ("report.md", "report.csv"):
         (copy / name).unlink()
