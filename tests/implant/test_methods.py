@@ -62,6 +62,7 @@ def test_every_registered_method_runs_two_steps_exports_and_reloads(compose_cfg,
         torch.testing.assert_close(reloaded(ids).logits, state.loaded.model(ids).logits)
 
 
+@pytest.mark.slow  # 7 methods prepared on a tiny model: ~10 s that the fast loop cannot spare
 @pytest.mark.parametrize("name", [n for n, m in methods.REGISTRY.items() if m.starts_at_base])
 def test_a_method_that_starts_at_base_keeps_the_base_function(compose_cfg, tmp_path,
                                                                isolated_cache, name):
