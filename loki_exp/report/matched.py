@@ -178,28 +178,35 @@ def matched_by_method(values: PairedValues, levels=LEVELS) -> list[dict[str, Any
     """For every pair of methods and measure: each front at 25/50/75% of the smaller best
     gain, and the difference (b - a) with its 95% interval."""
     labels = sorted({c.label for c in values.curves})
-    point, boot = values.point, values.boot
     rows = []
     for i, a in enumerate(labels):
         for b in labels[i + 1:]:
-            runs_a = [c.run for c in values.curves if c.label == a]
-            runs_b = [c.run for c in values.curves if c.label == b]
             best = min(best_gain(values, a), best_gain(values, b))
-            if best <= 0:
+            if best > 0:
+                rows += _compared(values, a, [c.run for c in values.curves if c.label == a],
+                                  b, [c.run for c in values.curves if c.label == b],
+                                  [frac * best for frac in levels], levels)
+    return rows
+
+
+def _compared(values: PairedValues, a: str, runs_a: list[str], b: str, runs_b: list[str],
+              gains: list[float], levels) -> list[dict[str, Any]]:
+    """Per measure and level: the fronts of ``runs_a`` and ``runs_b`` (a run's own value
+    when it is alone) and their difference (b - a) with its 95% interval; levels that
+    either side never reached are left out."""
+    point, rows = values.point, []
+    for measure in MEASURES:
+        for frac, level in zip(levels, gains):
+            va = front_at([point[r] for r in runs_a], measure, level)
+            vb = front_at([point[r] for r in runs_b], measure, level)
+            if va != va or vb != vb:
                 continue
-            for measure in MEASURES:
-                for frac in levels:
-                    level = frac * best
-                    va = front_at([point[r] for r in runs_a], measure, level)
-                    vb = front_at([point[r] for r in runs_b], measure, level)
-                    if va != va or vb != vb:
-                        continue
-                    diffs = [front_at([s[r] for r in runs_b], measure, level)
-                             - front_at([s[r] for r in runs_a], measure, level) for s in boot]
-                    low, high = _interval(diffs)
-                    rows.append({"a": a, "b": b, "measure": measure, "fraction": frac,
-                                 "gain": level, "value_a": va, "value_b": vb,
-                                 "difference": vb - va, "ci_low": low, "ci_high": high})
+            low, high = _interval([front_at([s[r] for r in runs_b], measure, level)
+                                   - front_at([s[r] for r in runs_a], measure, level)
+                                   for s in values.boot])
+            rows.append({"a": a, "b": b, "measure": measure, "fraction": frac, "gain": level,
+                         "value_a": va, "value_b": vb, "difference": vb - va,
+                         "ci_low": low, "ci_high": high})
     return rows
 
 
@@ -242,26 +249,10 @@ def matched_same_setting(values: PairedValues, levels=LEVELS) -> list[dict[str, 
     rows-against-rows pairs are read against."""
     if not values.curves or common_best(values) <= 0:
         return []
-    best, point, rows = common_best(values), values.point, []
+    gains = [frac * common_best(values) for frac in levels]
+    rows = []
     for i, a in enumerate(values.curves):
         for b in values.curves[i + 1:]:
-            if a.setting is None or a.setting != b.setting:
-                continue
-            for measure in MEASURES:
-                if measure not in point[a.run] or measure not in point[b.run]:
-                    continue
-                for frac in levels:
-                    level = frac * best
-                    va = at_gain(point[a.run]["gain"], point[a.run][measure], level)
-                    vb = at_gain(point[b.run]["gain"], point[b.run][measure], level)
-                    if va != va or vb != vb:
-                        continue
-                    low, high = _interval(
-                        [at_gain(s[b.run]["gain"], s[b.run][measure], level)
-                         - at_gain(s[a.run]["gain"], s[a.run][measure], level)
-                         for s in values.boot])
-                    rows.append({"a": a.name, "b": b.name, "measure": measure,
-                                 "fraction": frac, "gain": level, "value_a": va,
-                                 "value_b": vb, "difference": vb - va,
-                                 "ci_low": low, "ci_high": high})
+            if a.setting is not None and a.setting == b.setting:
+                rows += _compared(values, a.name, [a.run], b.name, [b.run], gains, levels)
     return rows

@@ -75,14 +75,8 @@ def matched_blocks(by_method: list[dict[str, Any]], by_run: list[dict[str, Any]]
            "that gain; an arm's front: the least over its runs. Intervals: 95% bootstrap over "
            "the same items, levels fixed."]
     if by_method:
-        table = Table(["arm a", "arm b", "measure", "at gain %", "a", "b", "b - a [95%]"], [],
-                      ["---", "---", "---", "---:", "---:", "---:", "---"])
-        for m in by_method:
-            table.rows.append([m["a"], m["b"], m["measure"],
-                               f"{m['gain']:.3g} ({m['fraction']:.0%} of the smaller best)",
-                               f"{m['value_a']:.3g}", f"{m['value_b']:.3g}",
-                               _difference(m)])
-        out += ["", table]
+        out += ["", _pairs_table("arm", by_method, lambda m: f"{m['gain']:.3g} "
+                                 f"({m['fraction']:.0%} of the smaller best)")]
     if by_run:
         table = Table(["run", "arm", "lr", "measure", "at gain %", "forgetting [95%]"], [],
                       ["---", "---", "---:", "---", "---:", "---"])
@@ -94,19 +88,20 @@ def matched_blocks(by_method: list[dict[str, Any]], by_run: list[dict[str, Any]]
         out += ["", "Every run at the same levels (% of the smallest of the arms' best gains):", "",
                 table]
     if same_setting:
-        table = Table(["run a", "run b", "measure", "at gain %", "a", "b", "b - a [95%]"], [],
-                      ["---", "---", "---", "---:", "---:", "---:", "---"])
-        for m in same_setting:
-            table.rows.append([m["a"], m["b"], m["measure"], f"{m['gain']:.3g}",
-                               f"{m['value_a']:.3g}", f"{m['value_b']:.3g}",
-                               _difference(m)])
         out += ["", "Runs of one method, quota and rate that differ in their rows or seed, at "
                 "the same levels (KVA's rows against random rows beside one seed against "
-                "another):", "", table]
+                "another):", "", _pairs_table("run", same_setting, lambda m: f"{m['gain']:.3g}")]
     return out
 
 
-def _difference(m: dict[str, Any]) -> str:
-    """``b - a [low, high]``, starred where the interval excludes 0."""
-    star = "*" if m["ci_low"] > 0 or m["ci_high"] < 0 else ""
-    return f"{m['difference']:.3g}{star} [{m['ci_low']:.3g}, {m['ci_high']:.3g}]"
+def _pairs_table(what: str, pairs: list[dict[str, Any]], gain) -> Table:
+    """One row per compared pair (``report.matched``): both values and b - a [95%], starred
+    where the interval excludes 0; ``gain`` writes the level's cell."""
+    table = Table([f"{what} a", f"{what} b", "measure", "at gain %", "a", "b", "b - a [95%]"],
+                  [], ["---", "---", "---", "---:", "---:", "---:", "---"])
+    for m in pairs:
+        star = "*" if m["ci_low"] > 0 or m["ci_high"] < 0 else ""
+        table.rows.append([m["a"], m["b"], m["measure"], gain(m), f"{m['value_a']:.3g}",
+                           f"{m['value_b']:.3g}", f"{m['difference']:.3g}{star} "
+                           f"[{m['ci_low']:.3g}, {m['ci_high']:.3g}]"])
+    return table
