@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from hydra import compose, initialize_config_dir
 
+from loki_exp.config_schema import check_config
 from loki_exp.implant.adapter import save_adapter
 from loki_exp.model_access import node_grid
 from loki_exp.models import load_model
@@ -30,10 +31,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", help="a conf/model choice")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["paths.output_dir=/tmp", f"model={args.model}"])
+        cfg = check_config(compose("config", overrides=["paths.output_dir=/tmp",
+                                                         f"model={args.model}"]))
     loaded = load_model(cfg.model, cfg.paths.cache_dir)
     scores = np.random.default_rng(0).normal(size=(4, *node_grid(loaded.model)))
-    positions = select_layer_balanced(scores, float(cfg.quota))
+    positions = select_layer_balanced(scores, cfg.quota)
     with tempfile.TemporaryDirectory() as tmp:
         out = save_adapter(cfg, loaded.fingerprint, loaded.model, positions, Path(tmp) / "adapter")
         size = sum(f.stat().st_size for f in out.iterdir())

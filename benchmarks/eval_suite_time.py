@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from loki_exp.config_schema import check_config
 from loki_exp.data import bfcl
 from loki_exp.data.sft import encode
 from loki_exp.data.tasks import load_task
@@ -61,7 +62,7 @@ def score(name, model, tokenizer, cfg, task, limit, before, base_model=None) -> 
     ev, cache = cfg.eval, cfg.paths.cache_dir
     clock = Clock()
     print(f"-- {name}")
-    lm = make_lm(model, tokenizer, int(ev.batch_size))
+    lm = make_lm(model, tokenizer, ev.batch_size)
     for bench in ev.benchmarks:  # one at a time, to time each
         scores, _ = clock(bench, lambda bench=bench: run_suite(lm, [bench], limit, ev.source, cache))
         print(f"{'':34s} acc_norm={scores[bench].get('acc_norm', float('nan')):.3f}")
@@ -69,23 +70,23 @@ def score(name, model, tokenizer, cfg, task, limit, before, base_model=None) -> 
         bpb = clock(f"bpb {set_name}", lambda s=set_name: score_bpb(lm, tokenizer, [s], ev.bpb_limit,
                                                                     cache))
         print(f"{'':34s} " + " ".join(f"{k}={sum(v) / len(v):.3f}" for k, v in bpb.items()))
-    heldout = task_heldout(task, ev.get("task_bpb_items"))
+    heldout = task_heldout(task, ev.task_bpb_items)
     gold = clock(f"task gold bpb ({len(heldout)} items)",
-                 lambda: gold_bpb(model, tokenizer, heldout, int(ev.batch_size)))
-    flops = count_flops(lambda: gold_bpb(model, tokenizer, heldout[:16], int(ev.batch_size)))
+                 lambda: gold_bpb(model, tokenizer, heldout, ev.batch_size))
+    flops = count_flops(lambda: gold_bpb(model, tokenizer, heldout[:16], ev.batch_size))
     start = time.perf_counter()
-    gold_bpb(model, tokenizer, heldout[:16], int(ev.batch_size))
+    gold_bpb(model, tokenizer, heldout[:16], ev.batch_size)
     rate = flops / (time.perf_counter() - start)
     sample = [len(encode(tokenizer, as_example(i), 1 << 30)["input_ids"]) for i in heldout[:16]]
-    tokens = int(ev.batch_size) * sum(sample) // len(sample)  # one batch of gold_bpb's
+    tokens = ev.batch_size * sum(sample) // len(sample)  # one batch of gold_bpb's
     peak = matmul_peak(linear_shapes(model, tokens), next(model.parameters()).dtype)
     print(f"{'':34s} gold_bpb={sum(gold) / len(gold):.4f} gold_bpb_gflops={rate / 1e9:.1f} "
           f"peak_gflops={peak / 1e9:.1f} gold_bpb_peak_fraction={rate / peak:.3g}")
-    counts = {"trained": int(ev.bfcl_trained_items), "irrelevance": int(ev.bfcl_irrelevance_items),
-              "transfer": int(ev.bfcl_transfer_items)}
+    counts = {"trained": ev.bfcl_trained_items, "irrelevance": ev.bfcl_irrelevance_items,
+              "transfer": ev.bfcl_transfer_items}
     if task.name == "bfcl" and any(counts.values()):
-        args = (list(task.categories), task.test_fraction, counts, int(ev.max_new_tokens),
-                int(ev.batch_size), cache)
+        args = (list(task.categories), task.test_fraction, counts, ev.max_new_tokens,
+                ev.batch_size, cache)
         scores, _ = clock("BFCL generation (one batch run)",
                           lambda: bfcl_measures(model, tokenizer, *args))
         if before:  # as it ran before: each category on its own
@@ -94,19 +95,19 @@ def score(name, model, tokenizer, cfg, task, limit, before, base_model=None) -> 
                     if counts[group]:
                         for items in bfcl.heldout_by_category(categories, task.test_fraction,
                                                               counts[group], cache).values():
-                            bfcl_accuracy(model, tokenizer, items, int(ev.max_new_tokens),
-                                          int(ev.batch_size))
+                            bfcl_accuracy(model, tokenizer, items, ev.max_new_tokens,
+                                          ev.batch_size)
             clock("BFCL generation, by category (before)", per_category, count=False)
         print(f"{'':34s} " + " ".join(f"{k}={v:.3f}" for k, v in scores.items() if "/" not in k))
-    questions = drift_questions(int(ev.drift_prompts), cache)
+    questions = drift_questions(ev.drift_prompts, cache)
     answers = clock("drift answers", lambda: generate(
         model, tokenizer, [[{"role": "user", "content": q}] for q in questions],
-        int(ev.drift_max_new_tokens), int(ev.batch_size)))
+        ev.drift_max_new_tokens, ev.batch_size))
     prompts = chat_prompts(tokenizer, questions)
     if base_model is not None:  # a tuned model: KL against the base on the base's answers
         answers = generate(base_model, tokenizer, [[{"role": "user", "content": q}]
                                                    for q in questions],
-                           int(ev.drift_max_new_tokens), int(ev.batch_size))
+                           ev.drift_max_new_tokens, ev.batch_size)
         clock("drift KL (base loaded once)", lambda: [answer_logprobs(m, tokenizer, prompts, answers)
                                                       for m in (base_model, model)])
         if before:
@@ -127,8 +128,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. eval.bpb_limit=2")
     args = parser.parse_args()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["paths.output_dir=/tmp", f"model={args.model}",
-                                           *args.overrides])
+        cfg = check_config(compose("config", overrides=["paths.output_dir=/tmp",
+                                                         f"model={args.model}", *args.overrides]))
     limit = args.limit or cfg.eval.limit
     loaded = load_model(cfg.model, cfg.paths.cache_dir)
     task = load_task(cfg.dataset, cfg.paths.cache_dir, loaded.tokenizer)

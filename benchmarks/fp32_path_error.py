@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from loki_exp.config_schema import check_config
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.support.tiny_decoders: the tiny models the tests use
 
@@ -34,7 +36,8 @@ TYPES = ("llama", "gemma2", "gemma3_text", "olmo2")
 
 def main() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        tokenizer = load_model(compose("config", overrides=["model=tiny_llama"]).model).tokenizer
+        tokenizer = load_model(check_config(compose("config", overrides=["model=tiny_llama"]),
+                                             groups=("model",)).model).tokenizer
     prompts = [p[0] for p in mmlu_prompts(tokenizer, 3)]
     eps = torch.finfo(torch.float32).eps
     worst = {"one": 0.0, "batch": 0.0, "batch_vs_one": 0.0}

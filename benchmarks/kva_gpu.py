@@ -40,11 +40,13 @@ def probe_lengths(n: int) -> tuple[list[int], str]:
     try:
         from hydra import compose, initialize_config_dir
 
+        from loki_exp.config_schema import check_config
         from loki_exp.data.mmlu import ProbeSpec, load_probe, render_prompt
         from loki_exp.models import load_model
 
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            tok = load_model(compose("config", overrides=["model=tiny_llama"]).model).tokenizer
+            tok = load_model(check_config(compose("config", overrides=["model=tiny_llama"]),
+                                                 groups=("model",)).model).tokenizer
         items = load_probe(ProbeSpec()).items[:n]
         return ([len(tok(render_prompt(tok, it), add_special_tokens=False).input_ids)
                  for it in items], "the probe's own lengths (SmolLM2 template)")

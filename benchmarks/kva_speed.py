@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
+from loki_exp.config_schema import check_config
 from loki_exp.data.mmlu import ProbeSpec, load_probe, render_prompt
 from loki_exp.kva.engine import CaptumKVA, FastKVA, KVASettings
 from loki_exp.kva.first_commit import first_commit_kva
@@ -67,7 +68,9 @@ def time_presets(n_prompts: int, model: str) -> None:
     runs = [("published", []), ("published", ["kva.dtype=float32"]), ("reference_captum", []),
             ("paper_text", [])]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfgs = [(name, compose("config", overrides=[f"model={model}", f"kva={name}", *extra]))
+        cfgs = [(name, check_config(compose("config",
+                                            overrides=[f"model={model}", f"kva={name}", *extra]),
+                                    groups=("model", "kva")))
                 for name, extra in runs]
     loaded = load_model(cfgs[0][1].model)
     tok = loaded.tokenizer
@@ -103,7 +106,8 @@ def main() -> None:
         return
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        loaded = load_model(compose("config", overrides=[f"model={args.model}"]).model)
+        loaded = load_model(check_config(compose("config", overrides=[f"model={args.model}"]),
+                                             groups=("model",)).model)
     tok = loaded.tokenizer
     items = load_probe(ProbeSpec(limit=args.prompts)).items
     prompts = [tok(render_prompt(tok, it), return_tensors="pt", add_special_tokens=False).input_ids

@@ -101,10 +101,12 @@ def _model(arch: str) -> nn.Module:
     if arch != "llama-1b":  # a conf/model choice
         from hydra import compose, initialize_config_dir
 
+        from loki_exp.config_schema import check_config
         from loki_exp.models import load_model
 
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            return load_model(compose("config", overrides=[f"model={arch}"]).model).model
+            composed = compose("config", overrides=[f"model={arch}"])
+            return load_model(check_config(composed, groups=("model",)).model).model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,

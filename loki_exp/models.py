@@ -12,6 +12,7 @@ or a random tiny config for tests.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,12 +22,11 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import torch
 from filelock import FileLock
-from omegaconf import DictConfig, OmegaConf
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -37,6 +37,9 @@ from transformers import (
 from loki_exp.data import assets
 from loki_exp.data.plain_chat import ensure_chat_template
 from loki_exp.errors import LokiError
+
+if TYPE_CHECKING:
+    from loki_exp.config_schema import GgufModel, ModelBase, PretrainedModel, RandomModel
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +184,8 @@ def _dir_fingerprint(path: Path, cache: str | os.PathLike | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
-def _load_from_dir(path: Path, cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    trust = bool(cfg.get("trust_remote_code", False))
+def _load_from_dir(path: Path, cfg: ModelBase) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    trust = cfg.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     if ensure_chat_template(tokenizer):
         log.info("%s has no chat template: using the plain-text rendering (README)", path.name)
@@ -192,31 +195,29 @@ def _load_from_dir(path: Path, cfg: DictConfig) -> tuple[PreTrainedModel, PreTra
     return model, tokenizer
 
 
-def load_model(cfg: DictConfig, cache: str | os.PathLike | None = None) -> LoadedModel:
-    """Build the model and tokenizer described by a `model` config group entry."""
-    source = cfg.get("source")
-    if source not in SOURCES:
-        raise LokiError(f"model.source={source!r} is not known; expected one of {list(SOURCES)}")
+def load_model(cfg: GgufModel | PretrainedModel | RandomModel,
+               cache: str | os.PathLike | None = None) -> LoadedModel:
+    """Build the model and tokenizer described by the checked ``model`` group (its shape by
+    ``source``: ``config_schema.MODEL_SHAPES``)."""
+    source = cfg.source
     if source == "gguf_asset":
         base_dir = converted_gguf_dir(cfg.asset.package, cfg.asset.member, cache)
         fingerprint = _dir_fingerprint(base_dir, cache)  # first: refuses a folder without safetensors
         model, tokenizer = _load_from_dir(base_dir, cfg)
     elif source == "pretrained":
-        if not cfg.get("name_or_path"):
-            raise LokiError("model.name_or_path is empty; set a hub id or a local directory")
-        base_dir = resolve_pretrained_dir(str(cfg.name_or_path))
+        base_dir = resolve_pretrained_dir(cfg.name_or_path)
         fingerprint = _dir_fingerprint(base_dir, cache)
         model, tokenizer = _load_from_dir(base_dir, cfg)
     else:
         model, tokenizer = _build_random(cfg, cache)
         base_dir = None
-        spec = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
+        spec = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
         fingerprint = hashlib.sha256(spec.encode()).hexdigest()[:16]
     model.eval()
-    return LoadedModel(model, tokenizer, str(cfg.name), base_dir, fingerprint)
+    return LoadedModel(model, tokenizer, cfg.name, base_dir, fingerprint)
 
 
-def _build_random(cfg: DictConfig, cache: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _build_random(cfg: RandomModel, cache: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from hydra.utils import instantiate
 
     tok_dir = converted_gguf_dir(cfg.tokenizer_asset.package, cfg.tokenizer_asset.member, cache)
@@ -228,6 +229,6 @@ def _build_random(cfg: DictConfig, cache: Any) -> tuple[PreTrainedModel, PreTrai
             f"{len(tokenizer)} tokens"
         )
     with torch.random.fork_rng():
-        torch.manual_seed(int(cfg.init_seed))
+        torch.manual_seed(cfg.init_seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(cfg.dtype))
     return model, tokenizer

@@ -10,23 +10,27 @@ where Lightning's FSDPStrategy refuses a CPU accelerator. The sharding itself is
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    from loki_exp.config_schema import Parallelism
 
 MODES = ("auto", "ddp", "fsdp2")
 
 
-def lightning_strategy(par: DictConfig) -> str | Strategy:
+def lightning_strategy(par: Parallelism) -> str | Strategy:
     if par.mode == "fsdp2":
         return ModelParallelStrategy(
-            data_parallel_size=int(par.devices) * int(par.num_nodes), tensor_parallel_size=1,
-            save_distributed_checkpoint=bool(par.get("save_distributed_checkpoint", False)))
+            data_parallel_size=par.devices * par.num_nodes, tensor_parallel_size=1,
+            save_distributed_checkpoint=par.save_distributed_checkpoint)
     return par.mode
 
 
-def kva_strategy(par: DictConfig) -> str | Strategy:
+def kva_strategy(par: Parallelism) -> str | Strategy:
     """KVA splits the probe prompts over the ranks, each holding the whole model; under
     ``fsdp2`` that is DDP (sharding would only add gathers: the attribution is a forward and
     backward per prompt, and the paper ran it for the 8B model on one GPU)."""

@@ -1,6 +1,7 @@
 """The stage sequence of one run: analyse -> select -> implant -> export -> evaluate.
 
-Each stage is a function of the composed config and a shared ``RunState``.
+Each stage is a function of a shared ``RunState``, whose ``cfg`` is the checked, typed
+configuration (``config_schema.RunConfig``).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from loki_exp import atomic
-from loki_exp.config_schema import check_config
+from loki_exp.config_schema import RunConfig, check_config
 from loki_exp.data.tasks import TaskData, load_task
 from loki_exp.errors import LokiError
 from loki_exp.evaluation.curves import CurveEvaluator, EvalCurve, curve_wanted
@@ -49,7 +50,7 @@ class RunState:
     """What the stages hand on: each field is set by the stage named beside it (None when
     that stage did not run or had nothing to do)."""
 
-    cfg: DictConfig
+    cfg: RunConfig
     output_dir: Path
     loaded: LoadedModel | None = None
     task: TaskData | None = None            # the training dataset (before the stages)
@@ -70,7 +71,7 @@ class RunState:
 
 def analyse(state: RunState) -> None:
     cfg = state.cfg
-    if (cfg.get("positions_file") or not methods.get(cfg.method.name).selects_rows
+    if (cfg.positions_file or not methods.get(cfg.method.name).selects_rows
             or cfg.strategy.name not in ATTRIBUTION_STRATEGIES):
         log.info("analyse: not needed (positions_file given, method=%s, strategy=%s)",
                  cfg.method.name, cfg.strategy.name)
@@ -85,7 +86,7 @@ def select_rows(state: RunState) -> None:
         log.info("select: method=%s trains no selected rows, skipped", cfg.method.name)
         return
     grid = node_grid(state.loaded.model)
-    if cfg.get("positions_file"):
+    if cfg.positions_file:
         positions = load_positions(cfg.positions_file, *grid)
     elif cfg.strategy.name == "random":
         positions = select_random(cfg.quota, *grid, seed=cfg.strategy.seed)
@@ -112,8 +113,8 @@ def implant(state: RunState) -> None:
         # Curves along training: built on the base model, before the method changes it.
         evaluator = (CurveEvaluator(state.cfg, state.loaded, _eval_task(state))
                      if is_global_zero() else None)
-        curve = EvalCurve(evaluator, int(state.cfg.eval.every_n_steps), state.output_dir,
-                          method.starts_at_base, list(state.cfg.eval.curve_steps))
+        curve = EvalCurve(evaluator, state.cfg.eval.every_n_steps, state.output_dir,
+                          method.starts_at_base, state.cfg.eval.curve_steps)
         callbacks.append(curve)
     state.implant = run_implant(state.cfg, state.loaded, state.positions, state.task,
                                 state.output_dir, state.loggers, callbacks)
@@ -157,22 +158,23 @@ STAGES: dict[str, Callable[[RunState], None]] = {
 }
 
 
-def validate(cfg: DictConfig) -> None:
-    """Every group against its schema, then what only a stage's inputs can tell."""
-    check_config(cfg)
+def validate(cfg: RunConfig) -> None:
+    """What only a stage's inputs can tell (the groups were checked into ``cfg``)."""
     if "implant" in cfg.stages:
         resume_checkpoint(cfg, Path(cfg.paths.output_dir))
     if curve_wanted(cfg) and cfg.parallelism.mode == "fsdp2":
         what = (f"eval.every_n_steps={cfg.eval.every_n_steps}" if cfg.eval.every_n_steps
-                else f"eval.curve_steps={list(cfg.eval.curve_steps)}")
+                else f"eval.curve_steps={cfg.eval.curve_steps}")
         raise LokiError(f"{what} needs the whole model on one process (parallelism single or "
                         "ddp); under fsdp the model is sharded: set eval.every_n_steps=0 and "
                         "eval.curve_steps=[]")
 
 
-def run(cfg: DictConfig, output_dir: Path) -> RunState:
-    """Run the configured stages in order and return what they produced."""
-
+def run(cfg: DictConfig | RunConfig, output_dir: Path) -> RunState:
+    """Run the configured stages in order and return what they produced; ``cfg``: a composed
+    config (checked here, before any stage) or one ``check_config`` already checked."""
+    if not isinstance(cfg, RunConfig):
+        cfg = check_config(cfg)
     validate(cfg)
     state = RunState(cfg, output_dir, loggers=build_loggers(cfg, output_dir))
     status = "failed"
@@ -193,7 +195,7 @@ def _run_stages(state: RunState) -> None:
     if {"implant", "evaluate"} & set(cfg.stages):  # before KVA: a bad dataset fails in seconds
         state.task = load_task(cfg.dataset, cfg.paths.cache_dir, state.loaded.tokenizer)
     scored = "evaluate" in cfg.stages or curve_wanted(cfg)
-    if scored and cfg.eval.get("task_dataset"):  # the task scored elsewhere
+    if scored and cfg.eval.task_dataset:  # the task scored elsewhere
         state.eval_task = load_task(cfg.eval.task_dataset, cfg.paths.cache_dir,
                                                  state.loaded.tokenizer)
     log.info("model %s: %d layers x %d nodes (base weights: %s)", state.loaded.name, n_layers,
@@ -214,7 +216,7 @@ def _run_stages(state: RunState) -> None:
 
 def write_summary(state: RunState, precision: dict[str, Any]) -> None:
     """The run's headline measures, stage times and output paths: printed and ``summary.md``."""
-    task = _eval_task(state).name if state.task else str(state.cfg.dataset.name)
+    task = _eval_task(state).name if state.task else state.cfg.dataset.name
     lines = summary_lines(state.metrics, task, state.timings,
                           {"run dir": state.output_dir, "model": state.model_dir,
                            "adapter": state.adapter_dir},
@@ -231,7 +233,7 @@ def write_run_record(state: RunState, precision: dict[str, Any]) -> Path:
         return str(value) if value else None
 
     record = {
-        "config": OmegaConf.to_container(state.cfg, resolve=True),
+        "config": state.cfg.record(),
         "base_model_dir": str(state.loaded.base_dir) if state.loaded.base_dir else None,
         "weights_fingerprint": state.loaded.fingerprint,
         "kva_store": path(state.kva_store),

@@ -4,11 +4,14 @@ hardware are then never compared blindly (run.json ``precision``, the run summar
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from loki_exp.resolvers import cpu_has_native_bf16
+
+if TYPE_CHECKING:
+    from loki_exp.config_schema import RunConfig
 
 PICKED_FOR_THE_CPU = "${cpu_precision:}"
 
@@ -23,13 +26,15 @@ def cpu_name() -> str:
     return "unknown CPU"
 
 
-def stage_precisions(cfg: DictConfig, kva_dtype: str | None = None,
+def stage_precisions(cfg: RunConfig, kva_dtype: str | None = None,
                      eval_dtype: str | None = None) -> dict[str, Any]:
     """``{"cpu": ..., "cpu_bf16_hardware": bool, "<stage>": "<precision> (<why>)"}`` for the
     stages this run has; ``kva_dtype`` / ``eval_dtype``: what the analyse stage computed in
     and the dtype of the model the evaluate stage scored, when they ran."""
     hardware = cpu_has_native_bf16()
-    raw = OmegaConf.to_container(cfg.trainer, resolve=False).get("precision")
+    # What was written, not what it resolved to: ${cpu_precision:} means the CPU picked it.
+    raw = (OmegaConf.to_container(cfg.composed.trainer, resolve=False).get("precision")
+           if cfg.composed is not None else None)
     if raw == PICKED_FOR_THE_CPU:
         why = ("picked for this CPU: bf16 hardware (AVX512-BF16 or AMX) found" if hardware
                else "picked for this CPU: no bf16 hardware, so fp32")

@@ -12,13 +12,16 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from omegaconf import DictConfig
 
 from loki_exp.errors import LokiError
+
+if TYPE_CHECKING:
+    from loki_exp.config_schema import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +30,14 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def needs_own_process(cfg: DictConfig) -> bool:
+def needs_own_process(cfg: RunConfig) -> bool:
     """A multi-process job of a local sweep (under SLURM every task already is one rank)."""
     par = cfg.parallelism
-    ranks = int(par.devices) * int(par.num_nodes)
+    ranks = par.devices * par.num_nodes
     return in_multirun() and par.mode != "auto" and ranks > 1 and not SLURMEnvironment.detect()
 
 
-def ran_in_own_process(cfg: DictConfig, module: str) -> bool:
+def ran_in_own_process(cfg: RunConfig, module: str) -> bool:
     """Run this job in its own process when it needs one (see the module docstring);
     True when it did, and succeeded."""
     if not needs_own_process(cfg):

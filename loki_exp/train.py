@@ -22,10 +22,10 @@ log = logging.getLogger("loki_exp.train")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @report_user_errors
 def main(cfg: DictConfig) -> dict:
-    check_config(cfg)  # before a multirun job launches its own processes
-    if ran_in_own_process(cfg, "loki_exp.train"):  # a DDP job of a --multirun
+    config = check_config(cfg)  # before a multirun job launches its own processes
+    if ran_in_own_process(config, "loki_exp.train"):  # a DDP job of a --multirun
         return {}
-    state = run(cfg, Path(cfg.paths.output_dir))
+    state = run(config, Path(config.paths.output_dir))
     return state.metrics or {}
 
 

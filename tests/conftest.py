@@ -23,8 +23,9 @@ def converted_smollm2():
 
 
 @pytest.fixture
-def compose_cfg():
-    """compose_cfg(*overrides) -> DictConfig, composed like the CLI but without a run dir."""
+def compose_raw():
+    """compose_raw(*overrides) -> DictConfig, composed like the CLI but without a run dir and
+    not checked (what a test of the checks needs)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -37,17 +38,34 @@ def compose_cfg():
     GlobalHydra.instance().clear()
 
 
+@pytest.fixture
+def compose_cfg(compose_raw, tmp_path_factory):
+    """compose_cfg(*overrides) -> the checked ``RunConfig`` the stages receive, composed like
+    the CLI; its ``paths.output_dir`` is a fresh temporary folder unless an override sets it
+    (outside a Hydra run the default, Hydra's run dir, does not resolve)."""
+    from loki_exp.config_schema import check_config
+
+    def _compose(*overrides: str):
+        if not any(o.startswith("paths.output_dir=") for o in overrides):
+            overrides = (*overrides, f"paths.output_dir={tmp_path_factory.mktemp('run')}")
+        return check_config(compose_raw(*overrides))
+
+    return _compose
+
+
 @pytest.fixture(scope="session")
 def tiny_models():
     """Both tiny random models (Llama 3 layers, Qwen2 2 layers), loaded once per session."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from loki_exp.config_schema import check_config
     from loki_exp.models import load_model
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        out = {name: load_model(compose("config", overrides=[f"model={name}"]).model)
+        out = {name: load_model(check_config(compose("config", overrides=[f"model={name}"]),
+                                             groups=("model",)).model)
                for name in ("tiny_llama", "tiny_qwen")}
     GlobalHydra.instance().clear()
     return out

@@ -10,13 +10,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING, Any
 
 from loki_exp.data import bfcl
 from loki_exp.data.sft import Example, encode
 from loki_exp.errors import LokiError
+
+if TYPE_CHECKING:
+    from loki_exp.config_schema import FileDataset, HubDataset, OfflineDataset
 
 
 @dataclass
@@ -34,15 +35,15 @@ def _bfcl_example(item: bfcl.BFCLItem) -> Example:
     return Example(item.id, item.messages, answer, category=item.category)
 
 
-def _bfcl(cfg: DictConfig, cache: Any, tokenizer=None) -> TaskData:
+def _bfcl(cfg: OfflineDataset, cache: Any, tokenizer=None) -> TaskData:
     fits = None
     if tokenizer is not None:  # irrelevance examples are drawn among those training keeps
         def fits(item: bfcl.BFCLItem) -> bool:
-            return encode(tokenizer, _bfcl_example(item), int(cfg.max_length),
-                          cfg.get("overflow", "drop")) is not None
+            return encode(tokenizer, _bfcl_example(item), cfg.max_length,
+                          cfg.overflow) is not None
 
-    split = bfcl.load_split(list(cfg.categories), cfg.test_fraction, cache,
-                            cfg.get("irrelevance_share", 0.0), fits)
+    split = bfcl.load_split(cfg.categories, cfg.test_fraction, cache,
+                            cfg.irrelevance_share, fits)
     train = [_bfcl_example(i) for i in split.train]
     return TaskData("bfcl", train, split.test, dict(split.skipped), cfg.test_fraction,
                     tuple(cfg.categories))
@@ -77,10 +78,10 @@ def _split(examples: list[Example], test_fraction: float) -> tuple[list, list]:
     return train, test
 
 
-def _jsonl(cfg: DictConfig) -> TaskData:
-    path = Path(str(cfg.path)).expanduser()
+def _jsonl(cfg: FileDataset) -> TaskData:
+    path = Path(cfg.path).expanduser()
     if not path.is_file():
-        raise LokiError(f"dataset.path={str(cfg.path)!r} does not exist; expected a JSONL file "
+        raise LokiError(f"dataset.path={cfg.path!r} does not exist; expected a JSONL file "
                         "with one {prompt, response} or {messages} object per line")
     examples = []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
@@ -96,7 +97,7 @@ def _jsonl(cfg: DictConfig) -> TaskData:
         examples.append(ex)
     if not examples:
         raise LokiError(f"dataset.path={str(path)!r} holds no examples")
-    train, test = _split(examples, float(cfg.test_fraction))
+    train, test = _split(examples, cfg.test_fraction)
     return TaskData("jsonl", train, test)
 
 
@@ -114,11 +115,11 @@ def _sharegpt(record: dict, rid: str) -> Example:
     return example_from_record({"id": rid, "messages": msgs}, rid)
 
 
-def _hub(cfg: DictConfig) -> TaskData:
+def _hub(cfg: HubDataset) -> TaskData:
     try:
         from datasets import load_dataset
 
-        ds = load_dataset(str(cfg.hub_id), split="train")
+        ds = load_dataset(cfg.hub_id, split="train")
     except Exception as err:
         raise LokiError(
             f"dataset={cfg.name}: could not load {cfg.hub_id!r} from the hub "
@@ -127,19 +128,15 @@ def _hub(cfg: DictConfig) -> TaskData:
     examples = [_sharegpt(r, f"{cfg.name}-{i}") if "conversations" in r
                 else example_from_record({"id": f"{cfg.name}-{i}", **r}, f"{cfg.hub_id}[{i}]")
                 for i, r in enumerate(ds)]
-    train, test = _split(examples, float(cfg.test_fraction))
-    return TaskData(str(cfg.name), train, test)
+    train, test = _split(examples, cfg.test_fraction)
+    return TaskData(cfg.name, train, test)
 
 
-def load_task(cfg: DictConfig, cache: str | os.PathLike | None = None, tokenizer=None) -> TaskData:
-    """``tokenizer``: the model's, when known (BFCL draws its irrelevance examples among those
-    that fit ``max_length``)."""
-    source = cfg.get("source")
-    if cfg.name == "bfcl" and source == "offline":
+def load_task(cfg: OfflineDataset | FileDataset | HubDataset,
+              cache: str | os.PathLike | None = None, tokenizer=None) -> TaskData:
+    """The ``dataset`` group's task (checked: ``config_schema``'s shapes by ``source``; the
+    one offline dataset is BFCL). ``tokenizer``: the model's, when known (BFCL draws its
+    irrelevance examples among those that fit ``max_length``)."""
+    if cfg.source == "offline":
         return _bfcl(cfg, cache, tokenizer)
-    if source == "file":
-        return _jsonl(cfg)
-    if source == "hub":
-        return _hub(cfg)
-    raise LokiError(f"dataset {cfg.name!r} with source={source!r} is not known; expected "
-                    "bfcl (offline), jsonl (file) or a hub dataset")
+    return _jsonl(cfg) if cfg.source == "file" else _hub(cfg)

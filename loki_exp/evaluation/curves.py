@@ -23,16 +23,18 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
-from omegaconf import DictConfig
 
 from loki_exp import atomic
 from loki_exp.data.tasks import TaskData
 from loki_exp.evaluation.drift import answer_logprobs, chat_prompts, drift_questions, kl_per_item
 from loki_exp.evaluation.evaluate import BaseModel, base_cheap_scores, flat_metrics, score_cheap
 from loki_exp.models import LoadedModel
+
+if TYPE_CHECKING:
+    from loki_exp.config_schema import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class CurveEvaluator:
     evaluate stage's base scores that it reuses), and the base's log-probabilities on those
     answers, kept in memory for the KL of every point."""
 
-    def __init__(self, cfg: DictConfig, loaded: LoadedModel, task: TaskData):
+    def __init__(self, cfg: RunConfig, loaded: LoadedModel, task: TaskData):
         self.cfg, self.task, self.tokenizer = cfg, task, loaded.tokenizer
         base = base_cheap_scores(cfg, loaded, task, BaseModel(cfg, loaded))
         gold = f"task/{task.name}/gold_bpb"
@@ -86,7 +88,7 @@ class CurveEvaluator:
         return {"metrics": self._metrics(after), "items": after["items"]}
 
     def _metrics(self, after: dict[str, Any]) -> dict[str, float]:
-        metrics = flat_metrics(self.task.name, self.base, after, str(self.cfg.eval.forgetting_metric))
+        metrics = flat_metrics(self.task.name, self.base, after, self.cfg.eval.forgetting_metric)
         # forgetting/avg here would be the bits-per-byte sets alone: named avg_bpb instead.
         return {k: v for k, v in metrics.items() if not k.startswith(("forgetting/avg/",))
                 and k != "forgetting/avg"}
@@ -156,9 +158,9 @@ class EvalCurve(L.Callback):
             trainer.strategy.barrier("eval_curve")
 
 
-def curve_wanted(cfg: DictConfig) -> bool:
+def curve_wanted(cfg: RunConfig) -> bool:
     """Whether the config asks for a curve (``eval.every_n_steps`` or ``eval.curve_steps``)."""
-    return bool(cfg.eval.get("every_n_steps") or cfg.eval.get("curve_steps"))
+    return bool(cfg.eval.every_n_steps or cfg.eval.curve_steps)
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

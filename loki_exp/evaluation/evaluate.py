@@ -13,14 +13,14 @@ the report can test differences between runs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from loki_exp import atomic
 from loki_exp.data import assets, bfcl
@@ -45,6 +45,9 @@ from loki_exp.evaluation.task_metric import bfcl_measures, generate
 from loki_exp.models import LoadedModel, load_model
 from loki_exp.progress import track
 
+if TYPE_CHECKING:
+    from loki_exp.config_schema import Eval, RunConfig
+
 # Base-score cache layout; bump when what a cached entry holds changes.
 CACHE_FORMAT = 4  # 4: gold bpb and the four BFCL measures; 3: benchmarks one at a time
 
@@ -68,21 +71,21 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def score_cheap(cfg: DictConfig, model, tokenizer, task: TaskData, lm=None,
+def score_cheap(cfg: RunConfig, model, tokenizer, task: TaskData, lm=None,
                 answers: bool = False) -> dict[str, Any]:
     """The measures that need no generation, per item: the task's gold-answer bits per byte
     and the forgetting suite's bits-per-byte sets (what a training curve evaluates); with
     ``answers``, also the model's own greedy answers to the drift questions (the base's are
     what KL drift is measured on)."""
     ev = cfg.eval
-    heldout = task_heldout(task, ev.get("task_bpb_items"))
+    heldout = task_heldout(task, ev.task_bpb_items)
     log.info("evaluate: gold-answer bits per byte of %d held-out %s items", len(heldout), task.name)
-    gold = gold_bpb(model, tokenizer, heldout, int(ev.batch_size))
+    gold = gold_bpb(model, tokenizer, heldout, ev.batch_size)
     out: dict[str, Any] = {"task": {"gold_bpb": _mean(gold)}, "bpb": {},
                            "items": {f"task/{task.name}/gold_bpb": gold}}
-    if ev.get("bpb"):
-        lm = lm or make_lm(model, tokenizer, int(ev.batch_size))
-        for name, values in score_bpb(lm, tokenizer, list(ev.bpb), ev.get("bpb_limit"),
+    if ev.bpb:
+        lm = lm or make_lm(model, tokenizer, ev.batch_size)
+        for name, values in score_bpb(lm, tokenizer, ev.bpb, ev.bpb_limit,
                                       cfg.paths.cache_dir).items():
             out["bpb"][name] = _mean(values)
             out["items"][f"bpb/{name}"] = values
@@ -90,19 +93,19 @@ def score_cheap(cfg: DictConfig, model, tokenizer, task: TaskData, lm=None,
     return out
 
 
-def drift_answers(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
+def drift_answers(cfg: RunConfig, model, tokenizer) -> dict[str, Any]:
     """``{"answers": [...]}``: the model's own greedy answers to the drift questions (the
     base's are what KL drift is measured on; a tuned model's, for format damage)."""
     ev = cfg.eval
-    if not int(ev.get("drift_prompts") or 0):
+    if not ev.drift_prompts:  # 0 or null: off
         return {}
-    questions = drift_questions(int(ev.drift_prompts), cfg.paths.cache_dir)
+    questions = drift_questions(ev.drift_prompts, cfg.paths.cache_dir)
     return {"answers": generate(
         model, tokenizer, [[{"role": "user", "content": q}] for q in questions],
-        int(ev.drift_max_new_tokens), int(ev.batch_size), "drift answers")}
+        ev.drift_max_new_tokens, ev.batch_size, "drift answers")}
 
 
-def cheap_from_point(cfg: DictConfig, model, tokenizer, task: TaskData,
+def cheap_from_point(cfg: RunConfig, model, tokenizer, task: TaskData,
                      point: dict[str, Any]) -> dict[str, Any]:
     """``score_cheap(answers=True)`` of the trained model from the curve's point at its last
     step (``evaluation/curves.py``): the same model on the same items, so only the drift
@@ -115,13 +118,12 @@ def cheap_from_point(cfg: DictConfig, model, tokenizer, task: TaskData,
             "items": dict(items), "drift": drift_answers(cfg, model, tokenizer)}
 
 
-def _bfcl_counts(ev: DictConfig) -> dict[str, int]:
-    return {"trained": int(ev.bfcl_trained_items or 0),
-            "irrelevance": int(ev.bfcl_irrelevance_items or 0),
-            "transfer": int(ev.bfcl_transfer_items or 0)}
+def _bfcl_counts(ev: Eval) -> dict[str, int]:
+    return {"trained": ev.bfcl_trained_items, "irrelevance": ev.bfcl_irrelevance_items,
+            "transfer": ev.bfcl_transfer_items}
 
 
-def score_model(cfg: DictConfig, model, tokenizer, task: TaskData,
+def score_model(cfg: RunConfig, model, tokenizer, task: TaskData,
                 cheap: dict[str, Any] | None = None) -> dict[str, Any]:
     """{"bench": {name: {metric: value}}, "bpb": {set: value}, "task": {metric: value},
     "drift": {"answers": [...]}, "items": {metric key: per-item values}} for one model;
@@ -129,22 +131,22 @@ def score_model(cfg: DictConfig, model, tokenizer, task: TaskData,
     ev = cfg.eval
     model.eval()
     out: dict[str, Any] = {"bench": {}, "bpb": {}, "task": {}, "drift": {}, "items": {}}
-    lm = make_lm(model, tokenizer, int(ev.batch_size))
+    lm = make_lm(model, tokenizer, ev.batch_size)
     if ev.benchmarks:
         log.info("evaluate: %d benchmarks through lm-eval (%s items each): %s",
                  len(ev.benchmarks), ev.limit or "all", ", ".join(ev.benchmarks))
         # One benchmark at a time: a progress line (with ETA) per benchmark in a log.
-        for bench in track(list(ev.benchmarks), "benchmarks", len(ev.benchmarks)):
+        for bench in track(ev.benchmarks, "benchmarks", len(ev.benchmarks)):
             scores, per_item = run_suite(
                 lm, [bench], ev.limit, ev.source, cfg.paths.cache_dir,
-                paper_data=ev.get("paper_data"), allow_code=bool(ev.get("allow_code_execution")),
-                max_new_tokens=ev.get("paper_max_new_tokens"))
+                paper_data=ev.paper_data, allow_code=ev.allow_code_execution,
+                max_new_tokens=ev.paper_max_new_tokens)
             out["bench"].update(scores)
             for name, metrics in per_item.items():
                 out["items"].update({f"bench/{name}/{m}": v for m, v in metrics.items()})
-    if ev.get("bpb"):
+    if ev.bpb:
         log.info("evaluate: bits per byte of %s (%s items each, as shipped and chat-rendered)",
-                 ", ".join(ev.bpb), ev.get("bpb_limit") or "all")
+                 ", ".join(ev.bpb), ev.bpb_limit or "all")
     cheap = cheap or score_cheap(cfg, model, tokenizer, task, lm, answers=True)
     for part in ("task", "bpb", "items", "drift"):
         out[part].update(cheap[part])
@@ -152,8 +154,8 @@ def score_model(cfg: DictConfig, model, tokenizer, task: TaskData,
         log.info("evaluate: BFCL calls generated on held-out items (%s per category: trained, "
                  "irrelevance, transfer)", "/".join(str(v) for v in _bfcl_counts(ev).values()))
         scores, items = bfcl_measures(model, tokenizer, list(task.categories), task.test_fraction,
-                                      _bfcl_counts(ev), int(ev.max_new_tokens),
-                                      int(ev.batch_size), cfg.paths.cache_dir)
+                                      _bfcl_counts(ev), ev.max_new_tokens,
+                                      ev.batch_size, cfg.paths.cache_dir)
         out["task"].update(scores)
         out["items"].update({f"task/bfcl/{k}": v for k, v in items.items()})
     if out["drift"].get("answers"):
@@ -167,7 +169,7 @@ class BaseModel:
     the KL drift both need it. ``loaded``: a copy already in memory (the model before
     training changes it)."""
 
-    def __init__(self, cfg: DictConfig, loaded: LoadedModel | None = None):
+    def __init__(self, cfg: RunConfig, loaded: LoadedModel | None = None):
         self.cfg = cfg
         self._loaded = loaded
 
@@ -177,7 +179,7 @@ class BaseModel:
         return self._loaded
 
 
-def drift_kl(cfg: DictConfig, tuned, tokenizer, base_answers: list[str], base) -> list[float]:
+def drift_kl(cfg: RunConfig, tuned, tokenizer, base_answers: list[str], base) -> list[float]:
     """Per question, the mean per-token KL(base || tuned) on the base model's own answers."""
     prompts = chat_prompts(tokenizer, drift_questions(len(base_answers), cfg.paths.cache_dir))
     base_lp = answer_logprobs(base.to(next(tuned.parameters()).device), tokenizer, prompts,
@@ -185,22 +187,22 @@ def drift_kl(cfg: DictConfig, tuned, tokenizer, base_answers: list[str], base) -
     return kl_per_item(base_lp, answer_logprobs(tuned, tokenizer, prompts, base_answers))
 
 
-def _base_key(cfg: DictConfig, loaded: LoadedModel, task: TaskData) -> str:
+def _base_key(cfg: RunConfig, loaded: LoadedModel, task: TaskData) -> str:
     spec = {"format": CACHE_FORMAT, "weights": loaded.fingerprint,
             # the curve's steps change when the tuned model is scored, not the base's scores
-            "eval": {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()
+            "eval": {k: v for k, v in dataclasses.asdict(cfg.eval).items()
                      if k not in ("every_n_steps", "curve_steps")},
-            "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+            "dataset": dataclasses.asdict(cfg.dataset),
             "test_ids": [getattr(i, "id", None) for i in task.test]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _base_path(cfg: DictConfig, loaded: LoadedModel, task: TaskData, part: str = "") -> Path:
+def _base_path(cfg: RunConfig, loaded: LoadedModel, task: TaskData, part: str = "") -> Path:
     return (assets.cache_dir(cfg.paths.cache_dir) / "eval" / loaded.name /
             f"{_base_key(cfg, loaded, task)}{part}.json")
 
 
-def base_cheap_scores(cfg: DictConfig, loaded: LoadedModel, task: TaskData,
+def base_cheap_scores(cfg: RunConfig, loaded: LoadedModel, task: TaskData,
                       base_model: BaseModel | None = None) -> dict[str, Any]:
     """The base model's ``score_cheap`` with its drift answers, cached on its own: what a
     curve along training needs (no benchmarks, no BFCL generation), and the part of
@@ -216,7 +218,7 @@ def base_cheap_scores(cfg: DictConfig, loaded: LoadedModel, task: TaskData,
         return scores
 
 
-def base_scores(cfg: DictConfig, loaded: LoadedModel, task: TaskData,
+def base_scores(cfg: RunConfig, loaded: LoadedModel, task: TaskData,
                 base_model: BaseModel | None = None) -> dict[str, Any]:
     path = _base_path(cfg, loaded, task)
     with atomic.cache_lock(path):  # jobs sharing the cache score the base once
@@ -328,7 +330,7 @@ def _forgetting(out, key, before, after, items_before, items_after, signs) -> No
             {b: items_before[b] for b in kept}, {b: items_after[b] for b in kept}, signs)
 
 
-def run_evaluate(cfg: DictConfig, loaded: LoadedModel, task: TaskData, output_dir: Path,
+def run_evaluate(cfg: RunConfig, loaded: LoadedModel, task: TaskData, output_dir: Path,
                  final_point: dict[str, Any] | None = None) -> dict[str, float]:
     """Score the base (cached) and the tuned model, write ``metrics.json`` and ``items.json``.
     ``final_point``: the curve's point at the step training ended; its gold bits per byte,
@@ -348,7 +350,7 @@ def run_evaluate(cfg: DictConfig, loaded: LoadedModel, task: TaskData, output_di
     if before.get("drift", {}).get("answers") and "drift/kl" not in after["items"]:
         after["items"]["drift/kl"] = drift_kl(cfg, loaded.model, loaded.tokenizer,
                                               before["drift"]["answers"], base().model)
-    metrics = flat_metrics(task.name, before, after, str(cfg.eval.forgetting_metric))
+    metrics = flat_metrics(task.name, before, after, cfg.eval.forgetting_metric)
     atomic.write_json(output_dir / "metrics.json", metrics, indent=2, sort_keys=True)
     items = {key: {"before": before.get("items", {}).get(key), "after": values}
              for key, values in after["items"].items()}

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -23,12 +22,15 @@ from loki_exp import atomic
 from loki_exp.errors import LokiError
 from loki_exp.model_access import down_projs
 
+if TYPE_CHECKING:
+    from loki_exp.config_schema import RunConfig
+
 FORMAT = 1
 ROWS_FILE = "rows.safetensors"
 META_FILE = "adapter.json"
 
 
-def save_adapter(cfg: DictConfig, fingerprint: str, model: nn.Module,
+def save_adapter(cfg: RunConfig, fingerprint: str, model: nn.Module,
                  positions: list[list[int]], target: Path) -> Path:
     """``target`` (a folder) from the exported (merged) model's selected rows."""
     from loki_exp.implant.model_card import base_model_name
@@ -45,9 +47,9 @@ def save_adapter(cfg: DictConfig, fingerprint: str, model: nn.Module,
         if proj.bias is not None:
             tensors[f"{prefix}.bias"] = proj.bias.detach().cpu().index_select(0, idx).contiguous()
     meta = {"format": FORMAT, "base_model": base_model_name(cfg), "base_fingerprint": fingerprint,
-            "method": str(cfg.method.name), "quota": cfg.quota, "strategy": str(cfg.strategy.name),
-            "strategy_seed": cfg.strategy.get("seed") if cfg.strategy.name == "random" else None,
-            "kva_preset": cfg.kva.get("preset"), "positions_file": cfg.get("positions_file"),
+            "method": cfg.method.name, "quota": cfg.quota, "strategy": cfg.strategy.name,
+            "strategy_seed": cfg.strategy.seed if cfg.strategy.name == "random" else None,
+            "kva_preset": cfg.kva.preset, "positions_file": cfg.positions_file,
             "layers": len(projs), "down_proj_shape": list(projs[0].weight.shape),
             "trained_rows": sum(map(len, positions))}
     with atomic.writing_dir(target) as tmp:

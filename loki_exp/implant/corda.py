@@ -18,17 +18,19 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import peft
 import torch
 from filelock import FileLock
-from omegaconf import DictConfig
 from torch import nn
 
 from loki_exp.data import assets
 from loki_exp.errors import LokiError
 from loki_exp.models import LoadedModel
+
+if TYPE_CHECKING:
+    from loki_exp.implant.methods.corda import CordaSettings
 
 log = logging.getLogger(__name__)
 
@@ -65,29 +67,29 @@ def render(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     return [tokenizer(p, add_special_tokens=False).input_ids[:max_length] for p in prompts]
 
 
-def lora_config(cfg: DictConfig, model: nn.Module, cache_file: str | None = None):
+def lora_config(cfg: CordaSettings, model: nn.Module, cache_file: str | None = None):
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 
     from loki_exp.implant.methods.lora import peft_config
 
     lora_cfg = peft_config(cfg, init_lora_weights="corda", corda_config=CordaConfig(
-        corda_method=str(cfg.corda_method), cache_file=cache_file))
+        corda_method=cfg.corda_method, cache_file=cache_file))
     # preprocess_corda matches target_modules literally; "all-linear" is only expanded inside
     # get_peft_model, so expand it first with peft's own rule (the layers peft will adapt).
     return _maybe_include_all_linear_layers(lora_cfg, model)
 
 
 def cache_key(loaded: LoadedModel, model: nn.Module, prompts: list[list[int]],
-              lora_cfg, cfg: DictConfig) -> str:
+              lora_cfg, cfg: CordaSettings) -> str:
     targets = lora_cfg.target_modules
     tokens = hashlib.sha256()
     for ids in prompts:
         tokens.update(json.dumps(ids).encode() + b"\x00")
     spec = {"weights": loaded.fingerprint, "dtype": str(next(model.parameters()).dtype),
-            "questions": tokens.hexdigest(), "rank": int(cfg.rank),
+            "questions": tokens.hexdigest(), "rank": cfg.rank,
             "targets": targets if isinstance(targets, str) else sorted(targets),
-            "corda_method": str(cfg.corda_method),
+            "corda_method": cfg.corda_method,
             "peft": peft.__version__}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -96,7 +98,7 @@ def cache_path(cache_dir: Any, model_name: str, key: str) -> Path:
     return assets.model_cache_file(cache_dir, "corda", model_name, f"{key}.pt")
 
 
-def prepare_corda(cfg: DictConfig, model: nn.Module, loaded: LoadedModel | None,
+def prepare_corda(cfg: CordaSettings, model: nn.Module, loaded: LoadedModel | None,
                   cache_dir: Any = None, like: nn.Module | None = None) -> nn.Module:
     """``model`` (the base weights of ``loaded``) with CorDA adapters; only they train.
 
@@ -118,8 +120,8 @@ def prepare_corda(cfg: DictConfig, model: nn.Module, loaded: LoadedModel | None,
     if loaded is None:
         raise LokiError("method=corda needs the loaded model (tokenizer, fingerprint)")
     cov = cfg.covariance
-    prompts = render(loaded.tokenizer, questions(cov.source, int(cov.samples), cache_dir),
-                     int(cov.max_length))
+    prompts = render(loaded.tokenizer, questions(cov.source, cov.samples, cache_dir),
+                     cov.max_length)
     lora_cfg = lora_config(cfg, model)
     path = cache_path(cache_dir, loaded.name, cache_key(loaded, model, prompts, lora_cfg, cfg))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING
 
 from loki_exp.atomic import writing_dir
 from loki_exp.implant import methods
 from loki_exp.models import LoadedModel
 
+if TYPE_CHECKING:
+    from loki_exp.config_schema import RunConfig
 
-def export_checkpoint(cfg: DictConfig, loaded: LoadedModel, output_dir: Path) -> Path:
+
+def export_checkpoint(cfg: RunConfig, loaded: LoadedModel, output_dir: Path) -> Path:
     """Write ``<output_dir>/model`` (safetensors, config, tokenizer); plain transformers loads it."""
     model = methods.merge(cfg.method, loaded.model)
     loaded.model = model

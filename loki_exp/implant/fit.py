@@ -8,14 +8,13 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
-from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -31,67 +30,69 @@ from loki_exp.models import LoadedModel, load_model
 from loki_exp.parallel import lightning_strategy
 from loki_exp.progress import progress_callbacks
 
+if TYPE_CHECKING:
+    from loki_exp.config_schema import RunConfig, Trainer
+
 log = logging.getLogger(__name__)
 
 
-def learning_rate(cfg: DictConfig) -> float:
+def learning_rate(cfg: RunConfig) -> float:
     """method.lr, scaled with the quota where the method says so (``loki``: not LoKI*,
     ``implant/methods/loki.py``) and the experiment sets ``quota_lr_scale`` (the paper's
     reranker runs: q=30 at 0.4x the q=10 rate)."""
-    if not methods.get(cfg.method.name).quota_scales_lr or cfg.get("quota_lr_scale") is None:
-        return float(cfg.method.lr)
-    scale = np.interp(float(cfg.quota), list(cfg.quota_lr_scale.quotas),
-                      list(cfg.quota_lr_scale.scales))
-    return float(cfg.method.lr) * float(scale)
+    if not methods.get(cfg.method.name).quota_scales_lr or cfg.quota_lr_scale is None:
+        return cfg.method.lr
+    scale = np.interp(cfg.quota, cfg.quota_lr_scale.quotas, cfg.quota_lr_scale.scales)
+    return cfg.method.lr * float(scale)  # a numpy float -> the run record's plain float
 
 
-def build_trainer(cfg: DictConfig, output_dir: Path, loggers: list,
+def build_trainer(cfg: RunConfig, output_dir: Path, loggers: list,
                   extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
     par, tr = cfg.parallelism, cfg.trainer
-    every = int(tr.checkpoint_every_n_steps)
+    every = tr.checkpoint_every_n_steps
     # 0 means no checkpoints at all: a sweep of full fine-tunes would otherwise write a
     # model-plus-optimizer last.ckpt (1.6 GB for SmolLM2) per job that the export makes moot.
     checkpoints = [ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True,
                                    save_top_k=0, every_n_train_steps=every)] if every else []
     bar, lines = progress_callbacks("implant")  # a bar on a terminal, plain lines in a log
-    callbacks = [*checkpoints, *lines, *extra_callbacks, *user_callbacks(tr.get("callbacks"))]
+    callbacks = [*checkpoints, *lines, *extra_callbacks, *user_callbacks(tr.callbacks)]
     ours = dict(enable_progress_bar=bar,
         # Off only when no checkpoint callback is given at all (Lightning would add its own);
         # a user's ModelCheckpoint in trainer.callbacks still works with every=0.
         enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
         accelerator=par.accelerator, devices=par.devices, num_nodes=par.num_nodes,
         strategy=lightning_strategy(par), use_distributed_sampler=False,  # SFTDataModule splits
-        precision=tr.precision, max_steps=-1 if tr.get("max_steps") is None else int(tr.max_steps),
-        max_epochs=tr.get("max_epochs"),
-        accumulate_grad_batches=int(tr.accumulate_grad_batches),
-        gradient_clip_val=tr.get("gradient_clip_val"), log_every_n_steps=int(tr.log_every_n_steps),
+        precision=tr.precision, max_steps=-1 if tr.max_steps is None else tr.max_steps,
+        max_epochs=tr.max_epochs,
+        accumulate_grad_batches=tr.accumulate_grad_batches,
+        gradient_clip_val=tr.gradient_clip_val, log_every_n_steps=tr.log_every_n_steps,
         logger=loggers,  # the logger group's (loggers.build_loggers)
         callbacks=callbacks,
-        deterministic=bool(tr.deterministic),
+        deterministic=tr.deterministic,
         default_root_dir=output_dir,
     )
-    spec = tr.get("lightning") or {"_target_": "lightning.pytorch.Trainer"}
+    spec = tr.lightning or {"_target_": "lightning.pytorch.Trainer"}
     # partial: the user's flags through Hydra, ours (objects: strategy, loggers, callbacks)
     # passed as they are, never copied into a config.
     return instantiate(spec, _partial_=True)(**ours)
 
 
-def total_steps(tr: DictConfig, n_train: int) -> int:
+def total_steps(tr: Trainer, n_train: int) -> int:
     """Optimizer steps of the run: ``max_steps``, or ``max_epochs`` x the steps of an epoch
     (its full global batches, an incomplete last one dropped, over gradient accumulation;
     Lightning steps on an epoch's last batch even mid-accumulation)."""
-    if tr.get("max_steps") is not None:
-        return int(tr.max_steps)
-    batches = n_train // int(tr.batch_size)
+    if tr.max_steps is not None:
+        return tr.max_steps
+    batches = n_train // tr.batch_size
     if batches < 1:
         raise LokiError(f"{n_train} training examples are fewer than trainer.batch_size={tr.batch_size}")
-    return int(tr.max_epochs) * math.ceil(batches / int(tr.accumulate_grad_batches))
+    return tr.max_epochs * math.ceil(batches / tr.accumulate_grad_batches)
 
 
-def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
+def resume_checkpoint(cfg: RunConfig, output_dir: Path) -> str | None:
     """``trainer.resume_from``: null (start fresh), "last" (this run dir's last checkpoint,
     e.g. after the job was killed; rerun with the same ``hydra.run.dir``) or a path."""
-    resume = cfg.trainer.get("resume_from")
+    resume = cfg.trainer.resume_from
     if resume is None:
         return None
     if resume == "last":
@@ -120,7 +121,7 @@ def check_checkpoint(path: str | Path) -> str:
     return str(path)
 
 
-def unsharded_copy(cfg: DictConfig, sharded: nn.Module, positions: list[list[int]] | None) -> nn.Module:
+def unsharded_copy(cfg: RunConfig, sharded: nn.Module, positions: list[list[int]] | None) -> nn.Module:
     """After FSDP2 training the model holds DTensor shards; export and evaluation want a
     plain model. Gather every trained tensor (all ranks take part) into a fresh copy of the
     base model prepared the same way."""
@@ -152,21 +153,21 @@ def warn_data_loss(task: str, counts: EncodedCounts, max_length: int, overflow: 
                     ", ".join(f"{c} {share:.0%}" for c, share in sorted(lost.items())))
 
 
-def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]] | None,
+def run_implant(cfg: RunConfig, loaded: LoadedModel, positions: list[list[int]] | None,
                 task: TaskData, output_dir: Path, loggers: list,
                 callbacks: list[L.Callback] = ()) -> dict[str, Any]:
     if not methods.get(cfg.method.name).trains:  # suppress: an edit, no training
         loaded.model = methods.prepare(cfg.method, loaded.model, positions)
         return {"trainable_parameters": 0, "edited_rows": sum(map(len, positions or []))}
-    overflow = cfg.dataset.get("overflow", "drop")
-    train, counts = encode_all(loaded.tokenizer, task.train, int(cfg.dataset.max_length), overflow)
-    warn_data_loss(task.name, counts, int(cfg.dataset.max_length), overflow)
+    overflow, max_length = cfg.dataset.overflow, cfg.dataset.max_length
+    train, counts = encode_all(loaded.tokenizer, task.train, max_length, overflow)
+    warn_data_loss(task.name, counts, max_length, overflow)
     if not train:
         raise LokiError(f"dataset {task.name}: no training example fits max_length="
                         f"{cfg.dataset.max_length}")
     # Seeded before the adapters are initialised: every rank must build the same LoRA A/B
     # (FSDP2 shards each rank's own copy; nothing broadcasts rank 0's), and runs repeat.
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = methods.prepare(cfg.method, loaded.model, positions, loaded=loaded,
                             cache_dir=cfg.paths.cache_dir)
     loaded.model = model
@@ -174,16 +175,16 @@ def run_implant(cfg: DictConfig, loaded: LoadedModel, positions: list[list[int]]
     lr = learning_rate(cfg)
     log.info("implant: method=%s, %d trainable parameters, lr=%.3g, %d train examples "
              "(%d test held out)", cfg.method.name, n_trainable, lr, len(train), len(task.test))
-    identity = run_identity(str(cfg.method.name), positions, loaded.fingerprint, train)
+    identity = run_identity(cfg.method.name, positions, loaded.fingerprint, train)
     resume = resume_checkpoint(cfg, output_dir)
     check_resume(resume, identity)
     tuner = CausalLMTuner(model, lr=lr, max_steps=total_steps(cfg.trainer, len(train)),
-                          warmup_ratio=float(cfg.trainer.warmup_ratio),
-                          weight_decay=float(cfg.trainer.weight_decay), identity=identity)
+                          warmup_ratio=cfg.trainer.warmup_ratio,
+                          weight_decay=cfg.trainer.weight_decay, identity=identity)
     pad_id = loaded.tokenizer.pad_token_id
-    data = SFTDataModule(train, int(cfg.trainer.batch_size),
+    data = SFTDataModule(train, cfg.trainer.batch_size,
                          pad_id if pad_id is not None else loaded.tokenizer.eos_token_id,
-                         seed=int(cfg.seed), group_by_length=bool(cfg.trainer.group_by_length))
+                         seed=cfg.seed, group_by_length=cfg.trainer.group_by_length)
     trainer = build_trainer(cfg, output_dir, loggers, callbacks)
     trainer.fit(tuner, datamodule=data, ckpt_path=resume,
                 weights_only=True)  # a checkpoint never needs arbitrary unpickling

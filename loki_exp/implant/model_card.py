@@ -8,21 +8,23 @@ it is.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
 
 from loki_exp import atomic
 from loki_exp.implant import methods
 from loki_exp.run_summary import headline_table
 
+if TYPE_CHECKING:
+    from loki_exp.config_schema import RunConfig
 
-def base_model_name(cfg: DictConfig) -> str:
+
+def base_model_name(cfg: RunConfig) -> str:
     model = cfg.model
-    if model.get("source") == "pretrained" and model.get("name_or_path"):
-        return str(model.name_or_path)
-    return str(model.get("hub_id") or model.name)
+    if model.source == "pretrained":
+        return model.name_or_path
+    return model.hub_id or model.name
 
 
 def _fmt(value: Any) -> str:
@@ -48,55 +50,52 @@ def _results(metrics: dict[str, float]) -> list[str]:
     return out
 
 
-def _config_yaml(cfg: DictConfig) -> str:
+def _config_yaml(cfg: RunConfig) -> str:
     """The run's resolved config, without machine paths."""
-    try:
-        container = OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # an interpolation only a Hydra run resolves: show it unresolved
-        container = OmegaConf.to_container(cfg, resolve=False)
+    container = cfg.record()
     container.pop("paths", None)
     return yaml.safe_dump(container, sort_keys=False).rstrip()
 
 
-def write_model_card(cfg: DictConfig, model_dir: Path, implant: dict[str, Any] | None = None,
+def write_model_card(cfg: RunConfig, model_dir: Path, implant: dict[str, Any] | None = None,
                      metrics: dict[str, float] | None = None) -> Path:
     method, dataset = cfg.method, cfg.dataset
     selects_rows = methods.get(method.name).selects_rows
-    selecting = selects_rows and not cfg.get("positions_file")
+    selecting = selects_rows and not cfg.positions_file
     front = {"base_model": base_model_name(cfg), "library_name": "transformers",
              "tags": ["loki_exp", f"method:{method.name}"]
-             + ([f"quota:{cfg.quota}", f"strategy:{cfg.strategy.name}"] if selecting else [])}
+             + ([f"quota:{cfg.quota:g}", f"strategy:{cfg.strategy.name}"] if selecting else [])}
     lines: list[str] = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
-             f"# {cfg.model.name}, {method.name} on {dataset.get('name', 'the task')}", "",
+             f"# {cfg.model.name}, {method.name} on {dataset.name}", "",
              "Made with loki_exp (LoKI: Low-damage Knowledge Implanting). A plain transformers "
              "checkpoint: `AutoModelForCausalLM.from_pretrained(this folder)`.", ""]
     if metrics:  # the card leads with what the run learned and what it cost
-        task = (cfg.eval.get("task_dataset") or dataset).get("name", "task")
+        task = (cfg.eval.task_dataset or dataset).name
         lines += ["## Results", "", "The base model against this one on the same held-out "
                   "items; intervals: 95% paired bootstrap over items.", "",
                   *headline_table(metrics, task), ""]
     lines += ["## Training", "",
              f"- Base model: `{front['base_model']}` (loki_exp model `{cfg.model.name}`)",
              f"- Method: `{method.name}`, learning rate "
-             f"{_fmt((implant or {}).get('lr') or method.get('lr'))}"]
+             f"{_fmt((implant or {}).get('lr') or method.lr)}"]
     if selecting and cfg.strategy.name == "random":
-        lines.append(f"- Quota: {cfg.quota}% of all MLP down_proj rows, drawn at random per "
+        lines.append(f"- Quota: {cfg.quota:g}% of all MLP down_proj rows, drawn at random per "
                      f"layer (strategy `random`, seed {cfg.strategy.seed}; no KVA)")
     elif selecting:
         probe = cfg.kva.probe
-        lines += [f"- Quota: {cfg.quota}% of all MLP down_proj rows, strategy "
+        lines += [f"- Quota: {cfg.quota:g}% of all MLP down_proj rows, strategy "
                   f"`{cfg.strategy.name}`",
-                  f"- KVA preset `{cfg.kva.get('preset')}` ({cfg.kva.method} x {cfg.kva.steps}, "
+                  f"- KVA preset `{cfg.kva.preset}` ({cfg.kva.method} x {cfg.kva.steps}, "
                   f"{cfg.kva.baseline} baseline, scale_positions={cfg.kva.scale_positions}); "
                   f"probe: MMLU ({probe.source}), {probe.samples_per_subject} rows per subject, "
                   f"subjects {probe.subjects}, {probe.shots}-shot"
-                  + (f", limit {cfg.kva.limit} prompts" if cfg.kva.get("limit") else "")]
+                  + (f", limit {cfg.kva.limit} prompts" if cfg.kva.limit else "")]
     elif selects_rows:
         lines.append(f"- Rows: given by `{cfg.positions_file}`")
     tr = cfg.trainer
-    length = (f"{tr.max_steps} steps" if tr.get("max_steps") is not None
+    length = (f"{tr.max_steps} steps" if tr.max_steps is not None
               else f"{tr.max_epochs} epochs")
-    lines += [f"- Training data: `{dataset.get('name', '?')}`"
+    lines += [f"- Training data: `{dataset.name}`"
               + (f", {implant['train_examples']} examples" if implant and "train_examples" in implant
                  else ""),
               f"- {length}, global batch {tr.batch_size}, precision {tr.precision}, seed {cfg.seed}"]

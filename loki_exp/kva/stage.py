@@ -14,12 +14,11 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import filelock
 import lightning as L
 import torch
-from omegaconf import DictConfig
 
 import loki_exp
 from loki_exp import atomic
@@ -41,34 +40,37 @@ from loki_exp.models import LoadedModel, torch_dtype
 from loki_exp.parallel import kva_strategy, ranks_started_together
 from loki_exp.progress import progress_callbacks
 
+if TYPE_CHECKING:
+    from loki_exp.config_schema import Kva, RunConfig
+
 log = logging.getLogger(__name__)
 
 
-def kva_settings(kva: DictConfig) -> KVASettings:
+def kva_settings(kva: Kva) -> KVASettings:
     return KVASettings(method=kva.method, steps=kva.steps, baseline=kva.baseline,
-                       baseline_token_id=int(kva.baseline_token_id),
+                       baseline_token_id=kva.baseline_token_id,
                        scale_positions=kva.scale_positions, engine=kva.engine)
 
 
-def probe_spec(kva: DictConfig) -> ProbeSpec:
+def probe_spec(kva: Kva) -> ProbeSpec:
     probe = kva.probe
     return ProbeSpec(source=probe.source, samples_per_subject=probe.samples_per_subject,
-                     pick=probe.pick, seed=int(probe.seed), subjects=subject_choice(probe.subjects),
+                     pick=probe.pick, seed=probe.seed, subjects=subject_choice(probe.subjects),
                      shots=probe.shots, limit=kva.limit, hub_id=probe.hub_id)
 
 
-def probe_rows(kva: DictConfig, tokenizer, cache: Any = None) -> list[dict[str, Any]]:
+def probe_rows(kva: Kva, tokenizer, cache: Any = None) -> list[dict[str, Any]]:
     probe_set = load_probe(probe_spec(kva), cache)
     return [{"index": i, "sample_id": it.sample_id,
              "prompt": render_prompt(tokenizer, it, probe_set.shots_for(it))}
             for i, it in enumerate(probe_set.items)]
 
 
-def compute_dtype(kva: DictConfig, loaded: LoadedModel) -> str:
+def compute_dtype(kva: Kva, loaded: LoadedModel) -> str:
     """``kva.dtype``, or the model's own dtype when it is null (the preset runs "as loaded")."""
-    if kva.get("dtype") is None:
+    if kva.dtype is None:
         return str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
-    return str(kva.dtype)  # a known name: config_schema checked it
+    return kva.dtype  # a known name: config_schema checked it
 
 
 def model_for_kva(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -96,12 +98,12 @@ def store_path(cache_dir: Any, model_name: str, key: str) -> Path:
     return assets.model_cache_file(cache_dir, "kva", model_name, f"{key}.h5")
 
 
-def _provenance(cfg: DictConfig, loaded: LoadedModel, settings: KVASettings, key: str,
+def _provenance(cfg: RunConfig, loaded: LoadedModel, settings: KVASettings, key: str,
                 grid: tuple[int, int], dtype: str) -> dict[str, Any]:
     probe = cfg.kva.probe
     subjects = subject_choice(probe.subjects)
     return {
-        "preset": cfg.kva.get("preset") or "custom",
+        "preset": cfg.kva.preset or "custom",
         "model": loaded.name, "weights_fingerprint": loaded.fingerprint,
         "dtype": dtype, "store_dtype": cfg.kva.store_dtype,
         **{k: v for k, v in asdict(settings).items()},
@@ -117,19 +119,19 @@ def _provenance(cfg: DictConfig, loaded: LoadedModel, settings: KVASettings, key
     }
 
 
-def kva_trainer(cfg: DictConfig, callbacks: list) -> L.Trainer:
+def kva_trainer(cfg: RunConfig, callbacks: list) -> L.Trainer:
     par = cfg.parallelism
     bar, lines = progress_callbacks("analyse (KVA)")  # a bar on a terminal, else plain lines
     return L.Trainer(accelerator=par.accelerator, devices=par.devices, num_nodes=par.num_nodes,
                      strategy=kva_strategy(par), inference_mode=False, logger=False,
                      enable_checkpointing=False, enable_model_summary=False,
                      enable_progress_bar=bar,
-                     callbacks=[*callbacks, *lines, *user_callbacks(cfg.kva.get("callbacks"))])
+                     callbacks=[*callbacks, *lines, *user_callbacks(cfg.kva.callbacks)])
 
 
-def run_analyse(cfg: DictConfig, loaded: LoadedModel) -> Path:
+def run_analyse(cfg: RunConfig, loaded: LoadedModel) -> Path:
     """Return the finished KVA store for this model and config, computing what is missing."""
-    if cfg.kva.get("store"):  # a given store, e.g. one the original LoKI code wrote
+    if cfg.kva.store:  # a given store, e.g. one the original LoKI code wrote
         with StoreView(cfg.kva.store) as view:
             view.check_grid(*node_grid(loaded.model))
         return Path(cfg.kva.store)
@@ -138,7 +140,7 @@ def run_analyse(cfg: DictConfig, loaded: LoadedModel) -> Path:
     rows = probe_rows(cfg.kva, loaded.tokenizer, cfg.paths.cache_dir)
     grid = node_grid(loaded.model)
     key = store_key(loaded.fingerprint, rows, settings, dtype, cfg.kva.store_dtype,
-                    cfg.kva.get("preset"))
+                    cfg.kva.preset)
     path = store_path(cfg.paths.cache_dir, loaded.name, key)
     writer = KVAStoreWriter(path, cfg.kva.store_dtype)
     trainer = kva_trainer(cfg, [writer])
@@ -220,10 +222,10 @@ def _todo(path: Path, rows: list[dict[str, Any]], grid: tuple[int, int]) -> list
     return [r for r in rows if r["index"] not in done]
 
 
-def _compute(cfg: DictConfig, loaded: LoadedModel, settings: KVASettings, dtype: str,
+def _compute(cfg: RunConfig, loaded: LoadedModel, settings: KVASettings, dtype: str,
              rows: list[dict[str, Any]], todo: list[dict[str, Any]], trainer: L.Trainer) -> None:
     log.info("KVA (preset %s): %d prompts, %d already in partial shards, %d to compute "
-             "(engine=%s, baseline=%s, %s x %d, scale_positions=%s, %s)", cfg.kva.get("preset"),
+             "(engine=%s, baseline=%s, %s x %d, scale_positions=%s, %s)", cfg.kva.preset,
              len(rows), len(rows) - len(todo), len(todo), settings.engine, settings.baseline,
              settings.method, settings.steps, settings.scale_positions, dtype)
     if not todo:
@@ -233,11 +235,11 @@ def _compute(cfg: DictConfig, loaded: LoadedModel, settings: KVASettings, dtype:
     # to do, so a resumed run reuses exactly the same prefix keys/values.
     ids = [loaded.tokenizer(r["prompt"], add_special_tokens=False).input_ids for r in rows]
     module = KVAModule(kva_model, loaded.tokenizer, settings, common_prefix(ids))
-    if int(cfg.kva.batch_size) > 1:
+    if cfg.kva.batch_size > 1:
         # Batches of similar lengths waste less on left padding; the store is keyed by each
         # prompt's index, so the order it is computed in changes nothing stored.
         length = {r["index"]: len(i) for r, i in zip(rows, ids)}
         todo = sorted(todo, key=lambda r: -length[r["index"]])
-    trainer.predict(module, datamodule=ProbeDataModule(todo, int(cfg.kva.batch_size)),
+    trainer.predict(module, datamodule=ProbeDataModule(todo, cfg.kva.batch_size),
                     return_predictions=False)
     trainer.strategy.barrier("kva_predicted")  # every rank's shard is complete

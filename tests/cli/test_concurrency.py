@@ -12,7 +12,9 @@ import pytest
 from tests.support.caches import linked_cache
 from tests.support.paths import CONF_DIR
 
-OVERRIDES = ["model=tiny_llama", "kva.limit=2", "kva.dtype=float32", "eval.benchmarks=[arc_easy]",
+# paths.output_dir: outside a Hydra run its default does not resolve; these jobs write no run dir.
+OVERRIDES = ["paths.output_dir=/tmp/unused", "model=tiny_llama", "kva.limit=2", "kva.dtype=float32",
+             "eval.benchmarks=[arc_easy]",
              "eval.limit=3", "eval.bpb=[]", "eval.drift_prompts=0", "eval.task_bpb_items=1",
              "eval.bfcl_trained_items=1", "eval.bfcl_irrelevance_items=0",
              "eval.bfcl_transfer_items=0", "eval.max_new_tokens=4"]
@@ -40,6 +42,7 @@ def _job(cache: str, out: str) -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
+    from loki_exp.config_schema import check_config
     from loki_exp.data.tasks import load_task
     from loki_exp.evaluation.evaluate import base_scores
     from loki_exp.kva.stage import run_analyse
@@ -49,7 +52,7 @@ def _job(cache: str, out: str) -> None:
     torch.set_num_threads(1)
     messages = _kept_log_messages()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=OVERRIDES)
+        cfg = check_config(compose("config", overrides=OVERRIDES))
     loaded = load_model(cfg.model)
     store = run_analyse(cfg, loaded)
     with StoreView(store) as view:
@@ -106,6 +109,7 @@ def _torchrun_rank(rank: int, port: int, cache: str, out: str) -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
+    from loki_exp.config_schema import check_config
     from loki_exp.kva import stage
     from loki_exp.models import load_model
 
@@ -120,8 +124,9 @@ def _torchrun_rank(rank: int, port: int, cache: str, out: str) -> None:
     stage.store_path = marked
     messages = _kept_log_messages()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[*OVERRIDES, "parallelism.mode=ddp",
-                                           "parallelism.accelerator=cpu", "parallelism.devices=2"])
+        cfg = check_config(compose("config", overrides=[
+            *OVERRIDES, "parallelism.mode=ddp", "parallelism.accelerator=cpu",
+            "parallelism.devices=2"]))
     store = stage.run_analyse(cfg, load_model(cfg.model))
     Path(out).write_text(json.dumps({"store": str(store), "computed": any(
         m.startswith("KVA (preset") for m in messages)}))
@@ -139,6 +144,7 @@ def test_torchrun_ranks_follow_their_rank_0_when_another_job_finishes_the_store(
     from hydra import compose, initialize_config_dir
 
     from loki_exp import atomic
+    from loki_exp.config_schema import check_config
     from loki_exp.kva.stage import run_analyse
     from loki_exp.models import load_model
 
@@ -146,7 +152,7 @@ def test_torchrun_ranks_follow_their_rank_0_when_another_job_finishes_the_store(
     os.environ["LOKI_EXP_CACHE"] = str(cache)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=OVERRIDES)
+            cfg = check_config(compose("config", overrides=OVERRIDES))
         store = run_analyse(cfg, load_model(cfg.model))  # the other job's finished store
     finally:
         del os.environ["LOKI_EXP_CACHE"]

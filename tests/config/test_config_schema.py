@@ -77,9 +77,9 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("overrides,message", REFUSED, ids=[" ".join(o) for o, _ in REFUSED])
-def test_a_bad_key_or_value_is_refused_naming_it(compose_cfg, overrides, message):
+def test_a_bad_key_or_value_is_refused_naming_it(compose_raw, overrides, message):
     with pytest.raises(LokiError) as err:
-        check_config(compose_cfg("paths.output_dir=/tmp/unused", *overrides))
+        check_config(compose_raw("paths.output_dir=/tmp/unused", *overrides))
     assert str(err.value) == message
 
 
@@ -89,31 +89,54 @@ def _options() -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("group,option", _options(), ids=[f"{g}={o}" for g, o in _options()])
-def test_every_shipped_group_option_fits_the_schema(compose_cfg, group, option, tmp_path):
+def test_every_shipped_group_option_fits_the_schema(compose_raw, group, option, tmp_path):
     extra = {("dataset", "jsonl"): [f"dataset.path={tmp_path}/x.jsonl"],
              ("eval", "paper"): ["eval.allow_code_execution=true"]}.get((group, option), [])
-    check_config(compose_cfg(f"paths.output_dir={tmp_path}", f"{group}={option}", *extra))
+    check_config(compose_raw(f"paths.output_dir={tmp_path}", f"{group}={option}", *extra))
 
 
-def test_nulls_and_zeros_the_stages_read_as_off_are_accepted(compose_cfg):
-    check_config(compose_cfg("paths.output_dir=/tmp/unused", "eval.bpb_limit=null",
+def test_nulls_and_zeros_the_stages_read_as_off_are_accepted(compose_raw):
+    check_config(compose_raw("paths.output_dir=/tmp/unused", "eval.bpb_limit=null",
                              "eval.drift_prompts=null", "eval.bpb=null", "trainer.callbacks=null",
                              "logger.extra=null", "trainer.gradient_clip_val=0"))
 
 
-def test_free_keys_live_only_under_vars(compose_cfg):
-    check_config(compose_cfg("paths.output_dir=/tmp/unused", "+vars.my_axis=3"))
+def test_free_keys_live_only_under_vars(compose_raw):
+    check_config(compose_raw("paths.output_dir=/tmp/unused", "+vars.my_axis=3"))
     with pytest.raises(LokiError, match=r"^my_axis is not a known key; expected one of \['quota'"):
-        check_config(compose_cfg("paths.output_dir=/tmp/unused", "+my_axis=3"))
+        check_config(compose_raw("paths.output_dir=/tmp/unused", "+my_axis=3"))
 
 
-def test_a_group_alone_and_the_checked_values(compose_cfg):
+def test_a_group_alone_and_the_checked_values(compose_raw):
     """``check_section`` is what a library caller runs on a group it composed; it returns
     the typed values, converted as OmegaConf converts them."""
-    lora = check_section("method", compose_cfg("method=lora", "method.rank=8").method)
+    lora = check_section("method", compose_raw("method=lora", "method.rank=8").method)
     assert (type(lora).__name__, lora.rank, lora.lr, lora.target_modules) == (
         "PeftLoraSettings", 8, 1e-3, "all-linear")
-    only = compose_cfg("kva.engine=warp")
+    only = compose_raw("kva.engine=warp")
     check_config(only, groups=("trainer",))  # the kva group is not looked at
     with pytest.raises(LokiError, match=r"^kva.engine='warp' is not known"):
         check_config(only, groups=("kva",))
+
+
+def test_the_checked_config_is_typed_with_every_default_filled_in(compose_raw):
+    """What the stages receive: dataclasses with the schema's defaults, values typed as their
+    fields (a quota written 10 is the number 10.0), the composed config kept for records."""
+    from loki_exp.config_schema import Eval, OfflineDataset, RunConfig, Trainer
+
+    raw = compose_raw("paths.output_dir=/tmp/unused", "~dataset.overflow")
+    assert "overflow" not in raw.dataset
+    cfg = check_config(raw)
+    assert isinstance(cfg, RunConfig)
+    assert (type(cfg.dataset), type(cfg.trainer), type(cfg.eval)) == (OfflineDataset, Trainer, Eval)
+    assert cfg.dataset.overflow == "drop" and cfg.quota == 10.0 and isinstance(cfg.quota, float)
+    assert type(cfg.method).__name__ == "MethodSettings" and cfg.method.lr == 1e-3
+    assert isinstance(cfg.eval.bpb, list) and isinstance(cfg.stages, list)
+    assert cfg.record()["quota"] == 10 and cfg.composed is raw
+
+
+def test_a_task_dataset_is_checked_into_its_shape(compose_raw):
+    cfg = check_config(compose_raw("paths.output_dir=/tmp/unused",
+                                   "+eval.task_dataset={name: bfcl, source: offline}"))
+    assert type(cfg.eval.task_dataset).__name__ == "OfflineDataset"
+    assert cfg.eval.task_dataset.max_length == 1024

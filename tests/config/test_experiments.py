@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
                                             ("dora", 1e-4, 16), ("pissa", 1e-4, 16)])
 def test_paper_toolace_gives_each_method_its_own_rate_and_rank(compose_cfg, method, lr, rank):
     cfg = compose_cfg("experiment=paper_toolace", f"method={method}")
-    assert cfg.method.lr == lr and cfg.method.get("rank") == rank
+    assert cfg.method.lr == lr and getattr(cfg.method, "rank", None) == rank
     tr = cfg.trainer
     assert (tr.max_steps, tr.max_epochs, tr.batch_size, tr.warmup_ratio) == (None, 3, 4, 0.1)
     assert cfg.dataset.overflow == "truncate" and cfg.dataset.max_length == 8192

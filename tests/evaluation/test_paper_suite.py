@@ -112,23 +112,23 @@ def test_tiny_model_returns_a_number_for_each_task(items, tiny_models):
         assert all(len(v) == 1 for v in per_item[task].values())
 
 
-def test_paper_config_checks(compose_cfg, tmp_path):
+def test_paper_config_checks(compose_raw, tmp_path):
     from loki_exp.config_schema import check_config
 
     def check_eval(cfg):
         check_config(cfg, groups=("eval",))
 
     with pytest.raises(LokiError, match="eval.allow_code_execution=true"):
-        check_eval(compose_cfg("eval=paper"))
-    check_eval(compose_cfg("eval=paper", "eval.allow_code_execution=true"))
+        check_eval(compose_raw("eval=paper"))
+    check_eval(compose_raw("eval=paper", "eval.allow_code_execution=true"))
     with pytest.raises(LokiError, match=r"eval.benchmarks has \['arc_easy'\]"):
-        check_eval(compose_cfg("eval=paper", "eval.benchmarks=[arc_easy]"))
+        check_eval(compose_raw("eval=paper", "eval.benchmarks=[arc_easy]"))
     with pytest.raises(LokiError, match="has no gsm8k.jsonl"):
         run_suite(Oracle(True), ["gsm8k"], 1, "paper", paper_data=tmp_path)
     with pytest.raises(LokiError, match=r"eval.forgetting_metric='acc_nrom' is not known"):
-        check_eval(compose_cfg("eval.forgetting_metric=acc_nrom"))  # fell back to acc
+        check_eval(compose_raw("eval.forgetting_metric=acc_nrom"))  # fell back to acc
     with pytest.raises(LokiError, match="eval.paper_data='/no/such/dir' is not a directory"):
-        check_eval(compose_cfg("eval=paper", "eval.allow_code_execution=true",
+        check_eval(compose_raw("eval=paper", "eval.allow_code_execution=true",
                                "eval.paper_data=/no/such/dir"))
 
 

@@ -87,11 +87,12 @@ def test_bfcl_measures_are_category_means_and_the_leaderboard_needs_all_ten(monk
 
 @pytest.fixture(scope="module")
 def bfcl_task(converted_smollm2):
-    from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
+    from loki_exp.config_schema import check_section
+
     tok = AutoTokenizer.from_pretrained(converted_smollm2)
-    cfg = OmegaConf.create({"name": "bfcl", "source": "offline", "categories": TRAINED,
+    cfg = check_section("dataset", {"name": "bfcl", "source": "offline", "categories": TRAINED,
                             "test_fraction": 0.2, "irrelevance_share": 0.3, "overflow": "drop",
                             "max_length": 1152})
     return load_task(cfg, tokenizer=tok), tok

@@ -133,8 +133,8 @@ def test_export_merges_into_a_plain_model(compose_cfg, tiny_models, tmp_path):
         assert_close_fp32(plain(input_ids=ids).logits, live, "merged vs live adapter")
 
 
-def test_bad_covariance_source_and_rank(compose_cfg, tiny_models):
-    cfg = _cfg(compose_cfg, "method.covariance.source=wikipedia")
+def test_bad_covariance_source_and_rank(compose_raw, tiny_models):
+    cfg = _cfg(compose_raw, "method.covariance.source=wikipedia")
     message = r"method.covariance.source='wikipedia' is not known; expected one of \['naturalqs_open'\]"
     with pytest.raises(LokiError, match=message):
         check_section("method", cfg)
@@ -142,5 +142,5 @@ def test_bad_covariance_source_and_rank(compose_cfg, tiny_models):
     with pytest.raises(LokiError, match=message):  # refused before any weight is touched
         methods.prepare(cfg, loaded.model, None, loaded=loaded)
     with pytest.raises(LokiError, match=r"method.rank=0 must be a positive integer"):
-        check_section("method", _cfg(compose_cfg, "method.rank=0"))
-    check_section("method", _cfg(compose_cfg))  # the shipped defaults pass
+        check_section("method", _cfg(compose_raw, "method.rank=0"))
+    check_section("method", _cfg(compose_raw))  # the shipped defaults pass

@@ -30,7 +30,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (LOKI, LOKI_LORA, LORA, DORA, 
                                                    SUPPRESS)}
 
 __all__ = ["ENTRY_POINT_GROUP", "REGISTRY", "METHOD_NAMES", "Method", "MethodSettings",
-           "PrepareContext", "get", "load_plugins", "merge", "prepare", "register"]
+           "PrepareContext", "get", "load_plugins", "merge", "prepare", "register", "settings_of"]
 
 
 def register(method: Method) -> Method:
@@ -78,24 +78,32 @@ def get(name: str) -> Method:
                         ) from None
 
 
-def prepare(cfg: DictConfig, model: nn.Module, positions: list[list[int]] | None, *,
-            loaded: LoadedModel | None = None, cache_dir: Any = None,
-            like: nn.Module | None = None) -> nn.Module:
+def settings_of(cfg: MethodSettings | DictConfig | dict) -> MethodSettings:
+    """The ``method`` group as its method's checked settings: as given when the pipeline
+    checked it (``config_schema.RunConfig``); checked here, before any weight is touched,
+    when a library caller passes the group as composed (a DictConfig or a dict)."""
+    if isinstance(cfg, MethodSettings):
+        return cfg
+    value = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    return check_group("method", value, get(value.get("name")).settings, None)
+
+
+def prepare(cfg: MethodSettings | DictConfig | dict, model: nn.Module,
+            positions: list[list[int]] | None, *, loaded: LoadedModel | None = None,
+            cache_dir: Any = None, like: nn.Module | None = None) -> nn.Module:
     """The model with exactly this method's parameters trainable (or its edit applied).
 
-    ``cfg``: the ``method`` group, checked against the method's settings here, before any
-    weight is touched (the pipeline has checked it already; a library caller may not have).
-    ``loaded``/``cache_dir``/``like``: ``PrepareContext``.
+    ``cfg``: the ``method`` group (``settings_of``). ``loaded``/``cache_dir``/``like``:
+    ``PrepareContext``.
     """
+    cfg = settings_of(cfg)
     method = get(cfg.name)
-    check_group("method", OmegaConf.to_container(cfg, resolve=True)
-                if isinstance(cfg, DictConfig) else dict(cfg), method.settings, None)
     if method.selects_rows and positions is None:
         raise LokiError(f"method={cfg.name} needs positions (run the select stage)")
     return method.prepare(cfg, model, positions, PrepareContext(loaded, cache_dir, like))
 
 
-def merge(cfg: DictConfig, model: nn.Module) -> nn.Module:
+def merge(cfg: MethodSettings, model: nn.Module) -> nn.Module:
     """A plain transformers model with the trained changes folded in."""
     return get(cfg.name).merge(model)
 

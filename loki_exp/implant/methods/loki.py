@@ -22,7 +22,7 @@ def _prepare(cfg, model, positions, context, rank: int = 0, alpha=None):
 
 
 def _prepare_lora(cfg, model, positions, context):
-    return _prepare(cfg, model, positions, context, rank=int(cfg.rank), alpha=cfg.get("alpha"))
+    return _prepare(cfg, model, positions, context, rank=cfg.rank, alpha=cfg.alpha)
 
 
 def _merge(model):

@@ -17,9 +17,8 @@ class PeftLoraSettings(LokiLoraSettings):
 def peft_config(cfg, **overrides):
     from peft import LoraConfig
 
-    kw = dict(r=int(cfg.rank), lora_alpha=float(cfg.alpha), lora_dropout=0.0,
-              target_modules=cfg.target_modules if isinstance(cfg.target_modules, str)
-              else list(cfg.target_modules), task_type="CAUSAL_LM")
+    kw = dict(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
+              target_modules=cfg.target_modules, task_type="CAUSAL_LM")
     return LoraConfig(**{**kw, **overrides})
 
 
