@@ -144,3 +144,9 @@ def test_fp32_path_error_stays_inside_the_tolerance(capsys, monkeypatch):
     eps = torch.finfo(torch.float32).eps
     assert set(last) == {"worst_one_eps", "worst_batch_eps", "worst_batch_vs_one_eps"}
     assert all(0 <= float(v) * eps < CROSS_PATH_FP32 for v in last.values())
+
+
+def test_bootstrap_speed(capsys, monkeypatch):
+    """Its two sides give the same interval (the script asserts it) and it prints the ratio."""
+    last = fields(run_benchmark("bootstrap_speed.py", capsys=capsys, monkeypatch=monkeypatch)[-1])
+    assert float(last["bootstrap_speedup"]) > 0

@@ -99,3 +99,53 @@ def test_a_category_too_small_to_resample_enters_as_its_fixed_difference():
     assert stratified_delta_ci({"a": [0.0], "b": [], "c": [1.0] * 10},
                                {"a": [1.0], "b": [], "c": [1.0] * 10}) == (0.5, 0.5)
     assert all(np.isnan(stratified_delta_ci({"a": [0.0]}, {"a": [1.0]})))
+
+
+def test_the_vectorized_statistics_equal_one_call_per_resample_bit_for_bit():
+    """scipy calls each statistic once over all 2,000 resamples; each resample's value (and so
+    the interval) is the one the per-resample statistic gives, with 13 measures (numpy sums 8
+    or more terms pairwise: they are stacked along the last axis, as one array is summed)."""
+    from scipy.stats import bootstrap
+
+    from loki_exp.evaluation.bootstrap import (
+        LEVEL,
+        RESAMPLES,
+        SEED,
+        avg_difference_ci,
+        stratified_delta_ci,
+    )
+
+    rng = np.random.default_rng(3)
+    names = sorted(f"m{i}" for i in range(13))  # the order the functions resample in
+    before = {n: rng.random(rng.integers(3, 40)) + 0.1 for n in names}
+    after = {n: v + rng.normal(0, 0.1, len(v)) for n, v in before.items()}
+    other = {n: v + rng.normal(0, 0.1, len(v)) for n, v in before.items()}
+    signs = {n: -1.0 if i % 2 else 1.0 for i, n in enumerate(names)}
+
+    def one_call_per_resample(runs, value):
+        """The interval as scipy computed it before (vectorized=False): ``value`` gets, per
+        measure, the resampled items of each of ``runs``."""
+        def statistic(*indices):
+            return value([tuple(run[n][i.astype(int)] for run in runs)
+                          for n, i in zip(names, indices)])
+        res = bootstrap(tuple(np.arange(len(before[n]), dtype=float) for n in names), statistic,
+                        vectorized=False, n_resamples=RESAMPLES, confidence_level=LEVEL,
+                        method="percentile", random_state=np.random.default_rng(SEED))
+        return tuple(float(x) for x in res.confidence_interval)
+
+    def avg(items):
+        return 100.0 * float(np.mean([signs[n] * (b.mean() - a.mean()) / b.mean()
+                                      for n, (b, a) in zip(names, items)]))
+
+    def avg_difference(items):
+        return 100.0 * float(np.mean([signs[n] * (a1.mean() - a2.mean()) / b.mean()
+                                      for n, (b, a1, a2) in zip(names, items)]))
+
+    def mean_of_means(items):
+        return float(np.mean([a.mean() - b.mean() for b, a in items]))
+
+    assert forgetting_avg_ci(before, after, signs) == one_call_per_resample((before, after), avg)
+    assert avg_difference_ci(before, after, other, signs) == one_call_per_resample(
+        (before, after, other), avg_difference)
+    assert stratified_delta_ci(before, after) == one_call_per_resample((before, after),
+                                                                       mean_of_means)
