@@ -1,8 +1,6 @@
 """A LoKI run's adapter (its trained rows) applied to the base equals the run's own export."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -10,7 +8,6 @@ from loki_exp.apply import apply_adapter
 from loki_exp.errors import LokiError
 from loki_exp.models import load_model
 from loki_exp.pipeline import run
-from tests.support.paths import ROOT
 
 
 def _base(compose_cfg, tmp_path, name="tiny_llama"):
@@ -34,7 +31,8 @@ def _loki_run(compose_cfg, tmp_path, base, method):
 
 
 @pytest.mark.parametrize("method", ["loki", "loki_lora"])
-def test_adapter_applied_to_its_base_is_the_export_bit_for_bit(compose_cfg, tmp_path, method):
+def test_adapter_applied_to_its_base_is_the_export_bit_for_bit(compose_cfg, tmp_path, method,
+                                                              capsys):
     base = _base(compose_cfg, tmp_path)
     out = _loki_run(compose_cfg, tmp_path, base, method)
     meta = json.loads((out / "adapter" / "adapter.json").read_text())
@@ -46,10 +44,10 @@ def test_adapter_applied_to_its_base_is_the_export_bit_for_bit(compose_cfg, tmp_
         out / "model" / "model.safetensors").read_bytes()
     assert json.loads((out / "run.json").read_text())["adapter_dir"] == str(out / "adapter")
     if method == "loki":
-        _refusals(compose_cfg, tmp_path, out / "adapter")
+        _refusals(compose_cfg, tmp_path, out / "adapter", capsys)
 
 
-def _refusals(compose_cfg, tmp_path, adapter):
+def _refusals(compose_cfg, tmp_path, adapter, capsys):
     """One line and nothing written: another base (unless --force), a folder that is not an
     adapter, rows whose shapes do not fit the base."""
     from safetensors.torch import load_file, save_file
@@ -58,10 +56,14 @@ def _refusals(compose_cfg, tmp_path, adapter):
     weights = load_file(str(other / "model.safetensors"))
     next(iter(weights.values())).view(-1)[0] += 1.0  # one weight: another base
     save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
-    cli = subprocess.run([sys.executable, "-m", "loki_exp.apply", str(other), str(adapter),
-                          str(tmp_path / "refused")], cwd=ROOT, capture_output=True, text=True)
-    assert cli.returncode == 2 and "is not this adapter's base" in cli.stderr
-    assert "--force" in cli.stderr and not (tmp_path / "refused").exists()
+    from loki_exp.apply import main as apply_cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ended:  # the command line, in this process
+        apply_cli([str(other), str(adapter), str(tmp_path / "refused")])
+    stderr = capsys.readouterr().err
+    assert ended.value.code == 2 and "is not this adapter's base" in stderr
+    assert "--force" in stderr and not (tmp_path / "refused").exists()
     forced = apply_adapter(other, adapter, tmp_path / "forced", force=True)
     assert (forced / "model.safetensors").exists()
     with pytest.raises(LokiError, match="is not a loki_exp adapter: expected adapter.json"):
