@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from hydra import compose, initialize_config_dir
 
-from loki_exp.config_schema import check_config
+from loki_exp.config_check import check_config
 from loki_exp.implant.adapter import save_adapter
 from loki_exp.model_access import node_grid
 from loki_exp.models import load_model

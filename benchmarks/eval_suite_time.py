@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from loki_exp.config_schema import check_config
+from loki_exp.config_check import check_config
 from loki_exp.data import bfcl
 from loki_exp.data.sft import encode
 from loki_exp.data.tasks import load_task

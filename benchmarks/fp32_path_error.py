@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from loki_exp.config_schema import check_config
+from loki_exp.config_check import check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.support.tiny_decoders: the tiny models the tests use

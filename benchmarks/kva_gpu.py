@@ -40,7 +40,7 @@ def probe_lengths(n: int) -> tuple[list[int], str]:
     try:
         from hydra import compose, initialize_config_dir
 
-        from loki_exp.config_schema import check_config
+        from loki_exp.config_check import check_config
         from loki_exp.data.mmlu import ProbeSpec, load_probe, render_prompt
         from loki_exp.models import load_model
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from loki_exp.config_schema import check_config
+from loki_exp.config_check import check_config
 from loki_exp.data.mmlu import ProbeSpec, load_probe, render_prompt
 from loki_exp.kva.engine import CaptumKVA, FastKVA, KVASettings
 from loki_exp.kva.first_commit import first_commit_kva

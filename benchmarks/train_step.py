@@ -101,7 +101,7 @@ def _model(arch: str) -> nn.Module:
     if arch != "llama-1b":  # a conf/model choice
         from hydra import compose, initialize_config_dir
 
-        from loki_exp.config_schema import check_config
+        from loki_exp.config_check import check_config
         from loki_exp.models import load_model
 
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

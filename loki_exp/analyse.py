@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from loki_exp.cli import report_user_errors
-from loki_exp.config_schema import check_config
+from loki_exp.config_check import check_config
 from loki_exp.kva.stage import run_analyse
 from loki_exp.models import load_model
 from loki_exp.parallel import is_global_zero

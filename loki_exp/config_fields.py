@@ -1,6 +1,6 @@
 """Field helpers of the configuration schema, shared by ``config_schema`` and the settings
 classes that live with their code (``implant/methods``): a field's default and its allowed
-values, kept as dataclass metadata that ``config_schema``'s checker walks."""
+values, kept as dataclass metadata that the checker walks (``config_walk``)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,15 @@
-"""The configuration checker: one group's values against its dataclass (``config_schema``),
+"""The configuration walker: one group's values against its dataclass (``config_schema``),
 each scalar as its field's own type, unknown keys, then every field's range and choices (field
-metadata, ``config_fields.spec``), then each dataclass's own ``check``; one line per refusal."""
+metadata, ``config_fields.spec``), then the rules that tie its fields together (``rules``, by
+dataclass: ``config_check.RULES``; or a settings class's own ``check``, as a method plugin may
+define); one line per refusal."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -15,9 +17,11 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from loki_exp.errors import LokiError
 
+Rules = Mapping[type, Callable[[Any, str], None]]
+
 
 def check_group(at: str, value: Any, schema: type | Mapping[str, type], shape_key: str | None,
-                 ) -> Any:
+                rules: Rules | None = None) -> Any:
     if not isinstance(value, dict):
         raise LokiError(f"{at}={value!r} must be a mapping of settings")
     if isinstance(schema, Mapping):
@@ -38,7 +42,7 @@ def check_group(at: str, value: Any, schema: type | Mapping[str, type], shape_ke
                         f"{known}") from None
     except OmegaConfBaseException as err:  # e.g. a scalar given for a nested group
         raise LokiError(f"{_join(at, err.full_key)}: {err.msg.splitlines()[0]}") from None
-    _walk(at, obj)
+    _walk(at, obj, rules or {})
     return obj
 
 
@@ -109,14 +113,17 @@ def _join(at: str, key: Any) -> str:
     return f"{at}.{key}" if at else str(key)
 
 
-def _walk(at: str, obj: Any) -> None:
+def _walk(at: str, obj: Any, rules: Rules) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         where = _join(at, f.name)
         _check_field(where, value, f.metadata)
         if dataclasses.is_dataclass(value):
-            _walk(where, value)
-    if hasattr(obj, "check"):
+            _walk(where, value, rules)
+    rule = next((rules[c] for c in type(obj).__mro__ if c in rules), None)
+    if rule is not None:
+        rule(obj, at)
+    elif hasattr(obj, "check"):
         obj.check(at)
 
 

@@ -1,5 +1,5 @@
 """One exception type for bad user input (the config's checks are in
-:mod:`loki_exp.config_schema`; the CLI wrapper that prints it in one line in :mod:`loki_exp.cli`)."""
+:mod:`loki_exp.config_check`; the CLI wrapper that prints it in one line in :mod:`loki_exp.cli`)."""
 
 from __future__ import annotations
 

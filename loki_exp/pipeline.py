@@ -16,7 +16,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from loki_exp import atomic
-from loki_exp.config_schema import RunConfig, check_config
+from loki_exp.config_check import check_config
+from loki_exp.config_schema import RunConfig
 from loki_exp.data.tasks import TaskData, load_task
 from loki_exp.errors import LokiError
 from loki_exp.evaluation.curves import CurveEvaluator, EvalCurve, curve_wanted

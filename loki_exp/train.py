@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from loki_exp.cli import report_user_errors
-from loki_exp.config_schema import check_config
+from loki_exp.config_check import check_config
 from loki_exp.pipeline import run
 from loki_exp.sweep_job import ran_in_own_process
 

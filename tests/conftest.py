@@ -43,7 +43,7 @@ def compose_cfg(compose_raw, tmp_path_factory):
     """compose_cfg(*overrides) -> the checked ``RunConfig`` the stages receive, composed like
     the CLI; its ``paths.output_dir`` is a fresh temporary folder unless an override sets it
     (outside a Hydra run the default, Hydra's run dir, does not resolve)."""
-    from loki_exp.config_schema import check_config
+    from loki_exp.config_check import check_config
 
     def _compose(*overrides: str):
         if not any(o.startswith("paths.output_dir=") for o in overrides):
@@ -59,7 +59,7 @@ def tiny_models():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from loki_exp.config_schema import check_config
+    from loki_exp.config_check import check_config
     from loki_exp.models import load_model
 
     GlobalHydra.instance().clear()

@@ -134,7 +134,7 @@ def _hub(cfg: HubDataset) -> TaskData:
 
 def load_task(cfg: OfflineDataset | FileDataset | HubDataset,
               cache: str | os.PathLike | None = None, tokenizer=None) -> TaskData:
-    """The ``dataset`` group's task (checked: ``config_schema``'s shapes by ``source``; the
+    """The ``dataset`` group's task (checked into ``config_schema``'s shape for its ``source``; the
     one offline dataset is BFCL). ``tokenizer``: the model's, when known (BFCL draws its
     irrelevance examples among those that fit ``max_length``)."""
     if cfg.source == "offline":

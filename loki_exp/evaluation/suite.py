@@ -21,6 +21,9 @@ def make_lm(model, tokenizer, batch_size: int = 8):
 
 # The log-likelihood suites' scores (both under lm-eval's "none" filter).
 RC_METRICS = (("acc", "acc", "none"), ("acc_norm", "acc_norm", "none"))
+# What eval.forgetting_metric may name: the offline suite's and the paper suite's metrics.
+FORGETTING_METRICS = tuple(sorted({m[0] for m in RC_METRICS}
+                                  | {m.key for ms in paper_suite.METRICS.values() for m in ms}))
 
 
 def primary_metric(bench: str, metrics, forgetting_metric: str | None) -> str:

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import peft
 import torch
@@ -28,9 +28,6 @@ from torch import nn
 from loki_exp.data import assets
 from loki_exp.errors import LokiError
 from loki_exp.models import LoadedModel
-
-if TYPE_CHECKING:
-    from loki_exp.implant.methods.corda import CordaSettings
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +64,7 @@ def render(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     return [tokenizer(p, add_special_tokens=False).input_ids[:max_length] for p in prompts]
 
 
-def lora_config(cfg: CordaSettings, model: nn.Module, cache_file: str | None = None):
+def lora_config(cfg: Any, model: nn.Module, cache_file: str | None = None):
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 
@@ -81,7 +78,7 @@ def lora_config(cfg: CordaSettings, model: nn.Module, cache_file: str | None = N
 
 
 def cache_key(loaded: LoadedModel, model: nn.Module, prompts: list[list[int]],
-              lora_cfg, cfg: CordaSettings) -> str:
+              lora_cfg, cfg: Any) -> str:
     targets = lora_cfg.target_modules
     tokens = hashlib.sha256()
     for ids in prompts:
@@ -98,9 +95,11 @@ def cache_path(cache_dir: Any, model_name: str, key: str) -> Path:
     return assets.model_cache_file(cache_dir, "corda", model_name, f"{key}.pt")
 
 
-def prepare_corda(cfg: CordaSettings, model: nn.Module, loaded: LoadedModel | None,
+def prepare_corda(cfg: Any, model: nn.Module, loaded: LoadedModel | None,
                   cache_dir: Any = None, like: nn.Module | None = None) -> nn.Module:
     """``model`` (the base weights of ``loaded``) with CorDA adapters; only they train.
+    ``cfg``: the checked ``method`` group (``methods.corda.CordaSettings``; not imported here,
+    as that module imports this one).
 
     ``like``: a model this function already prepared (the FSDP-trained one, whose shards are
     gathered into a fresh copy): its peft config names the cached init, so the residual

@@ -70,7 +70,7 @@ def compute_dtype(kva: Kva, loaded: LoadedModel) -> str:
     """``kva.dtype``, or the model's own dtype when it is null (the preset runs "as loaded")."""
     if kva.dtype is None:
         return str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
-    return kva.dtype  # a known name: config_schema checked it
+    return kva.dtype  # a known name: config_check checked it
 
 
 def model_for_kva(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

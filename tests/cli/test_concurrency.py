@@ -42,7 +42,7 @@ def _job(cache: str, out: str) -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from loki_exp.config_schema import check_config
+    from loki_exp.config_check import check_config
     from loki_exp.data.tasks import load_task
     from loki_exp.evaluation.evaluate import base_scores
     from loki_exp.kva.stage import run_analyse
@@ -109,7 +109,7 @@ def _torchrun_rank(rank: int, port: int, cache: str, out: str) -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from loki_exp.config_schema import check_config
+    from loki_exp.config_check import check_config
     from loki_exp.kva import stage
     from loki_exp.models import load_model
 
@@ -144,7 +144,7 @@ def test_torchrun_ranks_follow_their_rank_0_when_another_job_finishes_the_store(
     from hydra import compose, initialize_config_dir
 
     from loki_exp import atomic
-    from loki_exp.config_schema import check_config
+    from loki_exp.config_check import check_config
     from loki_exp.kva.stage import run_analyse
     from loki_exp.models import load_model
 

@@ -122,7 +122,7 @@ CASES = [
     (["dataset.irrelevance_share=1.0"], "dataset.irrelevance_share=1 must be a number in [0, 1)"),
     (["dataset.irrelevance_share=-0.1"], "dataset.irrelevance_share=-0.1 must be a number in [0, 1)"),
     (["eval.drift_prompts=-1"], "eval.drift_prompts=-1 must be an integer >= 0"),
-    # Unknown keys and typos: refused before any stage, naming the key (config_schema.py).
+    # Unknown keys and typos: refused before any stage, naming the key (config_check.py).
     (["+trainer.max_stepz=3"], "trainer.max_stepz is not a known key; expected one of ['max_steps'"),
     (["eval.forgetting_metric=acc_nrom"], "eval.forgetting_metric='acc_nrom' is not known"),
     (["trainer.deterministic=maybe"], "trainer.deterministic='maybe' must be true or false"),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loki_exp.config_schema import GROUPS, check_config, check_section
+from loki_exp.config_check import GROUPS, check_config, check_section
 from loki_exp.errors import LokiError
 
 CONF = Path(__file__).resolve().parents[2] / "conf"

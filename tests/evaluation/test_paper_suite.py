@@ -113,7 +113,7 @@ def test_tiny_model_returns_a_number_for_each_task(items, tiny_models):
 
 
 def test_paper_config_checks(compose_raw, tmp_path):
-    from loki_exp.config_schema import check_config
+    from loki_exp.config_check import check_config
 
     def check_eval(cfg):
         check_config(cfg, groups=("eval",))

@@ -89,7 +89,7 @@ def test_bfcl_measures_are_category_means_and_the_leaderboard_needs_all_ten(monk
 def bfcl_task(converted_smollm2):
     from transformers import AutoTokenizer
 
-    from loki_exp.config_schema import check_section
+    from loki_exp.config_check import check_section
 
     tok = AutoTokenizer.from_pretrained(converted_smollm2)
     cfg = check_section("dataset", {"name": "bfcl", "source": "offline", "categories": TRAINED,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from loki_exp.config_schema import check_section
+from loki_exp.config_check import check_section
 from loki_exp.errors import LokiError
 from loki_exp.implant import methods
 from tests.support.caches import linked_cache

@@ -347,7 +347,7 @@ def test_resume_refuses_a_checkpoint_of_other_rows_or_method(compose_cfg, tmp_pa
 
 def test_any_lightning_trainer_flag_from_the_shell_and_none_of_ours(compose_cfg, compose_raw,
                                                                    tmp_path):
-    from loki_exp.config_schema import check_config
+    from loki_exp.config_check import check_config
 
     def check_trainer(cfg):
         check_config(cfg, groups=("trainer",))

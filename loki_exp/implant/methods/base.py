@@ -1,7 +1,7 @@
 """What a method is: its settings and the two things it does to a model.
 
 A method (peft's "tuner") is one ``Method`` in the registry (``implant/methods/__init__``):
-its settings dataclass (the keys of the ``method`` group, checked by ``config_schema``),
+its settings dataclass (the keys of the ``method`` group, checked by ``config_check``),
 ``prepare`` (make exactly its parameters trainable, or apply its edit) and ``merge`` (fold
 its result back into a plain transformers model), and what the pipeline needs to know about
 it. Nothing outside the registry compares method names.
