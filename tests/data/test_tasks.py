@@ -149,3 +149,17 @@ def test_missing_jsonl_and_unreachable_hub(compose_cfg, tmp_path):
         load_task(compose_cfg("dataset=jsonl", f"dataset.path={tmp_path}/no.jsonl").dataset)
     with pytest.raises(LokiError, match="could not load 'Team-ACE/ToolACE'.*dataset=jsonl"):
         load_task(compose_cfg("dataset=toolace").dataset)
+
+
+def test_a_bfcl_category_is_parsed_once_per_process(monkeypatch):
+    """Training, gold bits per byte and the generated calls each read a category; the pinned
+    file is parsed the first time only, and every reader gets the same items."""
+    from loki_exp.data import bfcl
+
+    first, skipped = bfcl.load_items(["simple_python"])
+    monkeypatch.setattr(bfcl, "_read_jsonl", lambda *a: (_ for _ in ()).throw(
+        AssertionError("read again")))
+    again, skipped_again = bfcl.load_items(["simple_python"])
+    assert again == first and skipped_again == skipped and len(first) == 400
+    again.pop()  # a reader's list is its own
+    assert len(bfcl.load_items(["simple_python"])[0]) == 400
