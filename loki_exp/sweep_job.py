@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from loki_exp.errors import LokiError
 
@@ -32,6 +31,10 @@ def in_multirun() -> bool:
 
 def needs_own_process(cfg: RunConfig) -> bool:
     """A multi-process job of a local sweep (under SLURM every task already is one rank)."""
+    # Imported here: every command line imports this module (cli.py: in_multirun), and
+    # Lightning takes seconds to import, e.g. for `python -m loki_exp.data.assets fetch`.
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
     par = cfg.parallelism
     ranks = par.devices * par.num_nodes
     return in_multirun() and par.mode != "auto" and ranks > 1 and not SLURMEnvironment.detect()
