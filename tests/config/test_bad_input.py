@@ -68,31 +68,22 @@ def world(tmp_path_factory):
     return {"root": root, "cache": cache, "files": files, "outputs": root / "outputs"}
 
 
-# (overrides, expected message) -- {f} is the folder of bad files.
-CASES = [
+# Refused by the configuration check (config_check.check_config, then pipeline.validate for
+# what only a stage's inputs tell): checked in this process. (overrides, expected message);
+# {f} is the folder of bad files.
+CHECKED = [
     (["quota=abc"], "quota='abc' must be a number"),
     (["quota=0"], "quota=0 must be a number in (0, 100]"),
-    (["strategy=nope"], "Could not find 'strategy/nope'"),
     (["stages=[analyse,train]"], "stages has ['train']; expected some of ['analyse', "),
-    (["positions_file={f}/missing.json"], "positions file {f}/missing.json does not exist"),
-    (["positions_file={f}/malformed.json"], "is not valid JSON"),
-    (["positions_file={f}/two_layers.json"], "has 2 layer lists, the model has 3 layers"),
-    (["positions_file={f}/out_of_range.json"], "layer 2 has indices [999] outside [0, 64)"),
-    (["dataset=jsonl", "dataset.path={f}/missing.jsonl"], "dataset.path='{f}/missing.jsonl' does not exist"),
-    (["dataset=jsonl", "dataset.path={f}/bad.jsonl"], "bad.jsonl:2"),
-    (["model=llama"], "the hub cannot be reached from here"),
     (["model.source=bogus"], "model.source='bogus' is not known"),
     (["kva.steps=0"], "kva.steps=0 must be an integer >= 2"),
     (["kva.baseline=nope"], "kva.baseline='nope' is not known"),
-    (["kva.store={f}/missing.h5"], "KVA store {f}/missing.h5 does not exist"),
     (["kva.store_dtype=int8"], "kva.store_dtype='int8' is not known"),
-    (["kva=nope"], "Could not find 'kva/nope'"),
     (["kva.dtype=int4"], "kva.dtype='int4' is not known; expected one of ['float32'"),
     (["kva.probe.pick=best"], "kva.probe.pick='best' is not known; expected one of ['first', 'random']"),
     (["kva.probe.shots=3"], "kva.probe.shots=3 is not known; expected one of [0, 5]"),
     (["kva.probe.subjects=astro"], "kva.probe.subjects='astro' is not known"),
     (["kva.probe.subjects=[astrology]"], "kva.probe.subjects has unknown subjects ['astrology']"),
-    (["method=nope"], "Could not find 'method/nope'"),
     (["dataset.overflow=wrap"], "dataset.overflow='wrap' is not known; expected one of ['drop', 'truncate']"),
     (["trainer.max_epochs=2"], "trainer.max_steps=80 and trainer.max_epochs=2: set exactly one"),
     (["method.name=adapter"], "method.name='adapter' is not known"),
@@ -105,8 +96,6 @@ CASES = [
     (["trainer.resume_from={f}/not_a.ckpt"], "is not a PyTorch checkpoint"),
     (["trainer.resume_from={f}/unsafe.ckpt"], "holds argparse.Namespace; refused"),
     (["trainer.resume_from=last"], "trainer.resume_from=last: no checkpoint at"),
-    (["trainer.callbacks=[{_target_:nope.Nope}]", "stages=[implant]", "method=lora"],
-     "callback 'nope.Nope' could not be built"),
     (["parallelism.devices=0"], "parallelism.devices=0 must be a positive integer"),
     (["parallelism.mode=deepspeed"], "parallelism.mode='deepspeed' is not known"),
     (["eval.benchmarks=[nope]", "stages=[evaluate]"], "eval.benchmarks has ['nope']"),
@@ -127,6 +116,46 @@ CASES = [
     (["eval.forgetting_metric=acc_nrom"], "eval.forgetting_metric='acc_nrom' is not known"),
     (["trainer.deterministic=maybe"], "trainer.deterministic='maybe' must be true or false"),
 ]
+
+# Refused by Hydra or by a stage (a file, the data, the hub, a callback), and three of the
+# checked ones again: through the command line, each a process of its own.
+CASES = [
+    (["quota=abc"], "quota='abc' must be a number"),
+    (["strategy=nope"], "Could not find 'strategy/nope'"),
+    (["positions_file={f}/missing.json"], "positions file {f}/missing.json does not exist"),
+    (["positions_file={f}/malformed.json"], "is not valid JSON"),
+    (["positions_file={f}/two_layers.json"], "has 2 layer lists, the model has 3 layers"),
+    (["positions_file={f}/out_of_range.json"], "layer 2 has indices [999] outside [0, 64)"),
+    (["dataset=jsonl", "dataset.path={f}/missing.jsonl"], "dataset.path='{f}/missing.jsonl' does not exist"),
+    (["dataset=jsonl", "dataset.path={f}/bad.jsonl"], "bad.jsonl:2"),
+    (["model=llama"], "the hub cannot be reached from here"),
+    (["kva.store={f}/missing.h5"], "KVA store {f}/missing.h5 does not exist"),
+    (["kva=nope"], "Could not find 'kva/nope'"),
+    (["method=nope"], "Could not find 'method/nope'"),
+    (["trainer.resume_from={f}/unsafe.ckpt"], "holds argparse.Namespace; refused"),
+    (["trainer.callbacks=[{_target_:nope.Nope}]", "stages=[implant]", "method=lora"],
+     "callback 'nope.Nope' could not be built"),
+    (["+trainer.max_stepz=3"], "trainer.max_stepz is not a known key; expected one of ['max_steps'"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", CHECKED, ids=[" ".join(c[0]) for c in CHECKED])
+def test_bad_config_is_refused_by_the_check_in_one_line(compose_raw, world, overrides, message):
+    """What the command line prints after "loki_exp error:" (the three cases above show the
+    whole path: exit code 2, one line, no run dir, the cache untouched)."""
+    from loki_exp.config_check import check_config
+    from loki_exp.errors import LokiError
+    from loki_exp.pipeline import validate
+
+    f = str(world["files"])
+    cache_before = _snapshot(world["cache"])
+    with pytest.raises(LokiError) as err:
+        validate(check_config(compose_raw(
+            "model=tiny_llama", "kva.limit=2", "kva.steps=2",
+            *[o.replace("{f}", f) for o in overrides], f"paths.cache_dir={world['cache']}",
+            f"paths.output_dir={world['outputs'] / 'this_run'}")))
+    assert message.replace("{f}", f) in str(err.value) and "\n" not in str(err.value)
+    assert _snapshot(world["cache"]) == cache_before
 
 
 @pytest.mark.cli
