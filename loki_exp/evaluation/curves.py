@@ -29,6 +29,7 @@ import lightning as L
 
 from loki_exp import atomic
 from loki_exp.data.tasks import TaskData
+from loki_exp.evaluation.curve_records import FILE, read_records
 from loki_exp.evaluation.drift import answer_logprobs, chat_prompts, drift_questions, kl_per_item
 from loki_exp.evaluation.evaluate import BaseModel, base_cheap_scores, flat_metrics, score_cheap
 from loki_exp.models import LoadedModel
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FILE = "curve.jsonl"
 # A curve point's measures: the base items they are paired with.
 CHEAP_PREFIXES = ("task/", "bpb/")
 
@@ -163,6 +163,3 @@ def curve_wanted(cfg: RunConfig) -> bool:
     return bool(cfg.eval.every_n_steps or cfg.eval.curve_steps)
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``curve.jsonl``."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from loki_exp.errors import LokiError
-from loki_exp.evaluation.curves import FILE as CURVE_FILE
+from loki_exp.evaluation.curve_records import FILE as CURVE_FILE
 from loki_exp.report.matched import Curve, load_curve
 
 log = logging.getLogger(__name__)

@@ -22,13 +22,14 @@ fixed. Written by hand: no library computes matched comparisons over learning cu
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from loki_exp.evaluation.curve_records import read_records
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def load_curve(path: Path, run: str, label: str, lr: float | None, setting: tupl
                name: str = "") -> Curve | None:
     """A run's ``curve.jsonl`` as a Curve (None, with a warning, when it cannot be read)."""
     try:
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = read_records(path)
     except (OSError, ValueError) as err:
         log.warning("report: skipping %s: %s", path, err)
         return None

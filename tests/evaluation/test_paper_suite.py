@@ -71,7 +71,8 @@ class Oracle(LM):
         raise AssertionError("the paper suite is generative")
 
 
-@pytest.mark.parametrize("right", [True, False])
+# Right answers run HumanEval's tests in its sandboxed child processes (5 s): slow.
+@pytest.mark.parametrize("right", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_each_task_scores_right_answers_1_and_wrong_answers_0(items, right):
     oracle = Oracle(right)
     scores, per_item = run_suite(oracle, list(PAPER_TASKS), 3, "paper", paper_data=items,

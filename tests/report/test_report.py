@@ -223,3 +223,15 @@ def test_markdown_and_html_tables_are_rendered_from_the_same_blocks(tmp_path):
     assert html_rows == md_rows and len(md_rows) == sum(1 + len(t.rows) for t in tables)
     with open(root / "report.csv") as f:
         assert [r["run"] for r in csv.DictReader(f)] == ["0", "1"]
+
+
+def test_the_report_imports_neither_torch_nor_lightning():
+    """`python -m loki_exp.report` reads records: it starts in a fraction of a second (it
+    imported both, 4 s, through the curve writer for the name of its file)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, loki_exp.report, loki_exp.report.command; "
+            "print(sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

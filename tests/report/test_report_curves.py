@@ -164,7 +164,9 @@ def test_report_arms_curves_and_matched_tables(tmp_path):
     assert csv_head.startswith("run,label,method,strategy,quota,strategy_seed,seed,lr")
 
 
-@pytest.mark.parametrize("study", ["curve_demo", "matched_study", "matched_pilot"])
+# matched_study's 10 runs take 5 s: slow (curve_demo and matched_pilot keep the fast loop's check).
+@pytest.mark.parametrize("study", ["curve_demo", pytest.param("matched_study", marks=pytest.mark.slow),
+                                   "matched_pilot"])
 def test_a_committed_study_re_renders_from_its_records(tmp_path, study):
     """docs/results/<study>: `python -m loki_exp.report` on its committed records writes the
     committed report.md and report.csv again."""

