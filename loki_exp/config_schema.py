@@ -250,7 +250,8 @@ class TopLevel:
 
 @dataclass
 class RunConfig:
-    """The checked configuration of one run, as the stages receive it (``check_config``).
+    """The checked configuration of one run, as the stages receive it
+    (``config_check.check_config``).
 
     A group is None only when a command checked a subset of the groups (``loki_exp.analyse``
     needs paths, model, kva and parallelism). ``composed``: the config as Hydra composed it,
