@@ -122,21 +122,17 @@ def _category_items(category: str, cache: str | os.PathLike | None,
     re-renders every item's function schemas. The files are pinned by the wheel's sha256, so
     every cache folder holds the same ones: the first one read serves the process."""
     if category not in _PARSED:
-        _PARSED[category] = _parse_category(category, cache)
+        questions = _read_jsonl(f"bfcl_eval/data/BFCL_v4_{category}.json", cache)
+        answers = ({} if category in IRRELEVANCE else
+                   {a.get("id"): a for a in _read_jsonl(
+                       f"bfcl_eval/data/possible_answer/BFCL_v4_{category}.json", cache)})
+        items = [parse_row(row, answers.get(row.get("id")), category) for row in questions]
+        _PARSED[category] = (tuple(i for i in items if i is not None),
+                             sum(i is None for i in items))
     return _PARSED[category]
 
 
 _PARSED: dict[str, tuple[tuple[BFCLItem, ...], int]] = {}
-
-
-def _parse_category(category: str, cache: str | os.PathLike | None,
-                    ) -> tuple[tuple[BFCLItem, ...], int]:
-    questions = _read_jsonl(f"bfcl_eval/data/BFCL_v4_{category}.json", cache)
-    answers = ({} if category in IRRELEVANCE else
-               {a.get("id"): a for a in _read_jsonl(
-                   f"bfcl_eval/data/possible_answer/BFCL_v4_{category}.json", cache)})
-    items = [parse_row(row, answers.get(row.get("id")), category) for row in questions]
-    return tuple(i for i in items if i is not None), sum(i is None for i in items)
 
 
 def parse_row(row: dict, answer: dict | None, category: str) -> BFCLItem | None:

@@ -248,9 +248,10 @@ def matched_same_setting(values: PairedValues, levels=LEVELS) -> list[dict[str, 
     in forgetting at ``matched_by_run``'s levels, with its 95% interval (items resampled,
     the same indices for both runs). The seed-against-seed pairs are the spread that the
     rows-against-rows pairs are read against."""
-    if not values.curves or common_best(values) <= 0:
+    best = common_best(values) if values.curves else 0.0
+    if best <= 0:
         return []
-    gains = [frac * common_best(values) for frac in levels]
+    gains = [frac * best for frac in levels]
     rows = []
     for i, a in enumerate(values.curves):
         for b in values.curves[i + 1:]:

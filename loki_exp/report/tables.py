@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from loki_exp.evaluation.bootstrap import significant
 from loki_exp.report.collect import task_axis, task_items_key
 from loki_exp.report.differences import significant_differences
 from loki_exp.report.render import Block, Table, fmt, with_interval
@@ -100,7 +101,7 @@ def _pairs_table(what: str, pairs: list[dict[str, Any]], gain) -> Table:
     table = Table([f"{what} a", f"{what} b", "measure", "at gain %", "a", "b", "b - a [95%]"],
                   [], ["---", "---", "---", "---:", "---:", "---:", "---"])
     for m in pairs:
-        star = "*" if m["ci_low"] > 0 or m["ci_high"] < 0 else ""
+        star = "*" if significant((m["ci_low"], m["ci_high"])) else ""
         table.rows.append([m["a"], m["b"], m["measure"], gain(m), f"{m['value_a']:.3g}",
                            f"{m['value_b']:.3g}", f"{m['difference']:.3g}{star} "
                            f"[{m['ci_low']:.3g}, {m['ci_high']:.3g}]"])

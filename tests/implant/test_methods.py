@@ -78,6 +78,8 @@ def test_a_method_that_starts_at_base_keeps_the_base_function(compose_cfg, tmp_p
         model = methods.prepare(cfg.method, loaded.model, grid, loaded=loaded,
                                 cache_dir=cfg.paths.cache_dir)
         after = model(ids).logits
+    # Two fp32 paths to one function (a residual plus factors, rows split off): the
+    # cross-path budget derived in tests/support/tolerances.py.
     assert_close_fp32(after, before, f"{name} prepared")
 
 

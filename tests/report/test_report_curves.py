@@ -116,6 +116,8 @@ def test_runs_of_one_setting_are_compared_pairwise_at_the_common_levels(tmp_path
     kva, rand, kva2 = ("0: loki q=10 layer_balanced, seed 42", "1: loki q=10 random, seed 42, rows 7",
                        "2: loki q=10 layer_balanced, seed 43")
     assert set(at_20) == {(kva, rand), (kva, kva2), (rand, kva2)}
+    # Differences of hand-written decimals (0.3 - 0.1): exact up to float rounding, ~1e-17,
+    # far inside approx's default 1e-6 relative.
     assert at_20[(kva, rand)]["difference"] == pytest.approx(0.2)
     assert at_20[(kva, kva2)]["difference"] == pytest.approx(0.1)
     assert at_20[(rand, kva2)]["difference"] == pytest.approx(-0.1)
