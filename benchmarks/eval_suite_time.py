@@ -9,9 +9,11 @@ chat-rendered), the task's gold-answer bits per byte (BFCL's held-out items; its
 FLOP/s and the fraction of the matmul peak of the model's own shapes, ``benchmarks/peak.py``),
 BFCL's generated calls (trained / irrelevance / transfer items), the drift answers and the KL
 pass. With ``--before`` the parts this code changed are also timed the way they ran before,
-in the same process on the same items: BFCL generated one category at a time (now: one
-generation over all, longest prompts first) and the KL pass loading the base model again
-(now: the base model loaded once per evaluation). Last line:
+in the same process on the same items: BFCL's generation in batches of ``eval.batch_size``
+prompts with transformers' own key/value cache (now: batches of at most
+``eval.generation_batch_tokens`` cache tokens, written in place; the generated texts must be
+equal) and the KL pass loading the base model again (now: the base model loaded once per
+evaluation). Last line:
 
     suite_seconds=<base, all parts> tuned_seconds=<...> limit=... benchmarks=... bpb_sets=...
 """
@@ -35,7 +37,7 @@ from loki_exp.evaluation.drift import answer_logprobs, chat_prompts, drift_quest
 from loki_exp.evaluation.evaluate import task_heldout
 from loki_exp.evaluation.gold_bpb import as_example, gold_bpb
 from loki_exp.evaluation.suite import make_lm, run_suite
-from loki_exp.evaluation.task_metric import bfcl_accuracy, bfcl_groups, bfcl_measures, generate
+from loki_exp.evaluation.task_metric import bfcl_accuracy, bfcl_groups, generate
 from loki_exp.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/peak.py
@@ -56,6 +58,32 @@ class Clock:
             self.total += seconds
         print(f"{label:34s} {seconds:7.1f} s", flush=True)
         return result
+
+
+@torch.no_grad()
+def generate_before(model, tokenizer, conversations, max_new_tokens, batch_size) -> list[str]:
+    """Generation as it ran before: ``batch_size`` prompts per batch, longest first, with
+    transformers' own (concatenating) key/value cache."""
+    encoded = [tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True,
+                                                       tokenize=False),
+                         add_special_tokens=False).input_ids for c in conversations]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    out = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(chunk):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        generated = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                   max_new_tokens=max_new_tokens,
+                                   pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id)
+        for row, i in enumerate(chunk):
+            out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
+    return [out[i] for i in range(len(encoded))]
 
 
 def score(name, model, tokenizer, cfg, task, limit, before, base_model=None) -> float:
@@ -85,29 +113,33 @@ def score(name, model, tokenizer, cfg, task, limit, before, base_model=None) -> 
     counts = {"trained": ev.bfcl_trained_items, "irrelevance": ev.bfcl_irrelevance_items,
               "transfer": ev.bfcl_transfer_items}
     if task.name == "bfcl" and any(counts.values()):
-        args = (list(task.categories), task.test_fraction, counts, ev.max_new_tokens,
-                ev.batch_size, cache)
-        scores, _ = clock("BFCL generation (one batch run)",
-                          lambda: bfcl_measures(model, tokenizer, *args))
-        if before:  # as it ran before: each category on its own
-            def per_category():
-                for group, categories in bfcl_groups(list(task.categories)).items():
-                    if counts[group]:
-                        for items in bfcl.heldout_by_category(categories, task.test_fraction,
-                                                              counts[group], cache).values():
-                            bfcl_accuracy(model, tokenizer, items, ev.max_new_tokens,
-                                          ev.batch_size)
-            clock("BFCL generation, by category (before)", per_category, count=False)
-        print(f"{'':34s} " + " ".join(f"{k}={v:.3f}" for k, v in scores.items() if "/" not in k))
+        items = []  # what bfcl_measures generates from, in its order
+        for group, categories in bfcl_groups(list(task.categories)).items():
+            if counts[group]:
+                for cat_items in bfcl.heldout_by_category(categories, task.test_fraction,
+                                                          counts[group], cache).values():
+                    items.extend(cat_items)
+        conversations = [i.messages for i in items]
+        accuracy, rows = clock(f"BFCL generation ({len(items)} items)", lambda: bfcl_accuracy(
+            model, tokenizer, items, ev.max_new_tokens, ev.generation_batch_tokens))
+        texts = [r["generated"] for r in rows]
+        print(f"{'':34s} correct={accuracy:.3f} (trained and irrelevance items together)")
+        if before:
+            start = time.perf_counter()
+            old = generate_before(model, tokenizer, conversations, ev.max_new_tokens,
+                                  ev.batch_size)
+            seconds = time.perf_counter() - start
+            print(f"{'BFCL generation (before)':34s} {seconds:7.1f} s  same texts: "
+                  f"{old == texts}", flush=True)
     questions = drift_questions(ev.drift_prompts, cache)
     answers = clock("drift answers", lambda: generate(
         model, tokenizer, [[{"role": "user", "content": q}] for q in questions],
-        ev.drift_max_new_tokens, ev.batch_size))
+        ev.drift_max_new_tokens, ev.generation_batch_tokens))
     prompts = chat_prompts(tokenizer, questions)
     if base_model is not None:  # a tuned model: KL against the base on the base's answers
         answers = generate(base_model, tokenizer, [[{"role": "user", "content": q}]
                                                    for q in questions],
-                           ev.drift_max_new_tokens, ev.batch_size)
+                           ev.drift_max_new_tokens, ev.generation_batch_tokens)
         clock("drift KL (base loaded once)", lambda: [answer_logprobs(m, tokenizer, prompts, answers)
                                                       for m in (base_model, model)])
         if before:

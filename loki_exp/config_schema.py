@@ -212,6 +212,7 @@ class Eval:
     task_dataset: Any = None  # a dataset group entry, checked into its dataclass
     max_new_tokens: int = _spec(128, ge=1)
     batch_size: int = _spec(8, ge=1)
+    generation_batch_tokens: int = _spec(8192, ge=1)
     paper_data: str | None = None
     paper_max_new_tokens: int | None = _spec(None, ge=1)
     allow_code_execution: bool = False

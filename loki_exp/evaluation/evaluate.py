@@ -102,7 +102,7 @@ def drift_answers(cfg: RunConfig, model, tokenizer) -> dict[str, Any]:
     questions = drift_questions(ev.drift_prompts, cfg.paths.cache_dir)
     return {"answers": generate(
         model, tokenizer, [[{"role": "user", "content": q}] for q in questions],
-        ev.drift_max_new_tokens, ev.batch_size, "drift answers")}
+        ev.drift_max_new_tokens, ev.generation_batch_tokens, "drift answers")}
 
 
 def cheap_from_point(cfg: RunConfig, model, tokenizer, task: TaskData,
@@ -155,7 +155,7 @@ def score_model(cfg: RunConfig, model, tokenizer, task: TaskData,
                  "irrelevance, transfer)", "/".join(str(v) for v in _bfcl_counts(ev).values()))
         scores, items = bfcl_measures(model, tokenizer, list(task.categories), task.test_fraction,
                                       _bfcl_counts(ev), ev.max_new_tokens,
-                                      ev.batch_size, cfg.paths.cache_dir)
+                                      ev.generation_batch_tokens, cfg.paths.cache_dir)
         out["task"].update(scores)
         out["items"].update({f"task/bfcl/{k}": v for k, v in items.items()})
     if out["drift"].get("answers"):

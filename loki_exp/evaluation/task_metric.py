@@ -26,26 +26,41 @@ from loki_exp.data import bfcl
 from loki_exp.data.bfcl import BFCLItem
 from loki_exp.evaluation.bfcl_match import matches, parse_calls
 from loki_exp.evaluation.drift import looks_like_call
+from loki_exp.evaluation.kv_cache import InPlaceCache
 from loki_exp.progress import track
+
+
+def length_batches(lengths: list[int], extra: int, batch_tokens: int) -> list[list[int]]:
+    """Indices longest first, cut into batches whose key/value cache (rows x (longest prompt +
+    ``extra`` new tokens)) stays within ``batch_tokens``; a prompt too long for it goes alone.
+    Decoding on a CPU is bound by memory traffic: the weights once per step (so the more rows
+    the better) and each row's cache (so the less padding the better)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * (lengths[batches[-1][0]] + extra) <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 @torch.no_grad()
 def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_new_tokens: int,
-             batch_size: int, what: str = "generation") -> list[str]:
-    """Greedy completions, batched with left padding, longest prompts first (less padding)."""
+             batch_tokens: int, what: str = "generation") -> list[str]:
+    """Greedy completions, batched with left padding by ``length_batches`` (longest prompts
+    first), each batch's keys and values written in place (``kv_cache``)."""
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
                for c in conversations]
     encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    batches = length_batches([len(e) for e in encoded], max_new_tokens, batch_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out: dict[int, str] = {}
     try:
-        starts = range(0, len(order), batch_size)
-        for start in track(starts, what, len(starts)):
-            chunk = order[start:start + batch_size]
+        for chunk in track(batches, what, len(batches)):
             width = max(len(encoded[i]) for i in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -54,6 +69,7 @@ def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_ne
                 ids[row, width - n:] = torch.tensor(encoded[i])
                 mask[row, width - n:] = 1
             generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                       cache=InPlaceCache(model.config, max_new_tokens),
                                        max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
             for row, i in enumerate(chunk):
@@ -73,8 +89,8 @@ def bfcl_correct(text: str, item: BFCLItem) -> bool:
 
 
 def bfcl_accuracy(model, tokenizer, items: list[BFCLItem], max_new_tokens: int = 128,
-                  batch_size: int = 8) -> tuple[float, list[dict[str, Any]]]:
-    texts = generate(model, tokenizer, [i.messages for i in items], max_new_tokens, batch_size,
+                  batch_tokens: int = 8192) -> tuple[float, list[dict[str, Any]]]:
+    texts = generate(model, tokenizer, [i.messages for i in items], max_new_tokens, batch_tokens,
                      "BFCL generation")
     rows = [{"id": item.id, "category": item.category, "generated": text,
              "target": item.target, "correct": bfcl_correct(text, item)}
@@ -91,7 +107,7 @@ def bfcl_groups(trained: list[str]) -> dict[str, list[str]]:
 
 
 def bfcl_measures(model, tokenizer, trained: list[str], test_fraction: float, counts: dict[str, int],
-                  max_new_tokens: int, batch_size: int, cache=None,
+                  max_new_tokens: int, batch_tokens: int, cache=None,
                   ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Scores ``{measure: mean over categories, "<measure>/<category>": mean}`` and per-item
     values ``{"<measure>/<category>": [...]}``; ``counts``: held-out items per category for
@@ -102,7 +118,7 @@ def bfcl_measures(model, tokenizer, trained: list[str], test_fraction: float, co
             held[group] = bfcl.heldout_by_category(categories, test_fraction, counts[group], cache)
     flat = [item for by_cat in held.values() for items in by_cat.values() for item in items]
     # One generation over every category (sorted by length inside): fewer, fuller batches.
-    _, rows = bfcl_accuracy(model, tokenizer, flat, max_new_tokens, batch_size)
+    _, rows = bfcl_accuracy(model, tokenizer, flat, max_new_tokens, batch_tokens)
     correct = {row["id"]: float(row["correct"]) for row in rows}
     items: dict[str, list[float]] = {}
     for group, by_cat in held.items():
