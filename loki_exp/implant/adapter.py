@@ -47,7 +47,10 @@ def save_adapter(cfg: RunConfig, fingerprint: str, model: nn.Module,
         if proj.bias is not None:
             tensors[f"{prefix}.bias"] = proj.bias.detach().cpu().index_select(0, idx).contiguous()
     meta = {"format": FORMAT, "base_model": base_model_name(cfg), "base_fingerprint": fingerprint,
-            "method": cfg.method.name, "quota": cfg.quota, "strategy": cfg.strategy.name,
+            "method": cfg.method.name,
+            # a whole quota as an integer (30, as run.json records it), not the typed 30.0
+            "quota": int(cfg.quota) if float(cfg.quota).is_integer() else cfg.quota,
+            "strategy": cfg.strategy.name,
             "strategy_seed": cfg.strategy.seed if cfg.strategy.name == "random" else None,
             "kva_preset": cfg.kva.preset, "positions_file": cfg.positions_file,
             "layers": len(projs), "down_proj_shape": list(projs[0].weight.shape),

@@ -38,6 +38,7 @@ def test_adapter_applied_to_its_base_is_the_export_bit_for_bit(compose_cfg, tmp_
     meta = json.loads((out / "adapter" / "adapter.json").read_text())
     assert (meta["method"], meta["quota"], meta["strategy"], meta["kva_preset"]) == (
         method, 30, "layer_balanced", "published")
+    assert '"quota": 30,' in (out / "adapter" / "adapter.json").read_text()  # as run.json has it
     assert meta["trained_rows"] == 3 * 19 and meta["layers"] == 3
     applied = apply_adapter(base, out / "adapter", tmp_path / "applied")
     assert (applied / "model.safetensors").read_bytes() == (
