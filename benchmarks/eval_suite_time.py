@@ -24,20 +24,22 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from hydra import compose, initialize_config_dir
+from transformers import DynamicCache
 
 from loki_exp.config_check import check_config
-from loki_exp.data import bfcl
 from loki_exp.data.sft import encode
 from loki_exp.data.tasks import load_task
+from loki_exp.evaluation import task_metric
 from loki_exp.evaluation.bpb import score_bpb
 from loki_exp.evaluation.drift import answer_logprobs, chat_prompts, drift_questions
 from loki_exp.evaluation.evaluate import task_heldout
 from loki_exp.evaluation.gold_bpb import as_example, gold_bpb
 from loki_exp.evaluation.suite import make_lm, run_suite
-from loki_exp.evaluation.task_metric import bfcl_accuracy, bfcl_groups, generate
+from loki_exp.evaluation.task_metric import bfcl_accuracy, bfcl_heldout, generate
 from loki_exp.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/peak.py
@@ -60,30 +62,17 @@ class Clock:
         return result
 
 
-@torch.no_grad()
 def generate_before(model, tokenizer, conversations, max_new_tokens, batch_size) -> list[str]:
     """Generation as it ran before: ``batch_size`` prompts per batch, longest first, with
-    transformers' own (concatenating) key/value cache."""
-    encoded = [tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True,
-                                                       tokenize=False),
-                         add_special_tokens=False).input_ids for c in conversations]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    out = {}
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(chunk):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
-        generated = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                   max_new_tokens=max_new_tokens,
-                                   pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id)
-        for row, i in enumerate(chunk):
-            out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
-    return [out[i] for i in range(len(encoded))]
+    transformers' own (concatenating) key/value cache; the rest is today's ``generate``."""
+    def fixed_batches(lengths, extra, batch_tokens):
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+    with mock.patch.object(task_metric, "length_batches", fixed_batches), \
+            mock.patch.object(task_metric, "InPlaceCache",
+                              lambda config, extra: DynamicCache(config=config)):
+        return task_metric.generate(model, tokenizer, conversations, max_new_tokens, 0)
 
 
 def score(name, model, tokenizer, cfg, task, limit, before, base_model=None) -> float:
@@ -113,12 +102,9 @@ def score(name, model, tokenizer, cfg, task, limit, before, base_model=None) -> 
     counts = {"trained": ev.bfcl_trained_items, "irrelevance": ev.bfcl_irrelevance_items,
               "transfer": ev.bfcl_transfer_items}
     if task.name == "bfcl" and any(counts.values()):
-        items = []  # what bfcl_measures generates from, in its order
-        for group, categories in bfcl_groups(list(task.categories)).items():
-            if counts[group]:
-                for cat_items in bfcl.heldout_by_category(categories, task.test_fraction,
-                                                          counts[group], cache).values():
-                    items.extend(cat_items)
+        items = [item for by_cat in bfcl_heldout(list(task.categories), task.test_fraction,
+                                                  counts, cache).values()
+                 for cat_items in by_cat.values() for item in cat_items]
         conversations = [i.messages for i in items]
         accuracy, rows = clock(f"BFCL generation ({len(items)} items)", lambda: bfcl_accuracy(
             model, tokenizer, items, ev.max_new_tokens, ev.generation_batch_tokens))

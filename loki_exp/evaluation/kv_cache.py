@@ -58,7 +58,5 @@ class InPlaceCache(DynamicCache):
 
     def __init__(self, config, max_new_tokens: int):
         super().__init__(config=config)
-        if not self.layers:  # a config without layer types: one full-attention layer per call
-            self.layer_class_to_replicate = lambda: InPlaceLayer(max_new_tokens)
         self.layers = [InPlaceLayer(max_new_tokens) if type(layer) is DynamicLayer else layer
                        for layer in self.layers]

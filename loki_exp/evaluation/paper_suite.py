@@ -180,23 +180,12 @@ def check_paper_tasks(tasks: list[str], data: str | os.PathLike | None) -> None:
                         "a <task>.jsonl file per task, or null for the hub")
 
 
-def seed_language_detection() -> None:
-    """IFEval's language checks (english_lowercase, english_capital, response_language) call
-    langdetect, which samples at random unless seeded: unseeded, "hello world, nice to meet
-    you." is Dutch about one time in twenty, so a score would change from run to run."""
-    from langdetect import DetectorFactory
-
-    DetectorFactory.seed = 0
-
-
 def task_configs(tasks: list[str], data: str | os.PathLike | None,
                  cache: str | os.PathLike | None = None,
                  max_new_tokens: int | None = None) -> list[dict[str, Any]]:
     """lm-eval task config dicts for ``tasks`` (hub data, or ``data``'s JSONL files);
     ``max_new_tokens`` caps every task's generation length (null: each task's own)."""
     check_paper_tasks(tasks, data)
-    if "ifeval" in tasks:
-        seed_language_detection()
     root = Path(data) if data is not None else None
     out = []
     for task in tasks:

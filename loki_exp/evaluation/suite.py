@@ -36,6 +36,16 @@ def primary_metric(bench: str, metrics, forgetting_metric: str | None) -> str:
     return "acc"
 
 
+def seed_language_detection() -> None:
+    """IFEval's language checks (english_lowercase, english_capital, response_language) call
+    langdetect, which samples at random unless seeded: unseeded, "hello world, nice to meet
+    you." is Dutch about one time in twenty, so a score would change from run to run (whichever
+    source, ``paper`` or lm-eval's own)."""
+    from langdetect import DetectorFactory
+
+    DetectorFactory.seed = 0
+
+
 def run_suite(lm, tasks: list[str], limit: int | None, source: str = "offline",
               cache: str | os.PathLike | None = None, seed: int = 1234,
               paper_data: str | os.PathLike | None = None, allow_code: bool = False,
@@ -66,6 +76,8 @@ def run_suite(lm, tasks: list[str], limit: int | None, source: str = "offline",
         raise LokiError(f"eval.source={source!r} is not known; expected 'offline', 'lm_eval' "
                         "or 'paper'")
     names = [s["task"] if isinstance(s, dict) else s for s in specs]
+    if any("ifeval" in name for name in names):
+        seed_language_detection()
     out = lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit,
                                   log_samples=True, random_seed=seed, numpy_random_seed=seed,
                                   torch_random_seed=seed, fewshot_random_seed=seed,

@@ -106,16 +106,20 @@ def bfcl_groups(trained: list[str]) -> dict[str, list[str]]:
                          if c not in trained and c not in bfcl.IRRELEVANCE]}
 
 
+def bfcl_heldout(trained: list[str], test_fraction: float, counts: dict[str, int], cache=None,
+                 ) -> dict[str, dict[str, list[BFCLItem]]]:
+    """``{group: {category: held-out items}}``, ``counts[group]`` per category (0: none)."""
+    return {group: bfcl.heldout_by_category(categories, test_fraction, counts[group], cache)
+            for group, categories in bfcl_groups(trained).items() if counts.get(group)}
+
+
 def bfcl_measures(model, tokenizer, trained: list[str], test_fraction: float, counts: dict[str, int],
                   max_new_tokens: int, batch_tokens: int, cache=None,
                   ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Scores ``{measure: mean over categories, "<measure>/<category>": mean}`` and per-item
     values ``{"<measure>/<category>": [...]}``; ``counts``: held-out items per category for
     ``trained``, ``irrelevance`` and ``transfer`` (0: that measure off)."""
-    held = {}
-    for group, categories in bfcl_groups(trained).items():
-        if counts.get(group):
-            held[group] = bfcl.heldout_by_category(categories, test_fraction, counts[group], cache)
+    held = bfcl_heldout(trained, test_fraction, counts, cache)
     flat = [item for by_cat in held.values() for items in by_cat.values() for item in items]
     # One generation over every category (sorted by length inside): fewer, fuller batches.
     _, rows = bfcl_accuracy(model, tokenizer, flat, max_new_tokens, batch_tokens)

@@ -6,7 +6,7 @@ import pytest
 from lm_eval.api.model import LM
 
 from loki_exp.errors import LokiError
-from loki_exp.evaluation.paper_suite import PAPER_TASKS, code_of, task_configs, write_offline_items
+from loki_exp.evaluation.paper_suite import PAPER_TASKS, code_of, write_offline_items
 from loki_exp.evaluation.suite import make_lm, run_suite
 
 # IFEval-style prompts with checks that need no nltk data, and an answer that follows each.
@@ -94,10 +94,10 @@ def test_each_task_scores_right_answers_1_and_wrong_answers_0(items, right):
 
 def test_ifeval_language_checks_give_one_answer_per_text(items):
     """langdetect samples at random unless seeded (unseeded, this text is Dutch about one time
-    in twenty): the paper suite seeds it, so an IFEval score does not change between runs."""
+    in twenty): a suite with IFEval seeds it, so an IFEval score does not change between runs."""
     import langdetect
 
-    task_configs(["ifeval"], items)
+    run_suite(Oracle(True), ["ifeval"], 1, "paper", paper_data=items)
     assert {langdetect.detect("hello world, nice to meet you.") for _ in range(100)} == {"en"}
 
 
