@@ -8,6 +8,7 @@ decoders of the same shape.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from loki_exp.errors import LokiError
@@ -76,3 +77,21 @@ def node_grid(model: nn.Module) -> tuple[int, int]:
     """(L, D): number of layers and nodes (down_proj output rows) per layer."""
     projs = down_projs(model)
     return len(projs), projs[0].out_features
+
+
+def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits for the decoder's final hidden states: ``lm_head`` and what the
+    model's own forward does after it. Training and gold bpb run ``lm_head`` on the labelled
+    positions only (the forward's ``logits_to_keep`` keeps the same positions of every row),
+    so they must apply these themselves: Gemma 2/3's final soft-capping, Granite's
+    ``logits_scaling`` and Cohere's ``logit_scale``."""
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    if getattr(config, "logits_scaling", None) not in (None, 1, 1.0):
+        logits = logits / config.logits_scaling
+    if getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        logits = logits * config.logit_scale
+    return logits

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from loki_exp.data.sft import IGNORE, Example, PadCollator, encode
+from loki_exp.model_access import output_logits
 
 
 def as_example(item: Any) -> Example:
@@ -58,7 +59,7 @@ def gold_bpb(model, tokenizer, items: list[Any], batch_size: int = 8) -> list[fl
                                          use_cache=False).last_hidden_state
             targets = batch["labels"][:, 1:]
             keep = targets != IGNORE
-            logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+            logits = output_logits(model, hidden[:, :-1][keep])
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, fp64 kept
             token_nll = F.cross_entropy(logits, targets[keep], reduction="none")
             rows = keep.nonzero()[:, 0]

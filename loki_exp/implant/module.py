@@ -21,7 +21,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from loki_exp.data.sft import IGNORE
 from loki_exp.implant import run_identity
 from loki_exp.implant.master_weights import MasterWeights
-from loki_exp.model_access import decoder_layers
+from loki_exp.model_access import decoder_layers, output_logits
 
 
 def is_fsdp_sharded(module: nn.Module) -> bool:
@@ -52,7 +52,7 @@ class ResponseLM(nn.Module):
                                           use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
+        logits = output_logits(self.model, hidden[:, :-1][keep])
         total = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return total, keep.sum()
 

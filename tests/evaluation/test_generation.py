@@ -10,10 +10,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from loki_exp.evaluation.kv_cache import InPlaceCache, InPlaceLayer
 from loki_exp.evaluation.task_metric import generate, length_batches
 from loki_exp.models import load_model
-from tests.support.tiny_decoders import tiny_decoder
-
-MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo",
-               "olmo2", "phi3", "granite"]
+from tests.support.tiny_decoders import MODEL_TYPES, tiny_decoder
 
 
 def test_length_batches_take_every_prompt_once_longest_first_within_the_budget():

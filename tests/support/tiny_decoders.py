@@ -14,6 +14,8 @@ _COMMON = dict(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidde
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                bos_token_id=1, eos_token_id=2, pad_token_id=2)
 _SLIDING = dict(sliding_window=7)
+MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo",
+               "olmo2", "phi3", "granite"]
 
 
 def tiny_config(model_type: str):
