@@ -13,7 +13,9 @@ in the same process on the same items: BFCL's generation in batches of ``eval.ba
 prompts with transformers' own key/value cache (now: batches of at most
 ``eval.generation_batch_tokens`` cache tokens, written in place; the generated texts must be
 equal) and the KL pass loading the base model again (now: the base model loaded once per
-evaluation). Last line:
+evaluation), and the benchmarks and bits-per-byte sets through lm-eval's own loop (one
+sequence per request; now: each shared context once, ``loki_exp/evaluation/loglikelihood.py``;
+the per-item scores must be equal, the bits per byte equal to float rounding). Last line:
 
     suite_seconds=<base, all parts> tuned_seconds=<...> limit=... benchmarks=... bpb_sets=...
 """
@@ -28,6 +30,7 @@ from unittest import mock
 
 import torch
 from hydra import compose, initialize_config_dir
+from lm_eval.models.huggingface import HFLM
 from transformers import DynamicCache
 
 from loki_exp.config_check import check_config
@@ -80,13 +83,27 @@ def score(name, model, tokenizer, cfg, task, limit, before, base_model=None) -> 
     clock = Clock()
     print(f"-- {name}")
     lm = make_lm(model, tokenizer, ev.batch_size)
+    own = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.batch_size,
+               device=str(next(model.parameters()).device)) if before else None
     for bench in ev.benchmarks:  # one at a time, to time each
-        scores, _ = clock(bench, lambda bench=bench: run_suite(lm, [bench], limit, ev.source, cache))
+        scores, items = clock(bench, lambda bench=bench: run_suite(lm, [bench], limit, ev.source,
+                                                                   cache))
         print(f"{'':34s} acc_norm={scores[bench].get('acc_norm', float('nan')):.3f}")
+        if own is not None:
+            start = time.perf_counter()
+            _, old = run_suite(own, [bench], limit, ev.source, cache)
+            print(f"{bench + ' (before)':34s} {time.perf_counter() - start:7.1f} s  "
+                  f"same items: {old == items}", flush=True)
     for set_name in ev.bpb:
         bpb = clock(f"bpb {set_name}", lambda s=set_name: score_bpb(lm, tokenizer, [s], ev.bpb_limit,
                                                                     cache))
         print(f"{'':34s} " + " ".join(f"{k}={sum(v) / len(v):.3f}" for k, v in bpb.items()))
+        if own is not None:
+            start = time.perf_counter()
+            old = score_bpb(own, tokenizer, [set_name], ev.bpb_limit, cache)
+            diff = max(abs(a - b) / abs(b) for k in bpb for a, b in zip(bpb[k], old[k]))
+            print(f"{'bpb ' + set_name + ' (before)':34s} {time.perf_counter() - start:7.1f} s  "
+                  f"max_rel_diff={diff:.2g}", flush=True)
     heldout = task_heldout(task, ev.task_bpb_items)
     gold = clock(f"task gold bpb ({len(heldout)} items)",
                  lambda: gold_bpb(model, tokenizer, heldout, ev.batch_size))

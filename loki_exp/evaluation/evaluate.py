@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from loki_exp.config_schema import Eval, RunConfig
 
 # Base-score cache layout; bump when what a cached entry holds changes.
-CACHE_FORMAT = 4  # 4: gold bpb and the four BFCL measures; 3: benchmarks one at a time
+CACHE_FORMAT = 5  # 5: shared-context log-likelihoods; 4: gold bpb and the four BFCL measures
 
 log = logging.getLogger(__name__)
 

@@ -9,14 +9,31 @@ from typing import Any
 from loki_exp.errors import LokiError
 from loki_exp.evaluation import paper_suite
 from loki_exp.evaluation.lm_eval_tasks import TASK_PREFIX, lm_eval_manager, task_dir
+from loki_exp.evaluation.loglikelihood import continuation_logprobs
 
 
 def make_lm(model, tokenizer, batch_size: int = 8):
-    """lm-eval's wrapper around an in-memory HF model."""
+    """lm-eval's wrapper around an in-memory HF model, scoring log-likelihood requests with
+    each shared context computed once (:mod:`loki_exp.evaluation.loglikelihood`)."""
     from lm_eval.models.huggingface import HFLM
 
+    class SharedContextLM(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
+                                  override_bs: int | None = None):
+            if self.backend != "causal":
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            pad = self.tokenizer.pad_token_id
+            results = continuation_logprobs(
+                self.model, [(ctx, cont) for _, ctx, cont in requests], self.max_length,
+                batch_size, self.tokenizer.eos_token_id if pad is None else pad)
+            for (request, _, _), answer in zip(requests, results):
+                if request is not None:  # what lm-eval's own loop reports to its cache hook
+                    self.cache_hook.add_partial("loglikelihood", request, answer)
+            return results
+
     device = str(next(model.parameters()).device)
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    return SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                           device=device)
 
 
 # The log-likelihood suites' scores (both under lm-eval's "none" filter).

@@ -117,6 +117,12 @@ def test_eval_suite_time(capsys, monkeypatch, tmp_path, tiny_models):
     # generation batched by cache size writes the texts it wrote before, for both models
     assert [line.endswith("same texts: True") for line in out
             if line.startswith("BFCL generation (before)")] == [True, True]
+    # shared contexts score every item as lm-eval's own loop does, for both models
+    assert [line.endswith("same items: True") for line in out
+            if line.startswith("arc_easy (before)")] == [True, True]
+    diffs = [float(fields(line)["max_rel_diff"]) for line in out if line.startswith("bpb ")
+             and "(before)" in line]
+    assert len(diffs) == 8 and max(diffs) < CROSS_PATH_FP32
 
 
 def test_flop_count_includes_the_cpus_flash_attention():
