@@ -9,19 +9,22 @@ every assistant turn labelled through its end-of-turn token), and its score is
 i.e. the held-out training loss, in bits per byte of the answer (lower is better). The end-of-
 turn token is counted in the numerator (stopping is part of the answer) but its marker text is
 not counted as bytes. No length limit: an item longer than ``dataset.max_length`` is scored
-whole. Items are batched by length (less padding) and ``lm_head`` runs on the labelled
-positions only, as in training.
+whole. Items are batched by length (less padding), the prefix they all share (a system
+prompt) runs once, and ``lm_head`` runs on the labelled positions only, as in training.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache
 
 from loki_exp.data.sft import IGNORE, Example, PadCollator, encode
+from loki_exp.evaluation.loglikelihood import common_prefix
 from loki_exp.model_access import output_logits
 
 
@@ -38,6 +41,16 @@ def answer_bytes(example: Example) -> int:
     return max(1, sum(len(t.encode("utf-8")) for t in [*turns, example.response]))
 
 
+def shared_prefix(encoded: list[dict[str, list[int]]]) -> int:
+    """Tokens every item starts with (BFCL's system prompt: 92 of ~430), up to the first
+    position whose logits score a labelled token."""
+    if len(encoded) < 2:
+        return 0
+    first_label = min(next((t for t, label in enumerate(e["labels"]) if label != IGNORE),
+                           len(e["labels"])) for e in encoded)
+    return max(0, min(common_prefix([tuple(e["input_ids"]) for e in encoded]), first_label - 1))
+
+
 @torch.no_grad()
 def gold_bpb(model, tokenizer, items: list[Any], batch_size: int = 8) -> list[float]:
     """Per item, bits per byte of its gold answer given its prompt (module docstring)."""
@@ -51,12 +64,28 @@ def gold_bpb(model, tokenizer, items: list[Any], batch_size: int = 8) -> list[fl
     was_training = model.training
     model.eval()
     try:
+        # The shared prefix runs once; each batch continues from a copy of its cache
+        # (right-padded after it, so no pad sits between two real tokens).
+        shared = shared_prefix(encoded)
+        prefix = DynamicCache(config=model.config)
+        if shared:
+            model.get_decoder()(input_ids=torch.tensor([encoded[0]["input_ids"][:shared]],
+                                                       device=device),
+                                cache=prefix, use_cache=True)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in chunk]).items()}
-            hidden = model.get_decoder()(input_ids=batch["input_ids"],
-                                         attention_mask=batch["attention_mask"],
-                                         use_cache=False).last_hidden_state
+            batch = {k: v[:, shared:].to(device)
+                     for k, v in collate([encoded[i] for i in chunk]).items()}
+            cache = None
+            if shared:
+                cache = copy.deepcopy(prefix)
+                cache.batch_repeat_interleave(len(chunk))
+            mask = torch.cat([batch["attention_mask"].new_ones(len(chunk), shared),
+                              batch["attention_mask"]], -1)
+            positions = shared + torch.arange(batch["input_ids"].shape[1], device=device)
+            hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask,
+                                         position_ids=positions.expand(len(chunk), -1),
+                                         cache=cache, use_cache=bool(shared)).last_hidden_state
             targets = batch["labels"][:, 1:]
             keep = targets != IGNORE
             logits = output_logits(model, hidden[:, :-1][keep])

@@ -13,15 +13,31 @@ import torch
 from loki_exp.data import bfcl
 from loki_exp.data.sft import IGNORE, Example, encode, encode_all
 from loki_exp.data.tasks import load_task
-from loki_exp.evaluation.gold_bpb import gold_bpb
+from loki_exp.evaluation.gold_bpb import gold_bpb, shared_prefix
 from loki_exp.selection import node_budget, select_random
+from tests.support.tiny_decoders import MODEL_TYPES, tiny_decoder
+from tests.support.tolerances import CROSS_PATH_FP32
 
 TRAINED = ["simple_python", "multiple", "live_simple"]
 
 
+def _nll_bpb(model, tok, item) -> float:
+    """One full forward of the item alone (every position's logits, no batching)."""
+    enc = encode(tok, item, 1 << 30)
+    ids = torch.tensor([enc["input_ids"]])
+    labels = torch.tensor(enc["labels"][1:])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+    keep = labels != IGNORE
+    nll = -logp[keep].gather(1, labels[keep][:, None]).sum()
+    answer = [m["content"] for m in item.messages if m["role"] == "assistant"]
+    n_bytes = sum(len(t.encode()) for t in [*answer, item.response])
+    return float(nll) / (math.log(2) * n_bytes)
+
+
 def test_gold_bpb_is_the_labelled_tokens_nll_over_the_answer_bytes(tiny_models):
-    """Against one full forward per item (every position's logits, no batching): in float64,
-    where batching and padding change nothing beyond rounding far below 1e-9."""
+    """Against one full forward per item: in float64, where batching and padding change
+    nothing beyond rounding far below 1e-9."""
     loaded = tiny_models["tiny_llama"]
     model, tok = loaded.model.double(), loaded.tokenizer
     try:
@@ -34,21 +50,39 @@ def test_gold_bpb_is_the_labelled_tokens_nll_over_the_answer_bytes(tiny_models):
                  Example("c", [{"role": "user", "content": "Say hi é."}], "hi é")]
         got = gold_bpb(model, tok, items, batch_size=2)
         for item, value in zip(items, got):
-            enc = encode(tok, item, 1 << 30)
-            ids = torch.tensor([enc["input_ids"]])
-            labels = torch.tensor(enc["labels"][1:])
-            with torch.no_grad():
-                logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
-            keep = labels != IGNORE
-            nll = -logp[keep].gather(1, labels[keep][:, None]).sum()
-            answer = [m["content"] for m in item.messages if m["role"] == "assistant"]
-            n_bytes = sum(len(t.encode()) for t in [*answer, item.response])
-            assert value == pytest.approx(float(nll) / (math.log(2) * n_bytes), rel=1e-9)
+            assert value == pytest.approx(_nll_bpb(model, tok, item), rel=1e-9)
         # Both assistant turns of the conversation are scored, each with its end of turn.
         assert int((torch.tensor(encode(tok, items[1], 1 << 30)["labels"]) != IGNORE).sum()) > \
             len(tok("[weather(city='Paris'), weather(city='Oslo')]").input_ids)
     finally:
         model.float()
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_gold_bpb_runs_the_shared_system_prompt_once_with_the_same_scores(tiny_models, model_type):
+    """Items sharing a system prompt longer than the tiny models' 7-token sliding windows: the
+    prefix is found (up to the first scored position) and run once, and every item's score
+    equals its own full forward (float64, 1e-6: Gemma's norms compute in float32), on every
+    tiny architecture. Gemma 2 runs in float32, within ``CROSS_PATH_FP32``: in float64
+    transformers' eager attention turns a pad row that its sliding window fully masks into NaN
+    (test_loglikelihood.py)."""
+    tok = tiny_models["tiny_llama"].tokenizer
+    dtype, rel = ((torch.float32, CROSS_PATH_FP32) if model_type == "gemma2"
+                  else (torch.float64, 1e-6))
+    model = tiny_decoder(model_type).to(dtype)
+    system = {"role": "system", "content": "You call functions. Reply with the call list only."}
+    items = [Example(str(i), [system, *turns], answer) for i, (turns, answer) in enumerate([
+        ([{"role": "user", "content": "Add 2 and 3."}], "[add(a=2, b=3)]"),
+        ([{"role": "user", "content": "Weather in Rome?"},
+          {"role": "assistant", "content": "[weather(city='Rome')]"},
+          {"role": "user", "content": "And Oslo?"}], "[weather(city='Oslo')]"),
+        ([{"role": "user", "content": "Say hi."}], "hi"),
+        ([{"role": "user", "content": "Multiply 4 by 5, then add 1 to it."}], "[mul(a=4, b=5)]")])]
+    shared = shared_prefix([encode(tok, item, 1 << 30) for item in items])
+    assert shared > 12  # "<|im_start|>system\nYou call functions. ..." in every item
+    got = gold_bpb(model, tok, items, batch_size=3)
+    for item, value in zip(items, got):
+        assert value == pytest.approx(_nll_bpb(model, tok, item), rel=rel)
 
 
 def test_bfcl_measures_are_category_means_and_the_leaderboard_needs_all_ten(monkeypatch):
