@@ -34,13 +34,20 @@ class _RowLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, rows, rows_value, bias_rows_value):
-        ctx.save_for_backward(x, weight, rows, rows_value)
+        ctx.save_for_backward(x, rows, rows_value)
+        # The weight is kept by reference, not saved: every forward writes the current rows
+        # into it (sync_rows) and backward writes them again, which bumps its version, so a
+        # module called twice in one step (the shared prefix, then the rest) would fail
+        # autograd's version check though the rows it holds are the same. Backward's rewrite
+        # is what guarantees them.
+        ctx.weight = weight
         ctx.bias_rows_dtype = None if bias_rows_value is None else bias_rows_value.dtype
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, rows, rows_value = ctx.saved_tensors
+        x, rows, rows_value = ctx.saved_tensors
+        weight = ctx.weight
         # FSDP2 frees the gathered weight after forward and gathers it again from the shards
         # for backward, which hold the stored rows, not the current ones: write them again
         # (a no-op rewrite without sharding).

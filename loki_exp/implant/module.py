@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from transformers.cache_utils import DynamicCache
 
 from loki_exp.data.sft import IGNORE
 from loki_exp.implant import run_identity
@@ -35,21 +36,58 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  labels: torch.Tensor) -> int:
+    """Leading tokens that every row of a batch has (a task's system prompt: BFCL's 92 of
+    ~430), up to the first position whose logits score a labelled token."""
+    same = ((input_ids == input_ids[:1]) & (attention_mask == 1)).all(0)
+    common = int(same.int().cumprod(0).sum())
+    labelled = (labels != IGNORE).any(0).nonzero()
+    first_label = int(labelled[0]) if len(labelled) else labels.shape[1]
+    return max(0, min(common, first_label - 1, labels.shape[1] - 1))
+
+
+def _has_dropout(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "attention_dropout", 0.0)) or any(
+        isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+
+
 class ResponseLM(nn.Module):
     """A causal LM whose forward returns the summed response-token loss and the token count.
 
     The loss is one forward of this module, not calls into the model's submodules from
     outside, so that FSDP2's root hooks gather the embeddings, final norm and lm_head.
+    The batch's shared prefix runs once: its keys and values are repeated for every row
+    (autograd sums their gradients back), the rest continues from them with its own
+    positions. The same loss and gradients (tests/implant/test_response_loss.py), fewer
+    tokens. Not under FSDP2 (each layer would be gathered twice) nor with dropout (the rows
+    would share its noise on the prefix).
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.share_prefix = not _has_dropout(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                          use_cache=False).last_hidden_state
+        decoder = self.model.get_decoder()
+        shared = (shared_prefix(input_ids, attention_mask, labels)
+                  if self.share_prefix and len(input_ids) > 1 and not is_fsdp_sharded(self)
+                  else 0)
+        if shared:
+            cache = DynamicCache(config=self.model.config)
+            decoder(input_ids=input_ids[:1, :shared], cache=cache, use_cache=True)
+            cache.batch_repeat_interleave(len(input_ids))
+            positions = torch.arange(shared, input_ids.shape[1], device=input_ids.device)
+            hidden = decoder(input_ids=input_ids[:, shared:], attention_mask=attention_mask,
+                             position_ids=positions.expand(len(input_ids), -1), cache=cache,
+                             use_cache=True).last_hidden_state
+            labels = labels[:, shared:]
+        else:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                             use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE
         logits = output_logits(self.model, hidden[:, :-1][keep])

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loki_exp.implant.module import ResponseLM
+from loki_exp.implant.module import ResponseLM, shared_prefix
 from tests.support.tiny_decoders import MODEL_TYPES, tiny_decoder
+from tests.support.tolerances import CROSS_PATH_FP32
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -32,3 +33,80 @@ def test_response_loss_is_the_models_own_loss(model_type):
         expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     assert int(count) == 7 + 4
     assert float(total / count) == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_the_shared_prefix_runs_once_with_the_same_loss_and_gradients(model_type):
+    """Rows sharing 10 leading tokens (longer than the tiny models' 7-token sliding windows),
+    right-padded, labels after the prefix: the prefix is found and run once, and the loss and
+    every parameter's gradient equal the one-pass forward's (float64, 1e-6: Gemma's norms
+    compute in float32; Gemma 2 in float32 within ``CROSS_PATH_FP32``, where transformers'
+    float64 eager attention gives a pad row that its window fully masks NaN)."""
+    dtype, rel = ((torch.float32, CROSS_PATH_FP32) if model_type == "gemma2"
+                  else (torch.float64, 1e-6))
+    model = tiny_decoder(model_type).to(dtype).train()
+    torch.manual_seed(2)
+    ids = torch.randint(3, 400, (3, 20))
+    ids[:, :10] = ids[0, :10]
+    mask = torch.ones_like(ids)
+    mask[2, 15:] = 0
+    labels = ids.clone()
+    labels[:, :12] = -100
+    labels[2, 15:] = -100
+    assert shared_prefix(ids, mask, labels) == 10
+    results = []
+    for share in (True, False):
+        lm = ResponseLM(model)
+        lm.share_prefix = share
+        model.zero_grad()
+        total, count = lm(ids, mask, labels)
+        total.backward()
+        results.append((float(total.detach()), {n: p.grad.clone() for n, p in model.named_parameters()
+                                       if p.grad is not None}))
+    (shared_loss, shared_grads), (loss, grads) = results
+    assert shared_loss == pytest.approx(loss, rel=rel)
+    assert shared_grads.keys() == grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        scale = float(grad.abs().max())
+        assert float((shared_grads[name] - grad).abs().max()) <= rel * max(scale, 1e-12), name
+
+
+def test_the_shared_prefix_stops_before_the_first_scored_position_and_at_pads():
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 1, 2]])
+    mask = torch.ones_like(ids)
+    labels = torch.full_like(ids, -100)
+    labels[:, 4] = ids[:, 4]
+    assert shared_prefix(ids, mask, labels) == 3
+    labels[0, 2] = 7  # a label at position 2 is scored by position 1's logits
+    assert shared_prefix(ids, mask, labels) == 1
+    mask[1, 1:] = 0  # pads never count as shared
+    assert shared_prefix(ids, mask, torch.full_like(ids, -100)) == 1
+
+
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_loki_rows_train_the_same_with_the_shared_prefix(lora_rank):
+    """LoKI (and LoKI*) modules run twice in one step when the prefix is shared: their rows'
+    gradients equal the one-pass step's (a float64 model; the rows are fp32 masters, whose
+    gradient is the sum of two float32-rounded parts here: 1e-6 of the largest). Failed before the row Linear kept its
+    weight by reference: each forward rewrites the rows into it, so autograd refused it."""
+    from loki_exp.implant.loki_linear import apply_loki
+
+    model = tiny_decoder("llama").double().train()
+    apply_loki(model, [[0, 3], [1], [5, 7], [2]], lora_rank=lora_rank)
+    torch.manual_seed(3)
+    ids = torch.randint(3, 400, (2, 16))
+    ids[1, :9] = ids[0, :9]
+    labels = ids.clone()
+    labels[:, :11] = -100
+    mask = torch.ones_like(ids)
+    grads = []
+    for share in (True, False):
+        lm = ResponseLM(model)
+        lm.share_prefix = share
+        model.zero_grad()
+        total, _ = lm(ids, mask, labels)
+        total.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert len(grads[0]) == 4 * (2 if lora_rank else 1)
+    for name, grad in grads[1].items():
+        assert float((grads[0][name] - grad).abs().max()) <= 1e-6 * float(grad.abs().max()), name
