@@ -15,7 +15,9 @@ prompts with transformers' own key/value cache (now: batches of at most
 equal) and the KL pass loading the base model again (now: the base model loaded once per
 evaluation), and the benchmarks and bits-per-byte sets through lm-eval's own loop (one
 sequence per request; now: each shared context once, ``loki_exp/evaluation/loglikelihood.py``;
-the per-item scores must be equal, the bits per byte equal to float rounding). Last line:
+the per-item scores must be equal, the bits per byte equal to float rounding) and the gold
+bits per byte with every item run from its first token (now: the items' shared prefix once;
+equal to float rounding). Last line:
 
     suite_seconds=<base, all parts> tuned_seconds=<...> limit=... benchmarks=... bpb_sets=...
 """
@@ -36,6 +38,7 @@ from transformers import DynamicCache
 from loki_exp.config_check import check_config
 from loki_exp.data.sft import encode
 from loki_exp.data.tasks import load_task
+from loki_exp.evaluation import gold_bpb as gold_bpb_module
 from loki_exp.evaluation import task_metric
 from loki_exp.evaluation.bpb import score_bpb
 from loki_exp.evaluation.drift import answer_logprobs, chat_prompts, drift_questions
@@ -116,6 +119,13 @@ def score(name, model, tokenizer, cfg, task, limit, before, base_model=None) -> 
     peak = matmul_peak(linear_shapes(model, tokens), next(model.parameters()).dtype)
     print(f"{'':34s} gold_bpb={sum(gold) / len(gold):.4f} gold_bpb_gflops={rate / 1e9:.1f} "
           f"peak_gflops={peak / 1e9:.1f} gold_bpb_peak_fraction={rate / peak:.3g}")
+    if before:  # every item from the start of its prompt: no shared prefix
+        start = time.perf_counter()
+        with mock.patch.object(gold_bpb_module, "shared_prefix", lambda encoded: 0):
+            old = gold_bpb(model, tokenizer, heldout, ev.batch_size)
+        diff = max(abs(a - b) / abs(b) for a, b in zip(gold, old))
+        print(f"{'task gold bpb (before)':34s} {time.perf_counter() - start:7.1f} s  "
+              f"max_rel_diff={diff:.2g}", flush=True)
     counts = {"trained": ev.bfcl_trained_items, "irrelevance": ev.bfcl_irrelevance_items,
               "transfer": ev.bfcl_transfer_items}
     if task.name == "bfcl" and any(counts.values()):

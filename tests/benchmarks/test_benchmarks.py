@@ -123,6 +123,9 @@ def test_eval_suite_time(capsys, monkeypatch, tmp_path, tiny_models):
     diffs = [float(fields(line)["max_rel_diff"]) for line in out if line.startswith("bpb ")
              and "(before)" in line]
     assert len(diffs) == 8 and max(diffs) < CROSS_PATH_FP32
+    gold_diffs = [float(fields(line)["max_rel_diff"]) for line in out
+                  if line.startswith("task gold bpb (before)")]
+    assert len(gold_diffs) == 2 and max(gold_diffs) < CROSS_PATH_FP32
 
 
 def test_flop_count_includes_the_cpus_flash_attention():
