@@ -9,13 +9,14 @@ from typing import Any
 from loki_exp.errors import LokiError
 from loki_exp.evaluation import paper_suite
 from loki_exp.evaluation.lm_eval_tasks import TASK_PREFIX, lm_eval_manager, task_dir
-from loki_exp.evaluation.loglikelihood import continuation_logprobs
 
 
 def make_lm(model, tokenizer, batch_size: int = 8):
     """lm-eval's wrapper around an in-memory HF model, scoring log-likelihood requests with
     each shared context computed once (:mod:`loki_exp.evaluation.loglikelihood`)."""
     from lm_eval.models.huggingface import HFLM
+
+    from loki_exp.evaluation.loglikelihood import continuation_logprobs  # torch: not for the report
 
     class SharedContextLM(HFLM):
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
