@@ -35,6 +35,21 @@ def test_response_loss_is_the_models_own_loss(model_type):
     assert float(total / count) == pytest.approx(float(expected), rel=1e-6)
 
 
+def both_ways(model, ids, mask, labels) -> list[tuple[float, dict[str, torch.Tensor]]]:
+    """(loss, gradient of every trained parameter) with the shared prefix run once, then in
+    one pass."""
+    results = []
+    for share in (True, False):
+        lm = ResponseLM(model)
+        lm.share_prefix = share
+        model.zero_grad()
+        total, _ = lm(ids, mask, labels)
+        total.backward()
+        results.append((float(total.detach()), {n: p.grad.clone() for n, p in
+                                                model.named_parameters() if p.grad is not None}))
+    return results
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_the_shared_prefix_runs_once_with_the_same_loss_and_gradients(model_type):
     """Rows sharing 10 leading tokens (longer than the tiny models' 7-token sliding windows),
@@ -54,16 +69,7 @@ def test_the_shared_prefix_runs_once_with_the_same_loss_and_gradients(model_type
     labels[:, :12] = -100
     labels[2, 15:] = -100
     assert shared_prefix(ids, mask, labels) == 10
-    results = []
-    for share in (True, False):
-        lm = ResponseLM(model)
-        lm.share_prefix = share
-        model.zero_grad()
-        total, count = lm(ids, mask, labels)
-        total.backward()
-        results.append((float(total.detach()), {n: p.grad.clone() for n, p in model.named_parameters()
-                                       if p.grad is not None}))
-    (shared_loss, shared_grads), (loss, grads) = results
+    (shared_loss, shared_grads), (loss, grads) = both_ways(model, ids, mask, labels)
     assert shared_loss == pytest.approx(loss, rel=rel)
     assert shared_grads.keys() == grads.keys() and len(grads) > 10
     for name, grad in grads.items():
@@ -87,8 +93,9 @@ def test_the_shared_prefix_stops_before_the_first_scored_position_and_at_pads():
 def test_loki_rows_train_the_same_with_the_shared_prefix(lora_rank):
     """LoKI (and LoKI*) modules run twice in one step when the prefix is shared: their rows'
     gradients equal the one-pass step's (a float64 model; the rows are fp32 masters, whose
-    gradient is the sum of two float32-rounded parts here: 1e-6 of the largest). Failed before the row Linear kept its
-    weight by reference: each forward rewrites the rows into it, so autograd refused it."""
+    gradient is the sum of two float32-rounded parts here: 1e-6 of the largest). Failed
+    before the row Linear kept its weight by reference: each forward rewrites the rows into
+    it, so autograd refused it."""
     from loki_exp.implant.loki_linear import apply_loki
 
     model = tiny_decoder("llama").double().train()
@@ -99,14 +106,7 @@ def test_loki_rows_train_the_same_with_the_shared_prefix(lora_rank):
     labels = ids.clone()
     labels[:, :11] = -100
     mask = torch.ones_like(ids)
-    grads = []
-    for share in (True, False):
-        lm = ResponseLM(model)
-        lm.share_prefix = share
-        model.zero_grad()
-        total, _ = lm(ids, mask, labels)
-        total.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    grads = [g for _, g in both_ways(model, ids, mask, labels)]
     assert len(grads[0]) == 4 * (2 if lora_rank else 1)
     for name, grad in grads[1].items():
         assert float((grads[0][name] - grad).abs().max()) <= 1e-6 * float(grad.abs().max()), name
