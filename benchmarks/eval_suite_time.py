@@ -121,7 +121,7 @@ def score(name, model, tokenizer, cfg, task, limit, before, base_model=None) -> 
           f"peak_gflops={peak / 1e9:.1f} gold_bpb_peak_fraction={rate / peak:.3g}")
     if before:  # every item from the start of its prompt: no shared prefix
         start = time.perf_counter()
-        with mock.patch.object(gold_bpb_module, "shared_prefix", lambda encoded: 0):
+        with mock.patch.object(gold_bpb_module, "shared_prefix", lambda **batch: 0):
             old = gold_bpb(model, tokenizer, heldout, ev.batch_size)
         diff = max(abs(a - b) / abs(b) for a, b in zip(gold, old))
         print(f"{'task gold bpb (before)':34s} {time.perf_counter() - start:7.1f} s  "

@@ -25,10 +25,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from loki_exp.config_check import check_config
-from loki_exp.data.sft import GlobalBatchSampler, PadCollator, encode_all
+from loki_exp.data.sft import GlobalBatchSampler, PadCollator, encode_all, pad_id, shared_prefix
 from loki_exp.data.tasks import load_task
 from loki_exp.implant.loki_linear import apply_loki
-from loki_exp.implant.module import ResponseLM, shared_prefix
+from loki_exp.implant.module import ResponseLM
 from loki_exp.model_access import node_grid
 from loki_exp.models import load_model
 from loki_exp.selection import select_random
@@ -58,8 +58,7 @@ def main() -> None:
     train, _ = encode_all(loaded.tokenizer, task.train, cfg.dataset.max_length, cfg.dataset.overflow)
     sampler = GlobalBatchSampler(len(train), cfg.trainer.batch_size, seed=cfg.seed,
                                  lengths=[len(r["input_ids"]) for r in train])
-    pad = loaded.tokenizer.pad_token_id
-    collate = PadCollator(pad if pad is not None else loaded.tokenizer.eos_token_id)
+    collate = PadCollator(pad_id(loaded.tokenizer))
     batches = [collate([train[i] for i in b]) for b in sampler.global_batches()[:args.batches]]
     model = loaded.model.train()
     apply_loki(model, select_random(10, *node_grid(model), seed=0))

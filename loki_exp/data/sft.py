@@ -125,6 +125,23 @@ def encode_all(tokenizer, examples: list[Example], max_length: int,
     return kept, counts
 
 
+def pad_id(tokenizer) -> int:
+    """The tokenizer's pad token, else its end-of-sequence token (what pads always mean here:
+    positions masked out)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  labels: torch.Tensor) -> int:
+    """Leading tokens that every row of a (right-padded) batch has (a task's system prompt:
+    BFCL's 92 of ~400), up to the first position whose logits score a labelled token."""
+    same = ((input_ids == input_ids[:1]) & (attention_mask == 1)).all(0)
+    common = int(same.int().cumprod(0).sum())
+    labelled = (labels != IGNORE).any(0).nonzero()
+    first_label = int(labelled[0]) if len(labelled) else labels.shape[1]
+    return max(0, min(common, first_label - 1, labels.shape[1] - 1))
+
+
 class PadCollator:
     def __init__(self, pad_id: int):
         self.pad_id = pad_id

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
-from loki_exp.data.sft import IGNORE, Example, PadCollator, encode
-from loki_exp.evaluation.loglikelihood import common_prefix
+from loki_exp.data.sft import IGNORE, Example, PadCollator, encode, pad_id, shared_prefix
 from loki_exp.model_access import output_logits
 
 
@@ -41,23 +40,12 @@ def answer_bytes(example: Example) -> int:
     return max(1, sum(len(t.encode("utf-8")) for t in [*turns, example.response]))
 
 
-def shared_prefix(encoded: list[dict[str, list[int]]]) -> int:
-    """Tokens every item starts with (BFCL's system prompt: 92 of ~430), up to the first
-    position whose logits score a labelled token."""
-    if len(encoded) < 2:
-        return 0
-    first_label = min(next((t for t, label in enumerate(e["labels"]) if label != IGNORE),
-                           len(e["labels"])) for e in encoded)
-    return max(0, min(common_prefix([tuple(e["input_ids"]) for e in encoded]), first_label - 1))
-
-
 @torch.no_grad()
 def gold_bpb(model, tokenizer, items: list[Any], batch_size: int = 8) -> list[float]:
     """Per item, bits per byte of its gold answer given its prompt (module docstring)."""
     examples = [as_example(i) for i in items]
     encoded = [encode(tokenizer, ex, max_length=1 << 30) for ex in examples]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collate = PadCollator(pad)
+    collate = PadCollator(pad_id(tokenizer))
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["input_ids"]))
     nll = [0.0] * len(encoded)
@@ -66,9 +54,9 @@ def gold_bpb(model, tokenizer, items: list[Any], batch_size: int = 8) -> list[fl
     try:
         # The shared prefix runs once; each batch continues from a copy of its cache
         # (right-padded after it, so no pad sits between two real tokens).
-        shared = shared_prefix(encoded)
-        prefix = DynamicCache(config=model.config)
+        shared = shared_prefix(**collate(encoded)) if len(encoded) > 1 else 0
         if shared:
+            prefix = DynamicCache(config=model.config)
             model.get_decoder()(input_ids=torch.tensor([encoded[0]["input_ids"][:shared]],
                                                        device=device),
                                 cache=prefix, use_cache=True)

@@ -94,8 +94,9 @@ def continuation_logprobs(model, requests: list[Request], max_length: int, batch
             ids[row, width - len(rest):] = torch.tensor(rest)
             mask[row, shared + width - len(rest):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-        cache = DynamicCache(config=model.config)
-        if prefix_cache is not None:
+        if prefix_cache is None:
+            cache = DynamicCache(config=model.config)
+        else:
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(len(chunk))
         first = _forward(model, ids, mask, positions, cache, 1)[:, -1]  # [rows, vocab]

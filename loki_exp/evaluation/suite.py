@@ -16,6 +16,7 @@ def make_lm(model, tokenizer, batch_size: int = 8):
     each shared context computed once (:mod:`loki_exp.evaluation.loglikelihood`)."""
     from lm_eval.models.huggingface import HFLM
 
+    from loki_exp.data.sft import pad_id
     from loki_exp.evaluation.loglikelihood import continuation_logprobs  # torch: not for the report
 
     class SharedContextLM(HFLM):
@@ -23,10 +24,9 @@ def make_lm(model, tokenizer, batch_size: int = 8):
                                   override_bs: int | None = None):
             if self.backend != "causal":
                 return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
-            pad = self.tokenizer.pad_token_id
             results = continuation_logprobs(
                 self.model, [(ctx, cont) for _, ctx, cont in requests], self.max_length,
-                batch_size, self.tokenizer.eos_token_id if pad is None else pad)
+                batch_size, pad_id(self.tokenizer))
             for (request, _, _), answer in zip(requests, results):
                 if request is not None:  # what lm-eval's own loop reports to its cache hook
                     self.cache_hook.add_partial("loglikelihood", request, answer)

@@ -24,6 +24,7 @@ import torch
 
 from loki_exp.data import bfcl
 from loki_exp.data.bfcl import BFCLItem
+from loki_exp.data.sft import pad_id
 from loki_exp.evaluation.bfcl_match import matches, parse_calls
 from loki_exp.evaluation.drift import looks_like_call
 from loki_exp.evaluation.kv_cache import InPlaceCache
@@ -54,7 +55,7 @@ def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_ne
                for c in conversations]
     encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     batches = length_batches([len(e) for e in encoded], max_new_tokens, batch_tokens)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

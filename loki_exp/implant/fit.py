@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from loki_exp.callbacks import user_callbacks
-from loki_exp.data.sft import EncodedCounts, SFTDataModule, encode_all
+from loki_exp.data.sft import EncodedCounts, SFTDataModule, encode_all, pad_id
 from loki_exp.data.tasks import TaskData
 from loki_exp.errors import LokiError
 from loki_exp.implant import methods
@@ -181,9 +181,8 @@ def run_implant(cfg: RunConfig, loaded: LoadedModel, positions: list[list[int]] 
     tuner = CausalLMTuner(model, lr=lr, max_steps=total_steps(cfg.trainer, len(train)),
                           warmup_ratio=cfg.trainer.warmup_ratio,
                           weight_decay=cfg.trainer.weight_decay, identity=identity)
-    pad_id = loaded.tokenizer.pad_token_id
     data = SFTDataModule(train, cfg.trainer.batch_size,
-                         pad_id if pad_id is not None else loaded.tokenizer.eos_token_id,
+                         pad_id(loaded.tokenizer),
                          seed=cfg.seed, group_by_length=cfg.trainer.group_by_length)
     trainer = build_trainer(cfg, output_dir, loggers, callbacks)
     trainer.fit(tuner, datamodule=data, ckpt_path=resume,

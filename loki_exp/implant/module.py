@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers.cache_utils import DynamicCache
 
-from loki_exp.data.sft import IGNORE
+from loki_exp.data.sft import IGNORE, shared_prefix
 from loki_exp.implant import run_identity
 from loki_exp.implant.master_weights import MasterWeights
 from loki_exp.model_access import decoder_layers, output_logits
@@ -34,17 +34,6 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
         return (step + 1) / max(1, warmup)
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  labels: torch.Tensor) -> int:
-    """Leading tokens that every row of a batch has (a task's system prompt: BFCL's 92 of
-    ~430), up to the first position whose logits score a labelled token."""
-    same = ((input_ids == input_ids[:1]) & (attention_mask == 1)).all(0)
-    common = int(same.int().cumprod(0).sum())
-    labelled = (labels != IGNORE).any(0).nonzero()
-    first_label = int(labelled[0]) if len(labelled) else labels.shape[1]
-    return max(0, min(common, first_label - 1, labels.shape[1] - 1))
 
 
 def _has_dropout(model: nn.Module) -> bool:

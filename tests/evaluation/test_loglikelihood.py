@@ -8,7 +8,7 @@ import torch
 
 from loki_exp.evaluation.loglikelihood import common_prefix, continuation_logprobs, truncate
 from tests.support.tiny_decoders import MODEL_TYPES, tiny_decoder
-from tests.support.tolerances import CROSS_PATH_FP32
+from tests.support.tolerances import CROSS_PATH_FP32, FLOAT32_STEPS
 
 
 def one_sequence(model, context, continuation):
@@ -52,7 +52,7 @@ def test_shared_contexts_give_each_requests_own_sequence_scores(model_type, batc
     masked row into NaN (float64's minimum added twice is -inf), which it does not in float32.
     An attended pad or a wrong position moves these sums by 1e-2 and more."""
     dtype, rel = ((torch.float32, CROSS_PATH_FP32) if model_type == "gemma2"
-                  else (torch.float64, 1e-6))
+                  else (torch.float64, FLOAT32_STEPS))
     model = tiny_decoder(model_type).to(dtype)
     requests = requests_with_shared_parts(model)
     got = continuation_logprobs(model, requests, max_length=1024, batch_size=batch_size, pad_id=2)

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from loki_exp.data import bfcl
-from loki_exp.data.sft import IGNORE, Example, encode, encode_all
+from loki_exp.data.sft import IGNORE, Example, PadCollator, encode, encode_all, shared_prefix
 from loki_exp.data.tasks import load_task
-from loki_exp.evaluation.gold_bpb import gold_bpb, shared_prefix
+from loki_exp.evaluation.gold_bpb import gold_bpb
 from loki_exp.selection import node_budget, select_random
 from tests.support.tiny_decoders import MODEL_TYPES, tiny_decoder
-from tests.support.tolerances import CROSS_PATH_FP32
+from tests.support.tolerances import CROSS_PATH_FP32, FLOAT32_STEPS
 
 TRAINED = ["simple_python", "multiple", "live_simple"]
 
@@ -68,7 +68,7 @@ def test_gold_bpb_runs_the_shared_system_prompt_once_with_the_same_scores(tiny_m
     (test_loglikelihood.py)."""
     tok = tiny_models["tiny_llama"].tokenizer
     dtype, rel = ((torch.float32, CROSS_PATH_FP32) if model_type == "gemma2"
-                  else (torch.float64, 1e-6))
+                  else (torch.float64, FLOAT32_STEPS))
     model = tiny_decoder(model_type).to(dtype)
     system = {"role": "system", "content": "You call functions. Reply with the call list only."}
     items = [Example(str(i), [system, *turns], answer) for i, (turns, answer) in enumerate([
@@ -78,7 +78,7 @@ def test_gold_bpb_runs_the_shared_system_prompt_once_with_the_same_scores(tiny_m
           {"role": "user", "content": "And Oslo?"}], "[weather(city='Oslo')]"),
         ([{"role": "user", "content": "Say hi."}], "hi"),
         ([{"role": "user", "content": "Multiply 4 by 5, then add 1 to it."}], "[mul(a=4, b=5)]")])]
-    shared = shared_prefix([encode(tok, item, 1 << 30) for item in items])
+    shared = shared_prefix(**PadCollator(2)([encode(tok, item, 1 << 30) for item in items]))
     assert shared > 12  # "<|im_start|>system\nYou call functions. ..." in every item
     got = gold_bpb(model, tok, items, batch_size=3)
     for item, value in zip(items, got):

@@ -27,3 +27,10 @@ def assert_close_fp32(got: torch.Tensor, want: torch.Tensor, what: str = "") -> 
     diff = float((got.float() - want.float()).abs().max())
     assert scale > 0 and diff <= CROSS_PATH_FP32 * scale, \
         f"{what}: max difference {diff:.3g} > {CROSS_PATH_FP32:g} x scale {scale:.3g}"
+
+# A float64 computation with a few float32 steps inside it (Gemma's norms compute in float32
+# even in a float64 model, the loss's cross-entropy runs in float32, LoKI's fp32 master rows
+# round their gradients to float32): each step rounds to float32's eps, 1.2e-7, and the values
+# compared pass through a handful of them (measured: 2e-9 for Gemma's norms, 1 ulp for the
+# rows' gradients). 1e-6 is about 8 eps; an attended pad or a wrong position moves them by 1e-2.
+FLOAT32_STEPS = 1e-6
