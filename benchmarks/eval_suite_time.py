@@ -1,7 +1,7 @@
 """Wall time of the evaluate stage on SmolLM2, part by part, for the base and a tuned model.
 
     .venv/bin/python benchmarks/eval_suite_time.py [--limit N] [--model smollm2]
-        [--tuned RUN_DIR/model] [--before] [eval overrides, e.g. eval.bpb_limit=2]
+        [--tuned RUN_DIR/model] [--before] [--parts bfcl,drift] [eval overrides, e.g. eval.bpb_limit=2]
 
 Scores each model as the evaluate stage does and prints seconds per part: every benchmark
 through lm-eval (eval.limit questions each), the bits-per-byte sets (eval.bpb, as shipped and
@@ -9,11 +9,11 @@ chat-rendered), the task's gold-answer bits per byte (BFCL's held-out items; its
 FLOP/s and the fraction of the matmul peak of the model's own shapes, ``benchmarks/peak.py``),
 BFCL's generated calls (trained / irrelevance / transfer items), the drift answers and the KL
 pass. With ``--before`` the parts this code changed are also timed the way they ran before,
-in the same process on the same items: BFCL's generation in batches of ``eval.batch_size``
-prompts with transformers' own key/value cache (now: batches of at most
-``eval.generation_batch_tokens`` cache tokens, written in place; the generated texts must be
-equal) and the KL pass loading the base model again (now: the base model loaded once per
-evaluation), and the benchmarks and bits-per-byte sets through lm-eval's own loop (one
+in the same process on the same items: BFCL's generation through transformers' ``generate``,
+each batch run until its last row ends (now: a row leaves its batch when it ends or its score
+is settled, ``loki_exp/evaluation/greedy.py``; every item's score must be the same and each
+text the start of the old one) and the KL pass loading the base model again (now: the base
+model loaded once per evaluation), and the benchmarks and bits-per-byte sets through lm-eval's own loop (one
 sequence per request; now: each shared context once, ``loki_exp/evaluation/loglikelihood.py``;
 the per-item scores must be equal, the bits per byte equal to float rounding) and the gold
 bits per byte with every item run from its first token (now: the items' shared prefix once;
@@ -33,10 +33,9 @@ from unittest import mock
 import torch
 from hydra import compose, initialize_config_dir
 from lm_eval.models.huggingface import HFLM
-from transformers import DynamicCache
 
 from loki_exp.config_check import check_config
-from loki_exp.data.sft import encode
+from loki_exp.data.sft import encode, pad_id
 from loki_exp.data.tasks import load_task
 from loki_exp.evaluation import gold_bpb as gold_bpb_module
 from loki_exp.evaluation import task_metric
@@ -44,8 +43,9 @@ from loki_exp.evaluation.bpb import score_bpb
 from loki_exp.evaluation.drift import answer_logprobs, chat_prompts, drift_questions
 from loki_exp.evaluation.evaluate import task_heldout
 from loki_exp.evaluation.gold_bpb import as_example, gold_bpb
+from loki_exp.evaluation.kv_cache import InPlaceCache
 from loki_exp.evaluation.suite import make_lm, run_suite
-from loki_exp.evaluation.task_metric import bfcl_accuracy, bfcl_heldout, generate
+from loki_exp.evaluation.task_metric import bfcl_accuracy, bfcl_correct, bfcl_heldout, generate
 from loki_exp.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/peak.py
@@ -68,27 +68,42 @@ class Clock:
         return result
 
 
-def generate_before(model, tokenizer, conversations, max_new_tokens, batch_size) -> list[str]:
-    """Generation as it ran before: ``batch_size`` prompts per batch, longest first, with
-    transformers' own (concatenating) key/value cache; the rest is today's ``generate``."""
-    def fixed_batches(lengths, extra, batch_tokens):
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+def generate_before(model, tokenizer, conversations, max_new_tokens, batch_tokens) -> list[str]:
+    """Generation as it ran before: transformers' ``generate`` on each batch of whole prompts
+    (``length_batches``), every row run until the batch's last one ends, none settled early."""
+    encoded = [tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True,
+                                                       tokenize=False),
+                         add_special_tokens=False).input_ids for c in conversations]
+    pad, out = pad_id(tokenizer), {}
+    for chunk in task_metric.length_batches([len(e) for e in encoded], max_new_tokens,
+                                            batch_tokens):
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(chunk):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        generated = model.generate(input_ids=ids, attention_mask=mask,
+                                   cache=InPlaceCache(model.config, max_new_tokens),
+                                   max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        for row, i in enumerate(chunk):
+            out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
+    return [out[i] for i in range(len(encoded))]
 
-    with mock.patch.object(task_metric, "length_batches", fixed_batches), \
-            mock.patch.object(task_metric, "InPlaceCache",
-                              lambda config, extra: DynamicCache(config=config)):
-        return task_metric.generate(model, tokenizer, conversations, max_new_tokens, 0)
+
+PARTS = ("benchmarks", "bpb", "gold", "bfcl", "drift")
 
 
-def score(name, model, tokenizer, cfg, task, limit, before, base_model=None) -> float:
+def score(name, model, tokenizer, cfg, task, limit, before, parts=PARTS, base_model=None
+          ) -> float:
     ev, cache = cfg.eval, cfg.paths.cache_dir
     clock = Clock()
     print(f"-- {name}")
     lm = make_lm(model, tokenizer, ev.batch_size)
     own = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.batch_size,
                device=str(next(model.parameters()).device)) if before else None
-    for bench in ev.benchmarks:  # one at a time, to time each
+    for bench in ev.benchmarks if "benchmarks" in parts else ():  # one at a time, to time each
         scores, items = clock(bench, lambda bench=bench: run_suite(lm, [bench], limit, ev.source,
                                                                    cache))
         print(f"{'':34s} acc_norm={scores[bench].get('acc_norm', float('nan')):.3f}")
@@ -97,7 +112,7 @@ def score(name, model, tokenizer, cfg, task, limit, before, base_model=None) -> 
             _, old = run_suite(own, [bench], limit, ev.source, cache)
             print(f"{bench + ' (before)':34s} {time.perf_counter() - start:7.1f} s  "
                   f"same items: {old == items}", flush=True)
-    for set_name in ev.bpb:
+    for set_name in ev.bpb if "bpb" in parts else ():
         bpb = clock(f"bpb {set_name}", lambda s=set_name: score_bpb(lm, tokenizer, [s], ev.bpb_limit,
                                                                     cache))
         print(f"{'':34s} " + " ".join(f"{k}={sum(v) / len(v):.3f}" for k, v in bpb.items()))
@@ -107,28 +122,29 @@ def score(name, model, tokenizer, cfg, task, limit, before, base_model=None) -> 
             diff = max(abs(a - b) / abs(b) for k in bpb for a, b in zip(bpb[k], old[k]))
             print(f"{'bpb ' + set_name + ' (before)':34s} {time.perf_counter() - start:7.1f} s  "
                   f"max_rel_diff={diff:.2g}", flush=True)
-    heldout = task_heldout(task, ev.task_bpb_items)
-    gold = clock(f"task gold bpb ({len(heldout)} items)",
-                 lambda: gold_bpb(model, tokenizer, heldout, ev.batch_size))
-    flops = count_flops(lambda: gold_bpb(model, tokenizer, heldout[:16], ev.batch_size))
-    start = time.perf_counter()
-    gold_bpb(model, tokenizer, heldout[:16], ev.batch_size)
-    rate = flops / (time.perf_counter() - start)
-    sample = [len(encode(tokenizer, as_example(i), 1 << 30)["input_ids"]) for i in heldout[:16]]
-    tokens = ev.batch_size * sum(sample) // len(sample)  # one batch of gold_bpb's
-    peak = matmul_peak(linear_shapes(model, tokens), next(model.parameters()).dtype)
-    print(f"{'':34s} gold_bpb={sum(gold) / len(gold):.4f} gold_bpb_gflops={rate / 1e9:.1f} "
-          f"peak_gflops={peak / 1e9:.1f} gold_bpb_peak_fraction={rate / peak:.3g}")
-    if before:  # every item from the start of its prompt: no shared prefix
+    if "gold" in parts:
+        heldout = task_heldout(task, ev.task_bpb_items)
+        gold = clock(f"task gold bpb ({len(heldout)} items)",
+                     lambda: gold_bpb(model, tokenizer, heldout, ev.batch_size))
+        flops = count_flops(lambda: gold_bpb(model, tokenizer, heldout[:16], ev.batch_size))
         start = time.perf_counter()
-        with mock.patch.object(gold_bpb_module, "shared_prefix", lambda **batch: 0):
-            old = gold_bpb(model, tokenizer, heldout, ev.batch_size)
-        diff = max(abs(a - b) / abs(b) for a, b in zip(gold, old))
-        print(f"{'task gold bpb (before)':34s} {time.perf_counter() - start:7.1f} s  "
-              f"max_rel_diff={diff:.2g}", flush=True)
+        gold_bpb(model, tokenizer, heldout[:16], ev.batch_size)
+        rate = flops / (time.perf_counter() - start)
+        sample = [len(encode(tokenizer, as_example(i), 1 << 30)["input_ids"]) for i in heldout[:16]]
+        tokens = ev.batch_size * sum(sample) // len(sample)  # one batch of gold_bpb's
+        peak = matmul_peak(linear_shapes(model, tokens), next(model.parameters()).dtype)
+        print(f"{'':34s} gold_bpb={sum(gold) / len(gold):.4f} gold_bpb_gflops={rate / 1e9:.1f} "
+              f"peak_gflops={peak / 1e9:.1f} gold_bpb_peak_fraction={rate / peak:.3g}")
+        if before:  # every item from the start of its prompt: no shared prefix
+            start = time.perf_counter()
+            with mock.patch.object(gold_bpb_module, "shared_prefix", lambda **batch: 0):
+                old = gold_bpb(model, tokenizer, heldout, ev.batch_size)
+            diff = max(abs(a - b) / abs(b) for a, b in zip(gold, old))
+            print(f"{'task gold bpb (before)':34s} {time.perf_counter() - start:7.1f} s  "
+                  f"max_rel_diff={diff:.2g}", flush=True)
     counts = {"trained": ev.bfcl_trained_items, "irrelevance": ev.bfcl_irrelevance_items,
               "transfer": ev.bfcl_transfer_items}
-    if task.name == "bfcl" and any(counts.values()):
+    if "bfcl" in parts and task.name == "bfcl" and any(counts.values()):
         items = [item for by_cat in bfcl_heldout(list(task.categories), task.test_fraction,
                                                   counts, cache).values()
                  for cat_items in by_cat.values() for item in cat_items]
@@ -140,26 +156,29 @@ def score(name, model, tokenizer, cfg, task, limit, before, base_model=None) -> 
         if before:
             start = time.perf_counter()
             old = generate_before(model, tokenizer, conversations, ev.max_new_tokens,
-                                  ev.batch_size)
+                                  ev.generation_batch_tokens)
             seconds = time.perf_counter() - start
-            print(f"{'BFCL generation (before)':34s} {seconds:7.1f} s  same texts: "
-                  f"{old == texts}", flush=True)
-    questions = drift_questions(ev.drift_prompts, cache)
-    answers = clock("drift answers", lambda: generate(
-        model, tokenizer, [[{"role": "user", "content": q}] for q in questions],
-        ev.drift_max_new_tokens, ev.generation_batch_tokens))
-    prompts = chat_prompts(tokenizer, questions)
-    if base_model is not None:  # a tuned model: KL against the base on the base's answers
-        answers = generate(base_model, tokenizer, [[{"role": "user", "content": q}]
-                                                   for q in questions],
-                           ev.drift_max_new_tokens, ev.generation_batch_tokens)
-        clock("drift KL (base loaded once)", lambda: [answer_logprobs(m, tokenizer, prompts, answers)
-                                                      for m in (base_model, model)])
-        if before:
-            def reload():
-                again = load_model(cfg.model, cache).model
-                return [answer_logprobs(m, tokenizer, prompts, answers) for m in (again, model)]
-            clock("drift KL, base loaded again (before)", reload, count=False)
+            same = [bfcl_correct(t, i) for t, i in zip(old, items)] == [r["correct"] for r in rows]
+            print(f"{'BFCL generation (before)':34s} {seconds:7.1f} s  same scores: {same}  "
+                  f"texts the start of the old: {all(o.startswith(t) for o, t in zip(old, texts))}"
+                  f"  settled early: {sum(o != t for o, t in zip(old, texts))}", flush=True)
+    if "drift" in parts:
+        questions = drift_questions(ev.drift_prompts, cache)
+        answers = clock("drift answers", lambda: generate(
+            model, tokenizer, [[{"role": "user", "content": q}] for q in questions],
+            ev.drift_max_new_tokens, ev.generation_batch_tokens))
+        prompts = chat_prompts(tokenizer, questions)
+        if base_model is not None:  # a tuned model: KL against the base on the base's answers
+            answers = generate(base_model, tokenizer, [[{"role": "user", "content": q}]
+                                                       for q in questions],
+                               ev.drift_max_new_tokens, ev.generation_batch_tokens)
+            clock("drift KL (base loaded once)", lambda: [answer_logprobs(m, tokenizer, prompts, answers)
+                                                          for m in (base_model, model)])
+            if before:
+                def reload():
+                    again = load_model(cfg.model, cache).model
+                    return [answer_logprobs(m, tokenizer, prompts, answers) for m in (again, model)]
+                clock("drift KL, base loaded again (before)", reload, count=False)
     return clock.total
 
 
@@ -170,23 +189,29 @@ def main() -> None:
     parser.add_argument("--tuned", default=None, help="an exported model dir to time as well")
     parser.add_argument("--before", action="store_true",
                         help="also time the changed parts as they ran before")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated parts to time, of {','.join(PARTS)}")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. eval.bpb_limit=2")
     args = parser.parse_args()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = check_config(compose("config", overrides=["paths.output_dir=/tmp",
                                                          f"model={args.model}", *args.overrides]))
     limit = args.limit or cfg.eval.limit
+    parts = args.parts.split(",")
+    if set(parts) - set(PARTS):
+        parser.error(f"--parts: {sorted(set(parts) - set(PARTS))} are not parts; expected some of {PARTS}")
     loaded = load_model(cfg.model, cfg.paths.cache_dir)
     task = load_task(cfg.dataset, cfg.paths.cache_dir, loaded.tokenizer)
     print(f"{loaded.name}, {torch.get_num_threads()} threads, {next(loaded.model.parameters()).dtype}")
-    base_seconds = score("base", loaded.model, loaded.tokenizer, cfg, task, limit, args.before)
+    base_seconds = score("base", loaded.model, loaded.tokenizer, cfg, task, limit, args.before,
+                         parts)
     tuned_seconds = 0.0
     if args.tuned:
         from transformers import AutoModelForCausalLM
 
         tuned = AutoModelForCausalLM.from_pretrained(args.tuned).eval()
         tuned_seconds = score("tuned", tuned, loaded.tokenizer, cfg, task, limit, args.before,
-                              base_model=loaded.model)
+                              parts, base_model=loaded.model)
     ev = cfg.eval
     print(f"suite_seconds={base_seconds:.1f} tuned_seconds={tuned_seconds:.1f} limit={limit} "
           f"benchmarks={len(ev.benchmarks)} bpb_sets={len(ev.bpb)}x2 bpb_limit={ev.bpb_limit} "

@@ -11,7 +11,10 @@ every argument left out is optional (its allowed list holds ``""``).
 from __future__ import annotations
 
 import ast
+import io
+import keyword
 import re
+import tokenize
 from typing import Any
 
 _STRIP = re.compile(r"[ ,./\-_*^]")
@@ -39,6 +42,57 @@ def parse_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
             return None
         calls.append((ast.unparse(node.func), kwargs))
     return calls
+
+
+_LAYOUT = {tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT,
+           tokenize.ENDMARKER}
+_KEYWORDS = set(keyword.kwlist) | set(keyword.softkwlist)
+# Keywords that only begin statements: no expression holds one.
+_STATEMENT_ONLY = {"assert", "break", "class", "continue", "def", "del", "elif", "except", "finally",
+                   "global", "import", "nonlocal", "pass", "raise", "return", "try", "while", "with"}
+
+
+def never_parses(prefix: str) -> bool:
+    """True when ``parse_calls`` is None for every text that starts with ``prefix`` (a
+    generation so far), so generating more cannot change an AST match; False when it cannot
+    tell. Sound, not complete: it reads Python's tokens up to the first one that could still
+    grow or change (the last one, or an unterminated string; Python 3.12 and later stop at the
+    latter) and looks for what no expression holds: a statement keyword (``def``), two names
+    in a row (``Here is``) or a name then a string (``Here's``), neither a keyword. A model's
+    prose fails at its second word."""
+    text = prefix.lstrip()  # a token followed by a space is whole, even at the end
+    if text.startswith("```"):  # parse_calls reads a fenced block's inside
+        text = text.lstrip("`")
+        if len(text) < len("python"):
+            return False
+        text = text.removeprefix("python").lstrip()
+    if not text or text.startswith("`"):
+        return False
+    # Where the text ends, as tokenize counts (row, column): rows split at "\n" only.
+    last = (text.count("\n") + 1, len(text) - text.rfind("\n") - 1)
+    previous = None
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            if token.type == tokenize.ERRORTOKEN:  # an unterminated string, or a stray character
+                return (token.string in ("'", '"') and previous is not None and _plain(previous)
+                        and previous.end == token.start
+                        and not set(previous.string.lower()) <= set("rbuft"))  # not f'...
+            if token.type in _LAYOUT:
+                continue
+            if token.end >= last:  # the last token may still grow (``i`` -> ``if``)
+                return False
+            if token.type == tokenize.NAME and token.string in _STATEMENT_ONLY:
+                return True
+            if previous is not None and _plain(previous) and _plain(token):
+                return True
+            previous = token
+    except (tokenize.TokenError, SyntaxError):  # an unclosed bracket or string: can't tell
+        return False
+    return False
+
+
+def _plain(token: tokenize.TokenInfo) -> bool:
+    return token.type == tokenize.NAME and token.string not in _KEYWORDS
 
 
 def _norm(value: Any) -> Any:

@@ -17,6 +17,7 @@ Each is an unweighted mean over its categories; its per-item values are kept per
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from statistics import fmean
 from typing import Any
 
@@ -25,9 +26,10 @@ import torch
 from loki_exp.data import bfcl
 from loki_exp.data.bfcl import BFCLItem
 from loki_exp.data.sft import pad_id
-from loki_exp.evaluation.bfcl_match import matches, parse_calls
+from loki_exp.evaluation.bfcl_match import matches, never_parses, parse_calls
 from loki_exp.evaluation.drift import looks_like_call
-from loki_exp.evaluation.kv_cache import InPlaceCache
+from loki_exp.evaluation.greedy import greedy_decode, prefix_cache
+from loki_exp.evaluation.loglikelihood import common_prefix
 from loki_exp.progress import track
 
 
@@ -46,11 +48,15 @@ def length_batches(lengths: list[int], extra: int, batch_tokens: int) -> list[li
     return batches
 
 
-@torch.no_grad()
 def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_new_tokens: int,
-             batch_tokens: int, what: str = "generation") -> list[str]:
+             batch_tokens: int, what: str = "generation",
+             settled: list[Callable[[str], bool] | None] | None = None) -> list[str]:
     """Greedy completions, batched with left padding by ``length_batches`` (longest prompts
-    first), each batch's keys and values written in place (``kv_cache``)."""
+    first), each batch's keys and values written in place (``kv_cache``) after the prefix all
+    prompts share, run once, each row leaving its batch when it ends (``greedy``).
+    ``settled[i](text so far)``, where given, ends conversation ``i`` early: only for a caller
+    whose measure cannot change after it says so (the text is then a prefix of the full
+    completion)."""
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
                for c in conversations]
     encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
@@ -59,25 +65,34 @@ def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_ne
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out: dict[int, str] = {}
+    order = [i for chunk in batches for i in chunk]  # greedy_decode's rows, in order
     try:
-        for chunk in track(batches, what, len(batches)):
-            width = max(len(encoded[i]) for i in chunk)
+        # The prefix all prompts share (a system prompt: BFCL's is 92 of ~450 tokens) runs once.
+        shared = common_prefix([tuple(e) for e in encoded])
+        prefix = prefix_cache(model, encoded[0][:shared])
+        shared = shared if prefix is not None else 0
+
+        def tensors(chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            rests = [encoded[i][shared:] for i in chunk]
+            width = max(len(r) for r in rests)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
-            for row, i in enumerate(chunk):
-                n = len(encoded[i])
-                ids[row, width - n:] = torch.tensor(encoded[i])
-                mask[row, width - n:] = 1
-            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                       cache=InPlaceCache(model.config, max_new_tokens),
-                                       max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-            for row, i in enumerate(chunk):
-                out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
+            for row, rest in enumerate(rests):
+                ids[row, width - len(rest):] = torch.tensor(rest)
+                mask[row, width - len(rest):] = 1
+            return ids.to(device), mask.to(device)
+
+        def row_settled(row: int, tokens: list[int]) -> bool:
+            check = settled[order[row]]
+            return check is not None and check(tokenizer.decode(tokens, skip_special_tokens=True))
+
+        new = greedy_decode(model, (tensors(c) for c in track(batches, what, len(batches))),
+                            max_new_tokens, tokenizer.eos_token_id,
+                            row_settled if settled and any(settled) else None, prefix)
     finally:
         model.train(was_training)
-    return [out[i] for i in range(len(encoded))]
+    out = dict(zip(order, new))
+    return [tokenizer.decode(out[i], skip_special_tokens=True) for i in range(len(encoded))]
 
 
 def bfcl_correct(text: str, item: BFCLItem) -> bool:
@@ -89,10 +104,24 @@ def bfcl_correct(text: str, item: BFCLItem) -> bool:
     return matches(text, item.ground_truth)
 
 
+def bfcl_settled(item: BFCLItem) -> Callable[[str], bool]:
+    """Whether ``bfcl_correct`` is the same for every continuation of a generation so far:
+    for a call item, once the text can no longer parse as calls (wrong, whatever follows);
+    for an irrelevance item, once it also holds a tool-call tag (``looks_like_call`` then
+    holds: a false call, whatever follows). A base model's prose is settled at its second
+    word instead of running to ``max_new_tokens``. Assumes, as greedy decoding of a byte-level
+    tokenizer gives, that the text so far is the start of the finished text."""
+    if item.ground_truth:
+        return never_parses
+    return lambda text: ("<tool_call>" in text or "<function" in text) and never_parses(text)
+
+
 def bfcl_accuracy(model, tokenizer, items: list[BFCLItem], max_new_tokens: int = 128,
                   batch_tokens: int = 8192) -> tuple[float, list[dict[str, Any]]]:
+    """Accuracy and per-item rows; a row's ``generated`` text stops where its score settled
+    (``bfcl_settled``)."""
     texts = generate(model, tokenizer, [i.messages for i in items], max_new_tokens, batch_tokens,
-                     "BFCL generation")
+                     "BFCL generation", [bfcl_settled(i) for i in items])
     rows = [{"id": item.id, "category": item.category, "generated": text,
              "target": item.target, "correct": bfcl_correct(text, item)}
             for item, text in zip(items, texts)]

@@ -1,12 +1,15 @@
-"""Batched greedy generation: batches by cache size, keys and values written in place, and the
-same tokens however the prompts are batched."""
+"""Batched greedy generation: batches by cache size, keys and values written in place, rows
+leaving the batch as they end, and the same tokens however the prompts are batched."""
 
 from __future__ import annotations
+
+from unittest import mock
 
 import pytest
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from loki_exp.evaluation.greedy import greedy_decode, pad_budget, prefix_cache
 from loki_exp.evaluation.kv_cache import InPlaceCache, InPlaceLayer
 from loki_exp.evaluation.task_metric import generate, length_batches
 from loki_exp.models import load_model
@@ -64,6 +67,8 @@ def test_in_place_layer_refuses_more_tokens_than_it_holds():
         layer.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
     with pytest.raises(NotImplementedError, match="greedy decoding only"):
         layer.crop(-1)
+    layer.batch_select_indices(torch.tensor([0]))  # greedy decoding drops ended rows
+    assert layer.keys.shape == (1, 1, 4, 2) and layer._keys.shape == (1, 1, 4, 2)
 
 
 def test_generation_does_not_depend_on_how_prompts_are_batched(compose_cfg):
@@ -75,3 +80,108 @@ def test_generation_does_not_depend_on_how_prompts_are_batched(compose_cfg):
     together = generate(loaded.model, loaded.tokenizer, conversations, 8, batch_tokens=1 << 20)
     assert alone == together
     assert len(set(alone)) == 3  # distinct answers: the order is checked too
+
+
+def _left_padded(prompts: list[list[int]], pad: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.full((len(prompts), max(map(len, prompts))), pad)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, ids.shape[1] - len(prompt):] = torch.tensor(prompt)
+        mask[row, ids.shape[1] - len(prompt):] = 1
+    return ids, mask
+
+
+def _prompts(lengths: list[int], prefix: int = 0) -> list[list[int]]:
+    torch.manual_seed(1)
+    shared = torch.randint(3, 49152, (prefix,)).tolist()
+    return [shared + torch.randint(3, 49152, (n,)).tolist() for n in lengths]
+
+
+def _alone(model, prompt: list[int], new: int, eos: int | None) -> list[int]:
+    """``generate`` on one unpadded prompt, cut after its first ``eos``."""
+    out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
+                         pad_token_id=2, eos_token_id=None)[0, len(prompt):].tolist()
+    return out[:out.index(eos) + 1] if eos in out else out
+
+
+def _exact(model_type: str):
+    # float64 leaves no near-ties for padding to flip; Gemma 2's eager attention makes a fully
+    # masked (pad) row NaN in float64 (README, noticed), so it stays in float32.
+    model = tiny_decoder(model_type)
+    return model if model_type == "gemma2" else model.double()
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_greedy_decode_drops_ended_rows_and_keeps_generates_tokens(model_type):
+    """Rows that meet the end-of-turn token leave the batch (and the cache) while the others
+    go on: every row's tokens equal ``generate``'s up to its end; with the rows kept (a cache
+    kind that cannot drop them) too."""
+    model = _exact(model_type)
+    prompts = _prompts([19, 11, 4, 9])
+    eos = _alone(model, prompts[0], 12, None)[3]  # row 0 ends at its 4th token at the latest
+    expected = [_alone(model, p, 12, eos) for p in prompts]
+    assert min(map(len, expected)) <= 4 < max(map(len, expected))  # someone ends early
+    with torch.no_grad():
+        assert greedy_decode(model, [_left_padded(prompts)], 12, eos) == expected
+        with mock.patch.object(InPlaceCache, "DROPPABLE", ()):
+            assert greedy_decode(model, [_left_padded(prompts)], 12, eos) == expected
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_rows_left_over_join_the_next_batch_after_a_prefix_run_once(model_type):
+    """Three batches of two rows after a 9-token prefix they share (longer than the sliding
+    windows): rows settled early leave the first two batches half empty, so their other rows
+    join the next batch, twice (full-attention models; the others run each batch alone, the
+    prefix with every prompt). Every row's tokens equal ``generate``'s on its whole prompt
+    alone."""
+    model = _exact(model_type)
+    rests = _prompts([6, 9, 8, 7, 9, 6], prefix=9)  # lengths within 1.5x: joined
+    prefix, rests = rests[0][:9], [r[9:] for r in rests]
+    expected = [_alone(model, prefix + r, 10, None) for r in rests]
+    ends = {0: 2, 2: 2, 3: 4, 4: 2}  # row: settled at this many tokens
+    expected = [e[:ends.get(row, 10)] for row, e in enumerate(expected)]
+    cache = prefix_cache(model, prefix)
+    full_attention = InPlaceCache(model.config, 0).in_place_only
+    assert (cache is not None) == full_attention
+    batches = [_left_padded(rests[i:i + 2] if cache else [prefix + r for r in rests[i:i + 2]])
+               for i in range(0, 6, 2)]
+    with mock.patch.object(InPlaceLayer, "stack", autospec=True, side_effect=InPlaceLayer.stack
+                           ) as stack, torch.no_grad():
+        got = greedy_decode(model, batches, 10, None,
+                            lambda row, tokens: ends.get(row) == len(tokens), cache)
+    assert got == expected
+    assert stack.call_count == (2 * model.config.num_hidden_layers if full_attention else 0)
+
+
+def test_rows_left_over_finish_alone_when_joining_costs_more_than_it_saves():
+    """Joining a 3-token batch would pad its 2 rows to the 30-token rows' length, more than the
+    budget (patched down to 40 pads; SmolLM2's is ~11,700): the rows left over run to their
+    end first, then the next batch; the same tokens either way."""
+    model = _exact("llama")
+    assert pad_budget(model) == sum(p.numel() for p in model.parameters()) // (2 * 4 * 2 * 8)
+    prompts = _prompts([30, 28, 3, 2])
+    expected = [_alone(model, p, 8, None) for p in prompts]
+    expected[0] = expected[0][:2]
+    batches = [_left_padded(prompts[:2]), _left_padded(prompts[2:])]
+    with mock.patch.object(InPlaceLayer, "stack", autospec=True) as stack, \
+            mock.patch("loki_exp.evaluation.greedy.pad_budget", return_value=40), torch.no_grad():
+        got = greedy_decode(model, batches, 8, None, lambda row, tokens: row == 0 and len(tokens) == 2)
+    assert got == expected and stack.call_count == 0
+
+
+def test_greedy_decode_ends_a_settled_row_and_no_other():
+    model = tiny_decoder("llama")
+    batch = _left_padded(_prompts([19, 11, 4]))
+    full = greedy_decode(model, [batch], 10, None)
+    assert all(len(tokens) == 10 for tokens in full)
+    seen = []
+
+    def settled(row, tokens):
+        seen.append(row)
+        return row == 1 and len(tokens) == 3
+
+    got = greedy_decode(model, [batch], 10, None, settled)
+    assert got == [full[0], full[1][:3], full[2]]
+    # row 1 is asked no more once settled; no row is asked at its last token
+    assert seen.count(1) == 3 and seen.count(0) == 9
+    assert greedy_decode(model, [batch], 0, None) == [[], [], []]

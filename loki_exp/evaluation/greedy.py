@@ -1,0 +1,186 @@
+"""Greedy decoding of left-padded batches in which each row leaves as soon as it ends.
+
+``model.generate`` runs a batch until its last row stops: a row that has met its end-of-turn
+token keeps being computed, as padding, for as long as the longest one runs. On a CPU a
+decoding step costs about one pass over the weights plus each row's attention over its
+cache, so those rows are waste, and so is a batch of a few long rows running alone.
+transformers' generation can neither shrink a batch (its stopping criteria only mark rows
+done) nor join two, hence this loop. It makes the same forward passes as ``generate``'s
+greedy search (the same positions, masks and keys and values, so the same tokens:
+tests/evaluation/test_generation.py), but:
+
+- a row leaves the batch, and the cache, when it meets the end-of-turn token, reaches
+  ``max_new_tokens``, or when the caller's ``settled`` says nothing it could still generate
+  would change what is measured of it (BFCL: a call item whose text can no longer parse as
+  calls, ``bfcl_match.never_parses``);
+- once half a batch's rows have ended, the rest join the next batch: their caches are stacked
+  with its fresh ones, the shorter padded where pads already sit (at the start, or after a
+  shared prefix) and masked, unless those pads would cost more than the pass over the
+  weights they save (``pad_budget``; the rest then finish first);
+- a prefix every prompt shares (a system prompt) runs once (``prefix_cache``).
+
+Joining and the shared prefix need every layer to attend to the whole sequence (``kv_cache``:
+a sliding window would count the pads as distance); elsewhere each batch runs alone and, where
+a layer cannot drop rows, ended rows stay in it unread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from loki_exp.evaluation.kv_cache import InPlaceCache
+
+
+def prefix_cache(model, prefix: list[int]) -> DynamicCache | None:
+    """The keys and values of a prefix every prompt shares, run once (batch 1), for
+    ``greedy_decode``; None where there is none or a layer does not attend to the whole
+    sequence."""
+    if not prefix or not InPlaceCache(model.config, 0).in_place_only:
+        return None
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([prefix], device=next(model.parameters()).device)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache
+
+
+@dataclass
+class _Running:
+    """Rows decoding together: their numbers, cache, mask, next positions, the tokens they
+    feed next, and (where the cache cannot drop rows) which have ended."""
+
+    rows: list[int]
+    cache: InPlaceCache
+    mask: torch.Tensor
+    position: torch.Tensor
+    chosen: torch.Tensor
+    ended: list[bool]
+
+    @property
+    def live(self) -> int:
+        return self.ended.count(False)
+
+
+@torch.no_grad()
+def greedy_decode(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                  max_new_tokens: int, eos_id: int | None,
+                  settled: Callable[[int, list[int]], bool] | None = None,
+                  prefix: DynamicCache | None = None) -> list[list[int]]:
+    """Each row's new tokens (its end-of-turn token included when it met one), rows numbered
+    across ``batches`` in order. A batch is (input_ids, attention_mask), left-padded; with
+    ``prefix`` (``prefix_cache``) they are what follows it, the pads sitting between the two.
+    ``settled(row, tokens)`` may end a row early."""
+    tokens: dict[int, list[int]] = {}
+    shared = prefix.get_seq_length() if prefix is not None else 0
+    budget = pad_budget(model)
+    running: _Running | None = None
+    batches = iter(batches)
+    current = next(batches, None)
+    while current is not None:
+        ids, mask = current
+        rows = list(range(len(tokens), len(tokens) + ids.shape[0]))
+        tokens.update((row, []) for row in rows)
+        current = next(batches, None)
+        if max_new_tokens <= 0:
+            continue
+        fresh = _prefill(model, ids, mask, rows, max_new_tokens, prefix)
+        ending = (tokens, max_new_tokens, eos_id, settled)
+        _record(fresh, *ending)
+        if running is not None and running.live:
+            if _worth_joining(running, fresh, budget):
+                fresh = _join(_drop_ended(running), fresh, shared, max_new_tokens)
+            else:  # joining would cost more in pads than it saves
+                _decode(model, running, 0, ending)
+        running = fresh
+        last_batch = current is None or not running.cache.in_place_only
+        _decode(model, running, 0 if last_batch else running.live // 2, ending)
+    return [tokens[row] for row in range(len(tokens))]
+
+
+def _decode(model, running: _Running, until: int, ending) -> None:
+    """Greedy steps until at most ``until`` rows are live."""
+    while running.live > until:
+        mask = torch.cat([running.mask, running.mask.new_ones(len(running.rows), 1)], -1)
+        out = model(input_ids=running.chosen[:, None], attention_mask=mask,
+                    position_ids=running.position, past_key_values=running.cache,
+                    use_cache=True)
+        running.mask, running.position = mask, running.position + 1
+        running.chosen = out.logits[:, -1].float().argmax(-1)
+        _record(running, *ending)
+
+
+def _prefill(model, ids, mask, rows, max_new_tokens, prefix) -> _Running:
+    cache = InPlaceCache(model.config, max_new_tokens)
+    if prefix is not None:
+        cache.start_from(prefix, len(rows), ids.shape[1] + max_new_tokens)
+        mask = torch.cat([mask.new_ones(len(rows), prefix.get_seq_length()), mask], dim=-1)
+    # generate's positions: the count of real tokens before each one (pads get 1, unused).
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -ids.shape[1]:]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return _Running(rows, cache, mask, positions[:, -1:] + 1,
+                    out.logits[:, -1].float().argmax(-1), [False] * len(rows))
+
+
+def _record(running: _Running, tokens, max_new_tokens, eos_id, settled) -> None:
+    """Append each live row's chosen token and mark the rows that end. Ended rows leave the
+    batch once they are a quarter of it: dropping copies the whole cache, as a few steps of
+    decoding cost, so not at every row's end."""
+    for j, (row, token) in enumerate(zip(running.rows, running.chosen.tolist())):
+        if running.ended[j]:
+            continue
+        tokens[row].append(token)
+        if (token == eos_id or len(tokens[row]) >= max_new_tokens
+                or (settled is not None and settled(row, tokens[row]))):
+            running.ended[j] = True
+    if running.ended.count(True) * 4 >= len(running.rows):
+        _drop_ended(running)
+
+
+def _drop_ended(running: _Running) -> _Running:
+    """The batch without its ended rows, where the cache can drop rows."""
+    keep = [j for j, ended in enumerate(running.ended) if not ended]
+    if len(keep) < len(running.rows) and running.cache.rows_droppable:
+        index = torch.tensor(keep, dtype=torch.long, device=running.chosen.device)
+        running.cache.batch_select_indices(index)
+        running.rows = [running.rows[j] for j in keep]
+        running.mask, running.position = running.mask[index], running.position[index]
+        running.chosen, running.ended = running.chosen[index], [False] * len(keep)
+    return running
+
+
+def pad_budget(model) -> int:
+    """How many (row, position) pads of keys and values one decoding step may read before
+    joining two batches costs more than it saves: a decoding step reads every weight once
+    and, per row, its cache, so one pass over the weights costs about as much memory traffic
+    as this many cached positions (SmolLM2-135M: ~11,700)."""
+    c = model.config
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_position = 2 * c.num_hidden_layers * kv_heads * head_dim  # keys and values
+    return sum(p.numel() for p in model.parameters()) // per_position
+
+
+def _worth_joining(older: _Running, fresh: _Running, budget: int) -> bool:
+    """Joined, the shorter side's rows attend over the pads that make up the difference at
+    every step, while both sides share one pass over the weights."""
+    older_length, fresh_length = older.mask.shape[1], fresh.mask.shape[1]
+    pads = (len(fresh.rows) * max(0, older_length - fresh_length)
+            + older.live * max(0, fresh_length - older_length))
+    return pads <= budget
+
+
+def _join(older: _Running, fresh: _Running, at: int, room: int) -> _Running:
+    """One batch of ``older``'s rows (all live) then ``fresh``'s: the shorter side gets zero
+    keys and values (masked) at column ``at`` so that both end at the same column."""
+    pads = fresh.cache.stack_rows(older.cache, at, room)
+    masks = [torch.cat([m[:, :at], m.new_zeros(m.shape[0], pad), m[:, at:]], -1)
+             for m, pad in zip((older.mask, fresh.mask), pads)]
+    return _Running(older.rows + fresh.rows, fresh.cache, torch.cat(masks),
+                    torch.cat([older.position, fresh.position]),
+                    torch.cat([older.chosen, fresh.chosen]),
+                    [False] * (len(older.rows) + len(fresh.rows)))
