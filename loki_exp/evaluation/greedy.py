@@ -51,7 +51,8 @@ def prefix_cache(model, prefix: list[int]) -> DynamicCache | None:
 @dataclass
 class _Running:
     """Rows decoding together: their numbers, cache, mask, next positions, the tokens they
-    feed next, and (where the cache cannot drop rows) which have ended."""
+    feed next, and which have ended (they stay, unread, until they are a quarter of the
+    batch, or for good where the cache cannot drop rows)."""
 
     rows: list[int]
     cache: InPlaceCache

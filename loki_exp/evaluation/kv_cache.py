@@ -8,7 +8,9 @@ preallocated length at every step. No library cache does both (hence this one): 
 preallocates each layer for the prompt plus ``max_new_tokens`` and hands attention a view of
 the part written so far, so the keys and values attention sees, and the generated tokens, are
 the same as with ``DynamicCache`` (tests/evaluation/test_generation.py). README "Task
-measures" has the time it saves.
+measures" has the time it saves. For ``greedy``'s loop it can also drop rows that have ended,
+stack two batches' rows (padding the shorter where pads already sit) and begin every row with
+a prefix run once.
 """
 
 from __future__ import annotations
@@ -97,6 +99,11 @@ class InPlaceCache(DynamicCache):
     # states, indexers) either lack batch_select_indices or keep state it does not select.
     DROPPABLE = (InPlaceLayer, DynamicLayer, DynamicSlidingWindowLayer)
 
+    def __init__(self, config, max_new_tokens: int):
+        super().__init__(config=config)
+        self.layers = [InPlaceLayer(max_new_tokens) if type(layer) is DynamicLayer else layer
+                       for layer in self.layers]
+
     @property
     def rows_droppable(self) -> bool:
         return all(type(layer) in self.DROPPABLE for layer in self.layers)
@@ -121,8 +128,3 @@ class InPlaceCache(DynamicCache):
         """Every layer begins with ``prefix``'s keys and values (batch 1) for ``rows`` rows."""
         for layer, source in zip(self.layers, prefix.layers, strict=True):
             layer.start_from(source.keys, source.values, rows, room)
-
-    def __init__(self, config, max_new_tokens: int):
-        super().__init__(config=config)
-        self.layers = [InPlaceLayer(max_new_tokens) if type(layer) is DynamicLayer else layer
-                       for layer in self.layers]
