@@ -100,6 +100,15 @@ def test_eval_suite_time(capsys, monkeypatch, tmp_path, tiny_models):
                         "eval.task_bpb_items=2", "eval.bfcl_trained_items=1",
                         "eval.bfcl_irrelevance_items=1", "eval.bfcl_transfer_items=0",
                         "eval.max_new_tokens=4", capsys=capsys, monkeypatch=monkeypatch)
+    assert sum(line.startswith("BFCL generation") for line in out) == 4
+    only = run_benchmark("eval_suite_time.py", "--model", "tiny_llama", "--limit", "2",
+                         "--parts", "drift", "eval.drift_prompts=2", "eval.drift_max_new_tokens=4",
+                         capsys=capsys, monkeypatch=monkeypatch)
+    assert [line.split("  ")[0] for line in only[1:-1]] == ["-- base", "drift answers"]
+    with pytest.raises(SystemExit):
+        run_benchmark("eval_suite_time.py", "--model", "tiny_llama", "--parts", "drift,bogus",
+                      capsys=capsys, monkeypatch=monkeypatch)
+    assert "--parts: ['bogus'] are not parts" in capsys.readouterr().err
     last = fields(out[-1])
     assert last["limit"] == "2" and last["bpb_sets"] == "4x2" and float(last["suite_seconds"]) > 0
     assert float(last["tuned_seconds"]) > 0
@@ -114,8 +123,9 @@ def test_eval_suite_time(capsys, monkeypatch, tmp_path, tiny_models):
     parts = [line.split("  ")[0] for line in out]
     assert {"BFCL generation (before)", "drift KL, base loaded again (before)",
             "drift KL (base loaded once)", "BFCL generation (5 items)"} <= set(parts)
-    # generation batched by cache size writes the texts it wrote before, for both models
-    assert [line.endswith("same texts: True") for line in out
+    # generation that drops ended and settled rows scores every item as generate did, each
+    # text the start of generate's, for both models
+    assert [" same scores: True  texts the start of the old: True " in line for line in out
             if line.startswith("BFCL generation (before)")] == [True, True]
     # shared contexts score every item as lm-eval's own loop does, for both models
     assert [line.endswith("same items: True") for line in out
