@@ -58,9 +58,11 @@ def never_parses(prefix: str) -> bool:
     tell. Sound, not complete: it reads Python's tokens up to the first one that could still
     grow or change (the last one, or an unterminated string; Python 3.12 and later stop at the
     latter) and looks for what no expression holds: a statement keyword (``def``), two names
-    in a row (``Here is``) or a name then a string (``Here's``), neither a keyword. A model's
-    prose fails at its second word."""
-    text = prefix.lstrip()  # a token followed by a space is whole, even at the end
+    in a row (``The area``) or a name then a string (``Here's``), neither a keyword. A model's
+    prose fails within its first few words. Text after a replacement character (a character
+    whose bytes are split across tokens, decoded so far as U+FFFD) is not read: the finished
+    character may extend the name before it (``pass`` + ``é``)."""
+    text = prefix.split("\ufffd")[0].lstrip()  # a token followed by a space is whole
     if text.startswith("```"):  # parse_calls reads a fenced block's inside
         text = text.lstrip("`")
         if len(text) < len("python"):

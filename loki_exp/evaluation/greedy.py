@@ -1,4 +1,4 @@
-"""Greedy decoding of left-padded batches in which each row leaves as soon as it ends.
+"""Greedy decoding of left-padded batches from which rows leave as they end.
 
 ``model.generate`` runs a batch until its last row stops: a row that has met its end-of-turn
 token keeps being computed, as padding, for as long as the longest one runs. On a CPU a
@@ -6,13 +6,15 @@ decoding step costs about one pass over the weights plus each row's attention ov
 cache, so those rows are waste, and so is a batch of a few long rows running alone.
 transformers' generation can neither shrink a batch (its stopping criteria only mark rows
 done) nor join two, hence this loop. It makes the same forward passes as ``generate``'s
-greedy search (the same positions, masks and keys and values, so the same tokens:
+greedy search (the same positions, masks and keys and values; the same tokens in float64,
+the same up to float rounding otherwise, as batch shapes differ:
 tests/evaluation/test_generation.py), but:
 
-- a row leaves the batch, and the cache, when it meets the end-of-turn token, reaches
-  ``max_new_tokens``, or when the caller's ``settled`` says nothing it could still generate
-  would change what is measured of it (BFCL: a call item whose text can no longer parse as
-  calls, ``bfcl_match.never_parses``);
+- a row ends when it meets the end-of-turn token, reaches ``max_new_tokens``, or when the
+  caller's ``settled`` says nothing it could still generate would change what is measured of
+  it (BFCL: a call item whose text can no longer parse as calls, ``bfcl_match.never_parses``);
+  ended rows leave the batch, and the cache, once they are a quarter of it (dropping rows
+  copies the cache);
 - once half a batch's rows have ended, the rest join the next batch: their caches are stacked
   with its fresh ones, the shorter padded where pads already sit (at the start, or after a
   shared prefix) and masked, unless those pads would cost more than the pass over the
@@ -21,7 +23,10 @@ tests/evaluation/test_generation.py), but:
 
 Joining and the shared prefix need every layer to attend to the whole sequence (``kv_cache``:
 a sliding window would count the pads as distance); elsewhere each batch runs alone and, where
-a layer cannot drop rows, ended rows stay in it unread.
+a layer cannot drop rows, ended rows stay in it unread. A model whose generation config
+changes greedy decoding's choice (a repetition penalty, banned or forced tokens: Qwen2.5's
+sets ``repetition_penalty``) is decoded by ``generate`` itself, batch by batch, with none of
+the above (``plain_greedy``).
 """
 
 from __future__ import annotations
@@ -30,16 +35,33 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache
 
 from loki_exp.evaluation.kv_cache import InPlaceCache
 
+# Generation-config options that change which token greedy decoding picks: this loop applies
+# none of them, so a model that sets one is decoded by ``generate`` (which does).
+_GREEDY_OPTIONS = ("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size",
+                   "encoder_no_repeat_ngram_size", "bad_words_ids", "sequence_bias",
+                   "min_length", "min_new_tokens", "suppress_tokens", "begin_suppress_tokens",
+                   "forced_bos_token_id", "forced_eos_token_id",
+                   "exponential_decay_length_penalty")
+
+
+def plain_greedy(model) -> bool:
+    """Whether greedy decoding of ``model`` is a plain argmax: its generation config sets none
+    of ``_GREEDY_OPTIONS`` away from transformers' default."""
+    config, default = getattr(model, "generation_config", None), GenerationConfig()
+    return config is None or all(getattr(config, option, None) == getattr(default, option, None)
+                                 for option in _GREEDY_OPTIONS)
+
 
 def prefix_cache(model, prefix: list[int]) -> DynamicCache | None:
     """The keys and values of a prefix every prompt shares, run once (batch 1), for
-    ``greedy_decode``; None where there is none or a layer does not attend to the whole
-    sequence."""
-    if not prefix or not InPlaceCache(model.config, 0).in_place_only:
+    ``greedy_decode``; None where there is none, a layer does not attend to the whole
+    sequence, or the model is decoded by ``generate`` (``plain_greedy``)."""
+    if not prefix or not InPlaceCache(model.config, 0).in_place_only or not plain_greedy(model):
         return None
     cache = DynamicCache(config=model.config)
     ids = torch.tensor([prefix], device=next(model.parameters()).device)
@@ -75,6 +97,8 @@ def greedy_decode(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     across ``batches`` in order. A batch is (input_ids, attention_mask), left-padded; with
     ``prefix`` (``prefix_cache``) they are what follows it, the pads sitting between the two.
     ``settled(row, tokens)`` may end a row early."""
+    if not plain_greedy(model):
+        return _by_generate(model, batches, max_new_tokens, eos_id)
     tokens: dict[int, list[int]] = {}
     shared = prefix.get_seq_length() if prefix is not None else 0
     budget = pad_budget(model)
@@ -93,7 +117,7 @@ def greedy_decode(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
         _record(fresh, *ending)
         if running is not None and running.live:
             if _worth_joining(running, fresh, budget):
-                fresh = _join(_drop_ended(running), fresh, shared, max_new_tokens)
+                fresh = _join(_drop_ended(running), _drop_ended(fresh), shared, max_new_tokens)
             else:  # joining would cost more in pads than it saves
                 _decode(model, running, 0, ending)
         running = fresh
@@ -112,6 +136,22 @@ def _decode(model, running: _Running, until: int, ending) -> None:
         running.mask, running.position = mask, running.position + 1
         running.chosen = out.logits[:, -1].float().argmax(-1)
         _record(running, *ending)
+
+
+def _by_generate(model, batches, max_new_tokens, eos_id) -> list[list[int]]:
+    """``generate`` on each batch of whole prompts (its generation config applied), each row
+    cut after its end-of-turn token."""
+    out = []
+    for ids, mask in batches:
+        if max_new_tokens <= 0:
+            out += [[] for _ in range(ids.shape[0])]
+            continue
+        new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             cache=InPlaceCache(model.config, max_new_tokens), do_sample=False,
+                             pad_token_id=eos_id if eos_id is not None else 0,
+                             eos_token_id=eos_id)[:, ids.shape[1]:].tolist()
+        out += [row[:row.index(eos_id) + 1] if eos_id in row else row for row in new]
+    return out
 
 
 def _prefill(model, ids, mask, rows, max_new_tokens, prefix) -> _Running:
@@ -176,12 +216,11 @@ def _worth_joining(older: _Running, fresh: _Running, budget: int) -> bool:
 
 
 def _join(older: _Running, fresh: _Running, at: int, room: int) -> _Running:
-    """One batch of ``older``'s rows (all live) then ``fresh``'s: the shorter side gets zero
-    keys and values (masked) at column ``at`` so that both end at the same column."""
+    """One batch of ``older``'s rows then ``fresh``'s (ended ones dropped): the shorter side
+    gets zero keys and values (masked) at column ``at`` so that both end at the same column."""
     pads = fresh.cache.stack_rows(older.cache, at, room)
     masks = [torch.cat([m[:, :at], m.new_zeros(m.shape[0], pad), m[:, at:]], -1)
              for m, pad in zip((older.mask, fresh.mask), pads)]
     return _Running(older.rows + fresh.rows, fresh.cache, torch.cat(masks),
                     torch.cat([older.position, fresh.position]),
-                    torch.cat([older.chosen, fresh.chosen]),
-                    [False] * (len(older.rows) + len(fresh.rows)))
+                    torch.cat([older.chosen, fresh.chosen]), older.ended + fresh.ended)

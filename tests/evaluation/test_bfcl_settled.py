@@ -39,6 +39,13 @@ PROSE = [
 ]
 
 
+def test_a_character_split_across_tokens_is_not_read():
+    """Decoded mid-character, U+FFFD may finish as a letter that extends the name before it."""
+    assert parse_calls("pass\u00e9(x=1)") == [("pass\u00e9", {"x": 1})]
+    assert never_parses("pass ") and not never_parses("pass\ufffd")
+    assert not never_parses("The area\ufffd ") and never_parses("The area \ufffd")
+
+
 @pytest.mark.parametrize("text", PARSING)
 def test_no_prefix_of_a_parsing_text_is_settled(text):
     assert parse_calls(text) is not None

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from loki_exp.evaluation.greedy import greedy_decode, pad_budget, prefix_cache
+from loki_exp.evaluation.greedy import greedy_decode, pad_budget, plain_greedy, prefix_cache
 from loki_exp.evaluation.kv_cache import InPlaceCache, InPlaceLayer
 from loki_exp.evaluation.task_metric import generate, length_batches
 from loki_exp.models import load_model
@@ -185,3 +185,36 @@ def test_greedy_decode_ends_a_settled_row_and_no_other():
     # row 1 is asked no more once settled; no row is asked at its last token
     assert seen.count(1) == 3 and seen.count(0) == 9
     assert greedy_decode(model, [batch], 0, None) == [[], [], []]
+
+
+def test_a_row_that_ended_on_its_first_token_stays_ended_when_its_batch_joins():
+    """Batch 2's row 3 is settled at its first token while it is only one of 5 rows (ended
+    rows leave at a quarter), and batch 1's last row joins batch 2: row 3 keeps its one token."""
+    model = _exact("llama")
+    prompts = _prompts([9, 8, 7, 7, 6, 6, 5])
+    expected = [_alone(model, p, 6, None) for p in prompts]
+    ends = {0: 2, 3: 1}
+    expected = [e[:ends.get(row, 6)] for row, e in enumerate(expected)]
+    batches = [_left_padded(prompts[:2]), _left_padded(prompts[2:])]
+    with mock.patch.object(InPlaceLayer, "stack", autospec=True, side_effect=InPlaceLayer.stack
+                           ) as stack, torch.no_grad():
+        got = greedy_decode(model, batches, 6, None, lambda row, tokens: ends.get(row) == len(tokens))
+    assert stack.call_count == model.config.num_hidden_layers  # one join
+    assert got == expected
+
+
+def test_a_model_whose_generation_config_changes_the_greedy_choice_is_decoded_by_generate():
+    """A repetition penalty (Qwen2.5 sets one) changes which token greedy decoding picks; the
+    loop applies none, so such a model goes through ``generate``, batch by batch."""
+    model = _exact("llama")
+    prompts = _prompts([9, 4, 7])
+    plain = greedy_decode(model, [_left_padded(prompts)], 10, None)
+    assert plain_greedy(model) and prefix_cache(model, prompts[0][:3]) is not None
+    model.generation_config.repetition_penalty = 5.0
+    assert not plain_greedy(model) and prefix_cache(model, prompts[0][:3]) is None
+    ids, mask = _left_padded(prompts)
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
+                              do_sample=False, pad_token_id=2)[:, ids.shape[1]:].tolist()
+        got = greedy_decode(model, [(ids, mask)], 10, None)
+    assert got == want != plain
