@@ -98,6 +98,9 @@ def greedy_decode(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     ``prefix`` (``prefix_cache``) they are what follows it, the pads sitting between the two.
     ``settled(row, tokens)`` may end a row early."""
     if not plain_greedy(model):
+        if prefix is not None:
+            raise ValueError("a shared prefix needs plain greedy decoding: prefix_cache gives "
+                             "None for a model whose generation config changes the greedy choice")
         return _by_generate(model, batches, max_new_tokens, eos_id)
     tokens: dict[int, list[int]] = {}
     shared = prefix.get_seq_length() if prefix is not None else 0

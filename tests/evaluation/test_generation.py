@@ -210,8 +210,11 @@ def test_a_model_whose_generation_config_changes_the_greedy_choice_is_decoded_by
     prompts = _prompts([9, 4, 7])
     plain = greedy_decode(model, [_left_padded(prompts)], 10, None)
     assert plain_greedy(model) and prefix_cache(model, prompts[0][:3]) is not None
+    prefix = prefix_cache(model, prompts[0][:3])
     model.generation_config.repetition_penalty = 5.0
     assert not plain_greedy(model) and prefix_cache(model, prompts[0][:3]) is None
+    with pytest.raises(ValueError, match="a shared prefix needs plain greedy decoding"):
+        greedy_decode(model, [_left_padded(prompts)], 10, None, prefix=prefix)
     ids, mask = _left_padded(prompts)
     with torch.no_grad():
         want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
