@@ -35,7 +35,7 @@ from hydra import compose, initialize_config_dir
 from lm_eval.models.huggingface import HFLM
 
 from loki_exp.config_check import check_config
-from loki_exp.data.sft import encode, pad_id
+from loki_exp.data.sft import encode
 from loki_exp.data.tasks import load_task
 from loki_exp.evaluation import gold_bpb as gold_bpb_module
 from loki_exp.evaluation import task_metric
@@ -43,7 +43,7 @@ from loki_exp.evaluation.bpb import score_bpb
 from loki_exp.evaluation.drift import answer_logprobs, chat_prompts, drift_questions
 from loki_exp.evaluation.evaluate import task_heldout
 from loki_exp.evaluation.gold_bpb import as_example, gold_bpb
-from loki_exp.evaluation.kv_cache import InPlaceCache
+from loki_exp.evaluation.greedy import generate_batches
 from loki_exp.evaluation.suite import make_lm, run_suite
 from loki_exp.evaluation.task_metric import bfcl_accuracy, bfcl_correct, bfcl_heldout, generate
 from loki_exp.models import load_model
@@ -70,26 +70,14 @@ class Clock:
 
 def generate_before(model, tokenizer, conversations, max_new_tokens, batch_tokens) -> list[str]:
     """Generation as it ran before: transformers' ``generate`` on each batch of whole prompts
-    (``length_batches``), every row run until the batch's last one ends, none settled early."""
-    encoded = [tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True,
-                                                       tokenize=False),
-                         add_special_tokens=False).input_ids for c in conversations]
-    pad, out = pad_id(tokenizer), {}
-    for chunk in task_metric.length_batches([len(e) for e in encoded], max_new_tokens,
-                                            batch_tokens):
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(chunk):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
-        generated = model.generate(input_ids=ids, attention_mask=mask,
-                                   cache=InPlaceCache(model.config, max_new_tokens),
-                                   max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        for row, i in enumerate(chunk):
-            out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
-    return [out[i] for i in range(len(encoded))]
+    (``length_batches``), every row run until the batch's last one ends, none settled early;
+    the rest is today's ``generate``."""
+    def whole_batches(model, batches, max_new_tokens, eos_id, settled=None, prefix=None):
+        return generate_batches(model, batches, max_new_tokens, eos_id)
+
+    with mock.patch.object(task_metric, "prefix_cache", lambda model, prefix: None), \
+            mock.patch.object(task_metric, "greedy_decode", whole_batches):
+        return task_metric.generate(model, tokenizer, conversations, max_new_tokens, batch_tokens)
 
 
 PARTS = ("benchmarks", "bpb", "gold", "bfcl", "drift")

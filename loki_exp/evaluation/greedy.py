@@ -101,8 +101,9 @@ def greedy_decode(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
         if prefix is not None:
             raise ValueError("a shared prefix needs plain greedy decoding: prefix_cache gives "
                              "None for a model whose generation config changes the greedy choice")
-        return _by_generate(model, batches, max_new_tokens, eos_id)
-    tokens: dict[int, list[int]] = {}
+        return generate_batches(model, batches, max_new_tokens, eos_id)
+    tokens: list[list[int]] = []
+    ending = (tokens, max_new_tokens, eos_id, settled)
     shared = prefix.get_seq_length() if prefix is not None else 0
     budget = pad_budget(model)
     running: _Running | None = None
@@ -111,12 +112,11 @@ def greedy_decode(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     while current is not None:
         ids, mask = current
         rows = list(range(len(tokens), len(tokens) + ids.shape[0]))
-        tokens.update((row, []) for row in rows)
+        tokens.extend([] for _ in rows)
         current = next(batches, None)
         if max_new_tokens <= 0:
             continue
         fresh = _prefill(model, ids, mask, rows, max_new_tokens, prefix)
-        ending = (tokens, max_new_tokens, eos_id, settled)
         _record(fresh, *ending)
         if running is not None and running.live:
             if _worth_joining(running, fresh, budget):
@@ -126,7 +126,7 @@ def greedy_decode(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
         running = fresh
         last_batch = current is None or not running.cache.in_place_only
         _decode(model, running, 0 if last_batch else running.live // 2, ending)
-    return [tokens[row] for row in range(len(tokens))]
+    return tokens
 
 
 def _decode(model, running: _Running, until: int, ending) -> None:
@@ -141,9 +141,11 @@ def _decode(model, running: _Running, until: int, ending) -> None:
         _record(running, *ending)
 
 
-def _by_generate(model, batches, max_new_tokens, eos_id) -> list[list[int]]:
-    """``generate`` on each batch of whole prompts (its generation config applied), each row
-    cut after its end-of-turn token."""
+def generate_batches(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     max_new_tokens: int, eos_id: int | None) -> list[list[int]]:
+    """``generate`` on each batch of whole prompts (its generation config applied, every row
+    run until the batch's last one ends), each row cut after its end-of-turn token: what
+    ``greedy_decode`` hands a non-plain model to, and how generation ran before it."""
     out = []
     for ids, mask in batches:
         if max_new_tokens <= 0:
@@ -213,7 +215,7 @@ def _worth_joining(older: _Running, fresh: _Running, budget: int) -> bool:
     """Joined, the shorter side's rows attend over the pads that make up the difference at
     every step, while both sides share one pass over the weights."""
     older_length, fresh_length = older.mask.shape[1], fresh.mask.shape[1]
-    pads = (len(fresh.rows) * max(0, older_length - fresh_length)
+    pads = (fresh.live * max(0, older_length - fresh_length)
             + older.live * max(0, fresh_length - older_length))
     return pads <= budget
 

@@ -108,8 +108,8 @@ def bfcl_settled(item: BFCLItem) -> Callable[[str], bool]:
     """Whether ``bfcl_correct`` is the same for every continuation of a generation so far:
     for a call item, once the text can no longer parse as calls (wrong, whatever follows);
     for an irrelevance item, once it also holds a tool-call tag (``looks_like_call`` then
-    holds: a false call, whatever follows). A base model's prose is settled at its second
-    word instead of running to ``max_new_tokens``. Assumes, as greedy decoding of a byte-level
+    holds: a false call, whatever follows). A base model's prose is settled within its first
+    few words instead of running to ``max_new_tokens``. Assumes, as greedy decoding of a byte-level
     tokenizer gives, that the text so far is the start of the finished text."""
     if item.ground_truth:
         return never_parses
