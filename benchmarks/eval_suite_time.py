@@ -5,10 +5,11 @@
 
 Scores each model as the evaluate stage does and prints seconds per part: every benchmark
 through lm-eval (eval.limit questions each), the bits-per-byte sets (eval.bpb, as shipped and
-chat-rendered), the task's gold-answer bits per byte (BFCL's held-out items; its achieved
-FLOP/s and the fraction of the matmul peak of the model's own shapes, ``benchmarks/peak.py``),
-BFCL's generated calls (trained / irrelevance / transfer items), the drift answers and the KL
-pass. With ``--before`` the parts this code changed are also timed the way they ran before,
+chat-rendered), BFCL's generated calls (trained / irrelevance / transfer items; the gold
+answers of the held-out items it prompts are scored over its prompt caches, as in the evaluate
+stage), the task's gold-answer bits per byte of the other held-out items (its achieved FLOP/s
+and the fraction of the matmul peak of the model's own shapes, ``benchmarks/peak.py``), the
+drift answers and the KL pass. With ``--before`` the parts this code changed are also timed the way they ran before,
 in the same process on the same items: BFCL's generation through transformers' ``generate``,
 each batch run until its last row ends (now: a row leaves its batch when it ends or its score
 is settled, ``loki_exp/evaluation/greedy.py``; every item's score must be the same and each
@@ -16,8 +17,9 @@ text the start of the old one) and the KL pass loading the base model again (now
 model loaded once per evaluation), and the benchmarks and bits-per-byte sets through lm-eval's own loop (one
 sequence per request; now: each shared context once, ``loki_exp/evaluation/loglikelihood.py``;
 the per-item scores must be equal, the bits per byte equal to float rounding) and the gold
-bits per byte with every item run from its first token (now: the items' shared prefix once;
-equal to float rounding). Last line:
+bits per byte of every item here, each run from its first token (now: the items' shared
+prefix once, and the generated items' from the generation's caches; equal to float rounding).
+Last line:
 
     suite_seconds=<base, all parts> tuned_seconds=<...> limit=... benchmarks=... bpb_sets=...
 """
@@ -42,7 +44,7 @@ from loki_exp.evaluation import task_metric
 from loki_exp.evaluation.bpb import score_bpb
 from loki_exp.evaluation.drift import answer_logprobs, chat_prompts, drift_questions
 from loki_exp.evaluation.evaluate import task_heldout
-from loki_exp.evaluation.gold_bpb import as_example, gold_bpb
+from loki_exp.evaluation.gold_bpb import as_example, encode_gold, gold_bpb
 from loki_exp.evaluation.greedy import generate_batches
 from loki_exp.evaluation.suite import make_lm, run_suite
 from loki_exp.evaluation.task_metric import bfcl_accuracy, bfcl_correct, bfcl_heldout, generate
@@ -72,7 +74,8 @@ def generate_before(model, tokenizer, conversations, max_new_tokens, batch_token
     """Generation as it ran before: transformers' ``generate`` on each batch of whole prompts
     (``length_batches``), every row run until the batch's last one ends, none settled early;
     the rest is today's ``generate``."""
-    def whole_batches(model, batches, max_new_tokens, eos_id, settled=None, prefix=None):
+    def whole_batches(model, batches, max_new_tokens, eos_id, settled=None, prefix=None,
+                      forced=None):
         return generate_batches(model, batches, max_new_tokens, eos_id)
 
     with mock.patch.object(task_metric, "prefix_cache", lambda model, prefix: None), \
@@ -110,26 +113,10 @@ def score(name, model, tokenizer, cfg, task, limit, before, parts=PARTS, base_mo
             diff = max(abs(a - b) / abs(b) for k in bpb for a, b in zip(bpb[k], old[k]))
             print(f"{'bpb ' + set_name + ' (before)':34s} {time.perf_counter() - start:7.1f} s  "
                   f"max_rel_diff={diff:.2g}", flush=True)
-    if "gold" in parts:
-        heldout = task_heldout(task, ev.task_bpb_items)
-        gold = clock(f"task gold bpb ({len(heldout)} items)",
-                     lambda: gold_bpb(model, tokenizer, heldout, ev.batch_size))
-        flops = count_flops(lambda: gold_bpb(model, tokenizer, heldout[:16], ev.batch_size))
-        start = time.perf_counter()
-        gold_bpb(model, tokenizer, heldout[:16], ev.batch_size)
-        rate = flops / (time.perf_counter() - start)
-        sample = [len(encode(tokenizer, as_example(i), 1 << 30)["input_ids"]) for i in heldout[:16]]
-        tokens = ev.batch_size * sum(sample) // len(sample)  # one batch of gold_bpb's
-        peak = matmul_peak(linear_shapes(model, tokens), next(model.parameters()).dtype)
-        print(f"{'':34s} gold_bpb={sum(gold) / len(gold):.4f} gold_bpb_gflops={rate / 1e9:.1f} "
-              f"peak_gflops={peak / 1e9:.1f} gold_bpb_peak_fraction={rate / peak:.3g}")
-        if before:  # every item from the start of its prompt: no shared prefix
-            start = time.perf_counter()
-            with mock.patch.object(gold_bpb_module, "shared_prefix", lambda **batch: 0):
-                old = gold_bpb(model, tokenizer, heldout, ev.batch_size)
-            diff = max(abs(a - b) / abs(b) for a, b in zip(gold, old))
-            print(f"{'task gold bpb (before)':34s} {time.perf_counter() - start:7.1f} s  "
-                  f"max_rel_diff={diff:.2g}", flush=True)
+    # BFCL's generation first, as the evaluate stage runs it: the gold answers of the held-out
+    # items it prompts are scored over its prompt caches, and gold bpb runs only the others.
+    heldout = task_heldout(task, ev.task_bpb_items) if "gold" in parts else []
+    gold_nll: dict[str, float] = {}
     counts = {"trained": ev.bfcl_trained_items, "irrelevance": ev.bfcl_irrelevance_items,
               "transfer": ev.bfcl_transfer_items}
     if "bfcl" in parts and task.name == "bfcl" and any(counts.values()):
@@ -137,10 +124,13 @@ def score(name, model, tokenizer, cfg, task, limit, before, parts=PARTS, base_mo
                                                   counts, cache).values()
                  for cat_items in by_cat.values() for item in cat_items]
         conversations = [i.messages for i in items]
+        gold_in = {i.id: encode_gold(tokenizer, i) for i in heldout}
         accuracy, rows = clock(f"BFCL generation ({len(items)} items)", lambda: bfcl_accuracy(
-            model, tokenizer, items, ev.max_new_tokens, ev.generation_batch_tokens))
+            model, tokenizer, items, ev.max_new_tokens, ev.generation_batch_tokens, gold_in))
+        gold_nll = {r["id"]: r["gold_nll"] for r in rows if "gold_nll" in r}
         texts = [r["generated"] for r in rows]
-        print(f"{'':34s} correct={accuracy:.3f} (trained and irrelevance items together)")
+        print(f"{'':34s} correct={accuracy:.3f} (trained and irrelevance items together), "
+              f"gold answers scored over its prompts: {len(gold_nll)}")
         if before:
             start = time.perf_counter()
             old = generate_before(model, tokenizer, conversations, ev.max_new_tokens,
@@ -150,6 +140,25 @@ def score(name, model, tokenizer, cfg, task, limit, before, parts=PARTS, base_mo
             print(f"{'BFCL generation (before)':34s} {seconds:7.1f} s  same scores: {same}  "
                   f"texts the start of the old: {all(o.startswith(t) for o, t in zip(old, texts))}"
                   f"  settled early: {sum(o != t for o, t in zip(old, texts))}", flush=True)
+    if "gold" in parts:
+        gold = clock(f"task gold bpb ({len(heldout) - len(gold_nll)} of {len(heldout)} items)",
+                     lambda: gold_bpb(model, tokenizer, heldout, ev.batch_size, gold_nll))
+        flops = count_flops(lambda: gold_bpb(model, tokenizer, heldout[:16], ev.batch_size))
+        start = time.perf_counter()
+        gold_bpb(model, tokenizer, heldout[:16], ev.batch_size)
+        rate = flops / (time.perf_counter() - start)
+        sample = [len(encode(tokenizer, as_example(i), 1 << 30)["input_ids"]) for i in heldout[:16]]
+        tokens = ev.batch_size * sum(sample) // len(sample)  # one batch of gold_bpb's
+        peak = matmul_peak(linear_shapes(model, tokens), next(model.parameters()).dtype)
+        print(f"{'':34s} gold_bpb={sum(gold) / len(gold):.4f} gold_bpb_gflops={rate / 1e9:.1f} "
+              f"peak_gflops={peak / 1e9:.1f} gold_bpb_peak_fraction={rate / peak:.3g}")
+        if before:  # every item here, from the start of its prompt: no shared prefix
+            start = time.perf_counter()
+            with mock.patch.object(gold_bpb_module, "shared_prefix", lambda **batch: 0):
+                old = gold_bpb(model, tokenizer, heldout, ev.batch_size)
+            diff = max(abs(a - b) / abs(b) for a, b in zip(gold, old))
+            print(f"{'task gold bpb (before)':34s} {time.perf_counter() - start:7.1f} s  "
+                  f"max_rel_diff={diff:.2g}", flush=True)
     if "drift" in parts:
         questions = drift_questions(ev.drift_prompts, cache)
         answers = clock("drift answers", lambda: generate(

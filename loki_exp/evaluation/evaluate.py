@@ -34,7 +34,7 @@ from loki_exp.evaluation.drift import (
     kl_per_item,
     looks_like_call,
 )
-from loki_exp.evaluation.gold_bpb import gold_bpb
+from loki_exp.evaluation.gold_bpb import encode_gold, gold_bpb
 from loki_exp.evaluation.scores import category_keys, forgetting_avg
 from loki_exp.evaluation.suite import (
     make_lm,
@@ -72,15 +72,17 @@ def _mean(values: list[float]) -> float:
 
 
 def score_cheap(cfg: RunConfig, model, tokenizer, task: TaskData, lm=None,
-                answers: bool = False) -> dict[str, Any]:
+                answers: bool = False, gold_nll: dict[str, float] | None = None) -> dict[str, Any]:
     """The measures that need no generation, per item: the task's gold-answer bits per byte
     and the forgetting suite's bits-per-byte sets (what a training curve evaluates); with
     ``answers``, also the model's own greedy answers to the drift questions (the base's are
-    what KL drift is measured on)."""
+    what KL drift is measured on). ``gold_nll``: gold sums already taken, by item id."""
     ev = cfg.eval
     heldout = task_heldout(task, ev.task_bpb_items)
-    log.info("evaluate: gold-answer bits per byte of %d held-out %s items", len(heldout), task.name)
-    gold = gold_bpb(model, tokenizer, heldout, ev.batch_size)
+    reused = sum(i.id in (gold_nll or {}) for i in heldout)
+    log.info("evaluate: gold-answer bits per byte of %d held-out %s items%s", len(heldout),
+             task.name, f" ({reused} from the generation's prompt caches)" if reused else "")
+    gold = gold_bpb(model, tokenizer, heldout, ev.batch_size, gold_nll)
     out: dict[str, Any] = {"task": {"gold_bpb": _mean(gold)}, "bpb": {},
                            "items": {f"task/{task.name}/gold_bpb": gold}}
     if ev.bpb:
@@ -128,6 +130,15 @@ def score_model(cfg: RunConfig, model, tokenizer, task: TaskData,
     """{"bench": {name: {metric: value}}, "bpb": {set: value}, "task": {metric: value},
     "drift": {"answers": [...]}, "items": {metric key: per-item values}} for one model;
     ``cheap``: its ``score_cheap(answers=True)`` when already computed."""
+    return score_model_and_cheap(cfg, model, tokenizer, task, cheap)[0]
+
+
+def score_model_and_cheap(cfg: RunConfig, model, tokenizer, task: TaskData,
+                          cheap: dict[str, Any] | None = None
+                          ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``score_model`` and its ``score_cheap(answers=True)`` part. BFCL's generation runs
+    first: the gold answers of the held-out items it prompts are scored over its prompt
+    caches (``task_metric.generate_scored``), so gold bits per byte runs only the others."""
     ev = cfg.eval
     model.eval()
     out: dict[str, Any] = {"bench": {}, "bpb": {}, "task": {}, "drift": {}, "items": {}}
@@ -144,24 +155,27 @@ def score_model(cfg: RunConfig, model, tokenizer, task: TaskData,
             out["bench"].update(scores)
             for name, metrics in per_item.items():
                 out["items"].update({f"bench/{name}/{m}": v for m, v in metrics.items()})
-    if ev.bpb:
-        log.info("evaluate: bits per byte of %s (%s items each, as shipped and chat-rendered)",
-                 ", ".join(ev.bpb), ev.bpb_limit or "all")
-    cheap = cheap or score_cheap(cfg, model, tokenizer, task, lm, answers=True)
-    for part in ("task", "bpb", "items", "drift"):
-        out[part].update(cheap[part])
+    gold_nll: dict[str, float] = {}
     if task.name == "bfcl":
         log.info("evaluate: BFCL calls generated on held-out items (%s per category: trained, "
                  "irrelevance, transfer)", "/".join(str(v) for v in _bfcl_counts(ev).values()))
-        scores, items = bfcl_measures(model, tokenizer, list(task.categories), task.test_fraction,
-                                      _bfcl_counts(ev), ev.max_new_tokens,
-                                      ev.generation_batch_tokens, cfg.paths.cache_dir)
+        gold = None if cheap is not None else {
+            i.id: encode_gold(tokenizer, i) for i in task_heldout(task, ev.task_bpb_items)}
+        scores, items, gold_nll = bfcl_measures(
+            model, tokenizer, list(task.categories), task.test_fraction, _bfcl_counts(ev),
+            ev.max_new_tokens, ev.generation_batch_tokens, cfg.paths.cache_dir, gold)
         out["task"].update(scores)
         out["items"].update({f"task/bfcl/{k}": v for k, v in items.items()})
+    if ev.bpb:
+        log.info("evaluate: bits per byte of %s (%s items each, as shipped and chat-rendered)",
+                 ", ".join(ev.bpb), ev.bpb_limit or "all")
+    cheap = cheap or score_cheap(cfg, model, tokenizer, task, lm, answers=True, gold_nll=gold_nll)
+    for part in ("task", "bpb", "items", "drift"):
+        out[part].update(cheap[part])
     if out["drift"].get("answers"):
         out["items"]["drift/format_damage"] = [float(looks_like_call(a))
                                                for a in out["drift"]["answers"]]
-    return out
+    return out, cheap
 
 
 class BaseModel:
@@ -220,15 +234,24 @@ def base_cheap_scores(cfg: RunConfig, loaded: LoadedModel, task: TaskData,
 
 def base_scores(cfg: RunConfig, loaded: LoadedModel, task: TaskData,
                 base_model: BaseModel | None = None) -> dict[str, Any]:
+    """The base model's ``score_model``, cached; its ``score_cheap`` part is cached on its own
+    too (``base_cheap_scores``): taken from there when a curve computed it, else computed
+    with the rest (sharing BFCL's prompt passes) and written there."""
     path = _base_path(cfg, loaded, task)
     with atomic.cache_lock(path):  # jobs sharing the cache score the base once
         if path.exists():
             log.info("evaluate: base scores from cache %s", path)
             return json.loads(path.read_text())
-        base_model = base_model or BaseModel(cfg)
-        base = base_model()
-        scores = score_model(cfg, base.model, base.tokenizer, task,
-                             cheap=base_cheap_scores(cfg, loaded, task, base_model))
+        cheap_path = _base_path(cfg, loaded, task, ".cheap")
+        with atomic.cache_lock(cheap_path):
+            cheap = None
+            if cheap_path.exists():
+                log.info("evaluate: base scores (no generation) from cache %s", cheap_path)
+                cheap = json.loads(cheap_path.read_text())
+            base = (base_model or BaseModel(cfg))()
+            scores, computed = score_model_and_cheap(cfg, base.model, base.tokenizer, task, cheap)
+            if cheap is None:
+                atomic.write_json(cheap_path, computed)
         atomic.write_json(path, scores)
         return scores
 

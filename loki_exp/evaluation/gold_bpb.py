@@ -11,6 +11,9 @@ turn token is counted in the numerator (stopping is part of the answer) but its 
 not counted as bytes. No length limit: an item longer than ``dataset.max_length`` is scored
 whole. Items are batched by length (less padding), the prefix they all share (a system
 prompt) runs once, and ``lm_head`` runs on the labelled positions only, as in training.
+Where the evaluation also generates from an item's prompt (BFCL), its sum comes from the
+generation's own prompt cache instead (``task_metric.generate_scored``): the same sum to float
+rounding (tests/evaluation/test_task_measures.py), one prompt pass fewer.
 """
 
 from __future__ import annotations
@@ -35,16 +38,36 @@ def as_example(item: Any) -> Example:
     return Example(item.id, item.messages, item.target, category=item.category)
 
 
+def encode_gold(tokenizer, item: Any) -> dict[str, list[int]]:
+    """An item's tokens and labels as gold bpb scores them (``encode``, no length limit)."""
+    return encode(tokenizer, as_example(item), max_length=1 << 30)
+
+
 def answer_bytes(example: Example) -> int:
     turns = [m["content"] for m in example.messages if m["role"] == "assistant"]
     return max(1, sum(len(t.encode("utf-8")) for t in [*turns, example.response]))
 
 
-@torch.no_grad()
-def gold_bpb(model, tokenizer, items: list[Any], batch_size: int = 8) -> list[float]:
-    """Per item, bits per byte of its gold answer given its prompt (module docstring)."""
+def gold_bpb(model, tokenizer, items: list[Any], batch_size: int = 8,
+             known_nll: dict[str, float] | None = None) -> list[float]:
+    """Per item, bits per byte of its gold answer given its prompt (module docstring).
+    ``known_nll``: by item id, sums of -log p already taken over a generation's prompt cache;
+    only the other items run here."""
     examples = [as_example(i) for i in items]
-    encoded = [encode(tokenizer, ex, max_length=1 << 30) for ex in examples]
+    known = known_nll or {}
+    todo = [n for n, ex in enumerate(examples) if ex.id not in known]
+    computed = dict(zip(todo, gold_nll(model, tokenizer, [examples[n] for n in todo],
+                                       batch_size)))
+    return [(computed[n] if n in computed else known[ex.id]) / (math.log(2) * answer_bytes(ex))
+            for n, ex in enumerate(examples)]
+
+
+@torch.no_grad()
+def gold_nll(model, tokenizer, examples: list[Example], batch_size: int) -> list[float]:
+    """Per example, the sum of -log p of its labelled tokens given what precedes them."""
+    if not examples:
+        return []
+    encoded = [encode_gold(tokenizer, ex) for ex in examples]
     collate = PadCollator(pad_id(tokenizer))
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["input_ids"]))
@@ -86,4 +109,4 @@ def gold_bpb(model, tokenizer, items: list[Any], batch_size: int = 8) -> list[fl
                 nll[i] = float(sums[row])
     finally:
         model.train(was_training)
-    return [n / (math.log(2) * answer_bytes(ex)) for n, ex in zip(nll, examples)]
+    return nll

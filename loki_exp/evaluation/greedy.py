@@ -19,11 +19,15 @@ tests/evaluation/test_generation.py), but:
   with its fresh ones, the shorter padded where pads already sit (at the start, or after a
   shared prefix) and masked, unless those pads would cost more than the pass over the
   weights they save (``pad_budget``; the rest then finish first);
-- a prefix every prompt shares (a system prompt) runs once (``prefix_cache``).
+- a prefix every prompt shares (a system prompt) runs once (``prefix_cache``);
+- a row's gold continuation (``Forced``: the task's gold answer, for its bits per byte) can be
+  scored over its prompt's cache right after the prompt runs, before decoding starts from the
+  prompt: the prompt then runs once for both measures.
 
-Joining and the shared prefix need every layer to attend to the whole sequence (``kv_cache``:
-a sliding window would count the pads as distance); elsewhere each batch runs alone and, where
-a layer cannot drop rows, ended rows stay in it unread. A model whose generation config
+Joining, the shared prefix and gold continuations need every layer to attend to the whole
+sequence (``kv_cache``: a sliding window would count the pads as distance, and would have
+forgotten what a cut-back cache needs); elsewhere each batch runs alone and, where a layer
+cannot drop rows, ended rows stay in it unread. A model whose generation config
 changes greedy decoding's choice (a repetition penalty, banned or forced tokens: Qwen2.5's
 sets ``repetition_penalty``) is decoded by ``generate`` itself, batch by batch, with none of
 the above (``plain_greedy``).
@@ -32,13 +36,15 @@ the above (``plain_greedy``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache
 
 from loki_exp.evaluation.kv_cache import InPlaceCache
+from loki_exp.model_access import output_logits
 
 # Generation-config options that change which token greedy decoding picks: this loop applies
 # none of them, so a model that sets one is decoded by ``generate`` (which does).
@@ -57,17 +63,38 @@ def plain_greedy(model) -> bool:
                                  for option in _GREEDY_OPTIONS)
 
 
+def shares_prompts(model) -> bool:
+    """Whether ``greedy_decode`` can run a shared prefix once and score gold continuations
+    over a prompt's cache: every layer attends to the whole sequence (a sliding window would
+    count pads as distance, and forgets what a cut-back cache would need) and the model is
+    decoded by this loop, not by ``generate`` (``plain_greedy``)."""
+    return InPlaceCache(model.config, 0).in_place_only and plain_greedy(model)
+
+
 def prefix_cache(model, prefix: list[int]) -> DynamicCache | None:
     """The keys and values of a prefix every prompt shares, run once (batch 1), for
-    ``greedy_decode``; None where there is none, a layer does not attend to the whole
-    sequence, or the model is decoded by ``generate`` (``plain_greedy``)."""
-    if not prefix or not InPlaceCache(model.config, 0).in_place_only or not plain_greedy(model):
+    ``greedy_decode``; None where there is none or the model cannot share it
+    (``shares_prompts``)."""
+    if not prefix or not shares_prompts(model):
         return None
     cache = DynamicCache(config=model.config)
     ids = torch.tensor([prefix], device=next(model.parameters()).device)
     with torch.no_grad():
         model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return cache
+
+
+@dataclass
+class Forced:
+    """Gold continuations to score over their rows' prompts (teacher forcing): per row
+    number, the tokens that follow its prompt and whether each one is scored. ``greedy_decode``
+    fills ``nll`` with each such row's sum of -log p over its scored tokens, computed as
+    ``gold_bpb`` computes it (``lm_head`` on the scored positions, log-softmax in at least
+    float32, summed in float64)."""
+
+    tokens: dict[int, list[int]]
+    scored: dict[int, list[bool]]
+    nll: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,11 +119,16 @@ class _Running:
 def greedy_decode(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                   max_new_tokens: int, eos_id: int | None,
                   settled: Callable[[int, list[int]], bool] | None = None,
-                  prefix: DynamicCache | None = None) -> list[list[int]]:
+                  prefix: DynamicCache | None = None,
+                  forced: Forced | None = None) -> list[list[int]]:
     """Each row's new tokens (its end-of-turn token included when it met one), rows numbered
     across ``batches`` in order. A batch is (input_ids, attention_mask), left-padded; with
     ``prefix`` (``prefix_cache``) they are what follows it, the pads sitting between the two.
-    ``settled(row, tokens)`` may end a row early."""
+    ``settled(row, tokens)`` may end a row early. ``forced``: gold continuations scored right
+    after their prompts (needs ``shares_prompts``)."""
+    if forced is not None and forced.tokens and not shares_prompts(model):
+        raise ValueError("gold continuations are scored over a prompt's cache, which needs "
+                         "shares_prompts(model): full attention and plain greedy decoding")
     if not plain_greedy(model):
         if prefix is not None:
             raise ValueError("a shared prefix needs plain greedy decoding: prefix_cache gives "
@@ -116,7 +148,7 @@ def greedy_decode(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
         current = next(batches, None)
         if max_new_tokens <= 0:
             continue
-        fresh = _prefill(model, ids, mask, rows, max_new_tokens, prefix)
+        fresh = _prefill(model, ids, mask, rows, max_new_tokens, prefix, forced)
         _record(fresh, *ending)
         if running is not None and running.live:
             if _worth_joining(running, fresh, budget):
@@ -159,17 +191,60 @@ def generate_batches(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     return out
 
 
-def _prefill(model, ids, mask, rows, max_new_tokens, prefix) -> _Running:
-    cache = InPlaceCache(model.config, max_new_tokens)
+def _prefill(model, ids, mask, rows, max_new_tokens, prefix, forced) -> _Running:
+    gold = [forced.tokens.get(row, []) for row in rows] if forced is not None else []
+    room = max([max_new_tokens, *(len(g) - 1 for g in gold)])
+    cache = InPlaceCache(model.config, room)
     if prefix is not None:
-        cache.start_from(prefix, len(rows), ids.shape[1] + max_new_tokens)
+        cache.start_from(prefix, len(rows), ids.shape[1] + room)
         mask = torch.cat([mask.new_ones(len(rows), prefix.get_seq_length()), mask], dim=-1)
     # generate's positions: the count of real tokens before each one (pads get 1, unused).
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -ids.shape[1]:]
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+    if any(gold):
+        _score_forced(model, cache, mask, positions[:, -1:] + 1, out.logits[:, -1], rows, forced)
     return _Running(rows, cache, mask, positions[:, -1:] + 1,
                     out.logits[:, -1].float().argmax(-1), [False] * len(rows))
+
+
+def _score_forced(model, cache: InPlaceCache, mask, start, last_logits, rows, forced: Forced
+                  ) -> None:
+    """Score the batch's gold continuations: each first token by the prompt's last logits,
+    the rest by one pass of the continuations (right-padded, masked) over the prompts'
+    cache, which is then cut back to the prompts, so decoding starts from them unchanged."""
+    gold = [forced.tokens.get(row, []) for row in rows]
+    width = max(len(g) for g in gold)
+    targets = torch.zeros((len(rows), width), dtype=torch.long)
+    scored = torch.zeros((len(rows), width), dtype=torch.bool)
+    for j, (row, tokens) in enumerate(zip(rows, gold)):
+        if tokens:
+            targets[j, :len(tokens)] = torch.tensor(tokens)
+            scored[j, :len(tokens)] = torch.tensor(forced.scored[row])
+    targets, scored = targets.to(start.device), scored.to(start.device)
+    first = scored[:, 0]
+    logits, wanted, owners = [last_logits[first]], [targets[first, 0]], [first.nonzero()[:, 0]]
+    if width > 1:  # the logits at token j's position score token j + 1
+        running = torch.zeros_like(scored[:, 1:])
+        for j, tokens in enumerate(gold):
+            running[j, :max(0, len(tokens) - 1)] = True
+        hidden = model.get_decoder()(
+            input_ids=targets[:, :-1], attention_mask=torch.cat([mask, running.long()], -1),
+            position_ids=start + torch.arange(width - 1, device=start.device),
+            cache=cache, use_cache=True).last_hidden_state
+        cache.crop(1 - width)
+        rest = scored[:, 1:]
+        logits.append(output_logits(model, hidden[rest]))
+        wanted.append(targets[:, 1:][rest])
+        owners.append(rest.nonzero()[:, 0])
+    logits = torch.cat(logits)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, fp64 kept
+    token_nll = F.cross_entropy(logits, torch.cat(wanted), reduction="none")
+    sums = torch.zeros(len(rows), dtype=torch.float64, device=start.device)
+    sums.index_add_(0, torch.cat(owners), token_nll.double())
+    for j, (row, tokens) in enumerate(zip(rows, gold)):
+        if tokens:
+            forced.nll[row] = float(sums[j])
 
 
 def _record(running: _Running, tokens, max_new_tokens, eos_id, settled) -> None:

@@ -25,10 +25,10 @@ import torch
 
 from loki_exp.data import bfcl
 from loki_exp.data.bfcl import BFCLItem
-from loki_exp.data.sft import pad_id
+from loki_exp.data.sft import IGNORE, pad_id
 from loki_exp.evaluation.bfcl_match import matches, never_parses, parse_calls
 from loki_exp.evaluation.drift import looks_like_call
-from loki_exp.evaluation.greedy import greedy_decode, prefix_cache
+from loki_exp.evaluation.greedy import Forced, greedy_decode, prefix_cache, shares_prompts
 from loki_exp.evaluation.loglikelihood import common_prefix
 from loki_exp.progress import track
 
@@ -57,6 +57,32 @@ def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_ne
     ``settled[i](text so far)``, where given, ends conversation ``i`` early: only for a caller
     whose measure cannot change after it says so (the text is then a prefix of the full
     completion)."""
+    return generate_scored(model, tokenizer, conversations, max_new_tokens, batch_tokens, what,
+                           settled)[0]
+
+
+def gold_after_prompt(prompt: list[int], gold: dict[str, list[int]]
+                      ) -> tuple[list[int], list[bool]] | None:
+    """The tokens of a rendered gold conversation (``data.sft.encode``'s ids and labels) that
+    follow ``prompt``, and which of them are scored, when it begins with exactly ``prompt``'s
+    tokens and scores none of them; else None."""
+    ids, labels = gold["input_ids"], gold["labels"]
+    if ids[:len(prompt)] != prompt or len(ids) == len(prompt) or any(
+            label != IGNORE for label in labels[:len(prompt)]):
+        return None
+    return ids[len(prompt):], [label != IGNORE for label in labels[len(prompt):]]
+
+
+def generate_scored(model, tokenizer, conversations: list[list[dict[str, str]]],
+                    max_new_tokens: int, batch_tokens: int, what: str = "generation",
+                    settled: list[Callable[[str], bool] | None] | None = None,
+                    gold: dict[int, dict[str, list[int]]] | None = None,
+                    ) -> tuple[list[str], dict[int, float]]:
+    """``generate``, and for conversation ``i`` in ``gold`` (its gold answer rendered as
+    training renders it: ``data.sft.encode``) the sum of -log p of its scored tokens given
+    the prompt, from the prompt's own cache (``greedy.Forced``): the prompt runs once for the
+    completion and for gold bits per byte. Only where ``gold_after_prompt`` splits it off the
+    generation prompt and the model ``shares_prompts``; the others are left out."""
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
                for c in conversations]
     encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
@@ -66,6 +92,11 @@ def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_ne
     was_training = model.training
     model.eval()
     order = [i for chunk in batches for i in chunk]  # greedy_decode's rows, in order
+    forced = Forced({}, {})
+    for row, i in enumerate(order):
+        split = gold_after_prompt(encoded[i], gold[i]) if gold and i in gold else None
+        if split is not None and shares_prompts(model):
+            forced.tokens[row], forced.scored[row] = split
     try:
         # The prefix all prompts share (a system prompt: BFCL's is 92 of ~450 tokens) runs once.
         shared = common_prefix([tuple(e) for e in encoded])
@@ -88,11 +119,13 @@ def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_ne
 
         new = greedy_decode(model, (tensors(c) for c in track(batches, what, len(batches))),
                             max_new_tokens, tokenizer.eos_token_id,
-                            row_settled if settled and any(settled) else None, prefix)
+                            row_settled if settled and any(settled) else None, prefix,
+                            forced)
     finally:
         model.train(was_training)
     out = dict(zip(order, new))
-    return [tokenizer.decode(out[i], skip_special_tokens=True) for i in range(len(encoded))]
+    return ([tokenizer.decode(out[i], skip_special_tokens=True) for i in range(len(encoded))],
+            {order[row]: nll for row, nll in forced.nll.items()})
 
 
 def bfcl_correct(text: str, item: BFCLItem) -> bool:
@@ -117,14 +150,21 @@ def bfcl_settled(item: BFCLItem) -> Callable[[str], bool]:
 
 
 def bfcl_accuracy(model, tokenizer, items: list[BFCLItem], max_new_tokens: int = 128,
-                  batch_tokens: int = 8192) -> tuple[float, list[dict[str, Any]]]:
+                  batch_tokens: int = 8192, gold: dict[str, dict[str, list[int]]] | None = None,
+                  ) -> tuple[float, list[dict[str, Any]]]:
     """Accuracy and per-item rows; a row's ``generated`` text stops where its score settled
-    (``bfcl_settled``)."""
-    texts = generate(model, tokenizer, [i.messages for i in items], max_new_tokens, batch_tokens,
-                     "BFCL generation", [bfcl_settled(i) for i in items])
+    (``bfcl_settled``). ``gold``: by item id, gold conversations (``data.sft.encode``) whose
+    -log p is summed from the generation's prompt caches where it can be (``generate_scored``):
+    the row's ``gold_nll``."""
+    wanted = {n: gold[item.id] for n, item in enumerate(items) if gold and item.id in gold}
+    texts, nll = generate_scored(model, tokenizer, [i.messages for i in items], max_new_tokens,
+                                 batch_tokens, "BFCL generation",
+                                 [bfcl_settled(i) for i in items], wanted)
     rows = [{"id": item.id, "category": item.category, "generated": text,
              "target": item.target, "correct": bfcl_correct(text, item)}
             for item, text in zip(items, texts)]
+    for n, value in nll.items():
+        rows[n]["gold_nll"] = value
     return (sum(r["correct"] for r in rows) / len(rows) if rows else float("nan")), rows
 
 
@@ -145,14 +185,18 @@ def bfcl_heldout(trained: list[str], test_fraction: float, counts: dict[str, int
 
 def bfcl_measures(model, tokenizer, trained: list[str], test_fraction: float, counts: dict[str, int],
                   max_new_tokens: int, batch_tokens: int, cache=None,
-                  ) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Scores ``{measure: mean over categories, "<measure>/<category>": mean}`` and per-item
-    values ``{"<measure>/<category>": [...]}``; ``counts``: held-out items per category for
-    ``trained``, ``irrelevance`` and ``transfer`` (0: that measure off)."""
+                  gold: dict[str, dict[str, list[int]]] | None = None,
+                  ) -> tuple[dict[str, float], dict[str, list[float]], dict[str, float]]:
+    """Scores ``{measure: mean over categories, "<measure>/<category>": mean}``, per-item
+    values ``{"<measure>/<category>": [...]}`` and, by item id, the gold -log p that the
+    generation's prompt caches gave for ``gold``'s items (``bfcl_accuracy``); ``counts``:
+    held-out items per category for ``trained``, ``irrelevance`` and ``transfer`` (0: that
+    measure off)."""
     held = bfcl_heldout(trained, test_fraction, counts, cache)
     flat = [item for by_cat in held.values() for items in by_cat.values() for item in items]
     # One generation over every category (sorted by length inside): fewer, fuller batches.
-    _, rows = bfcl_accuracy(model, tokenizer, flat, max_new_tokens, batch_tokens)
+    _, rows = bfcl_accuracy(model, tokenizer, flat, max_new_tokens, batch_tokens, gold)
+    gold_nll = {row["id"]: row["gold_nll"] for row in rows if "gold_nll" in row}
     correct = {row["id"]: float(row["correct"]) for row in rows}
     items: dict[str, list[float]] = {}
     for group, by_cat in held.items():
@@ -171,4 +215,4 @@ def bfcl_measures(model, tokenizer, trained: list[str], test_fraction: float, co
     scores = {key: fmean(values) for key, values in items.items()}  # no category is empty
     for measure in {k.split("/")[0] for k in items}:
         scores[measure] = fmean([v for k, v in scores.items() if k.startswith(f"{measure}/")])
-    return scores, items
+    return scores, items, gold_nll

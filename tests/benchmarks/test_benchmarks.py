@@ -122,7 +122,10 @@ def test_eval_suite_time(capsys, monkeypatch, tmp_path, tiny_models):
     assert len(gold) == 2 and all(0 < float(g["gold_bpb_peak_fraction"]) for g in gold)
     parts = [line.split("  ")[0] for line in out]
     assert {"BFCL generation (before)", "drift KL, base loaded again (before)",
-            "drift KL (base loaded once)", "BFCL generation (5 items)"} <= set(parts)
+            "drift KL (base loaded once)", "BFCL generation (5 items)",
+            "task gold bpb (3 of 6 items)"} <= set(parts)
+    # The generated trained items' gold answers come from the generation's prompt caches.
+    assert sum(line.endswith("gold answers scored over its prompts: 3") for line in out) == 2
     # generation that drops ended and settled rows scores every item as generate did, each
     # text the start of generate's, for both models
     assert [" same scores: True  texts the start of the old: True " in line for line in out

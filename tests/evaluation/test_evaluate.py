@@ -3,6 +3,7 @@ import pytest
 from loki_exp.errors import LokiError
 from loki_exp.evaluation.bfcl_match import matches, parse_calls
 from loki_exp.evaluation.scores import forgetting_avg
+from tests.support.tolerances import FLOAT32_STEPS
 
 AREA = [{"calculate_triangle_area": {"base": [10], "height": [5], "unit": ["units", ""]}}]
 SPOTIFY = [{"spotify.play": {"artist": ["Taylor Swift"], "duration": [20]}},
@@ -159,6 +160,40 @@ def test_an_evaluation_loads_the_base_model_once(compose_cfg, tiny_models, tmp_p
     second = evaluate.run_evaluate(cfg, loaded, task, tmp_path / "run")
     assert len(loads) == 2 and len(reads) == 3
     assert first["drift/kl/after"] == second["drift/kl/after"] == 0.0  # the base against itself
+
+
+def test_gold_bpb_of_the_items_bfcl_prompts_comes_from_its_prompt_caches(compose_cfg, tiny_models,
+                                                                          tmp_path, monkeypatch):
+    """An uncached evaluation generates BFCL's calls first and scores the gold answers of the
+    held-out items it prompts over their prompt caches (one per trained category here), so
+    gold bpb runs only the others: every item's value equals gold bpb run on all of them
+    alone (float64), and the cheap part is the same as ``score_cheap``'s."""
+    from loki_exp.data.tasks import load_task
+    from loki_exp.evaluation import evaluate
+
+    cfg = compose_cfg("model=tiny_llama", "eval.benchmarks=[]", "eval.bpb=[]",
+                      "eval.drift_prompts=0", "eval.task_bpb_items=2",
+                      "eval.bfcl_trained_items=1", "eval.bfcl_irrelevance_items=1",
+                      "eval.bfcl_transfer_items=0", "eval.max_new_tokens=4",
+                      f"paths.output_dir={tmp_path}")
+    task = load_task(cfg.dataset)
+    known = []
+    real = evaluate.gold_bpb
+    monkeypatch.setattr(evaluate, "gold_bpb",
+                        lambda *a: known.append(dict(a[4] or {})) or real(*a))
+    model, tok = tiny_models["tiny_llama"].model.double(), tiny_models["tiny_llama"].tokenizer
+    try:
+        scores, cheap = evaluate.score_model_and_cheap(cfg, model, tok, task)
+        alone = evaluate.score_cheap(cfg, model, tok, task)
+    finally:
+        model.float()
+    heldout = {i.id for i in evaluate.task_heldout(task, 2)}
+    assert len(heldout) == 2 * len(task.categories)
+    assert len(known[0]) == len(task.categories) and set(known[0]) < heldout and known[1] == {}
+    key = "task/bfcl/gold_bpb"
+    assert cheap["items"][key] == pytest.approx(alone["items"][key], rel=FLOAT32_STEPS)
+    assert scores["items"][key] == cheap["items"][key]
+    assert scores["task"]["gold_bpb"] == pytest.approx(alone["task"]["gold_bpb"], rel=FLOAT32_STEPS)
 
 
 def test_a_curve_point_measures_in_eval_mode_and_restores_the_mode(compose_cfg, tiny_models,

@@ -9,11 +9,19 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from loki_exp.evaluation.greedy import greedy_decode, pad_budget, plain_greedy, prefix_cache
+from loki_exp.evaluation.greedy import (
+    Forced,
+    greedy_decode,
+    pad_budget,
+    plain_greedy,
+    prefix_cache,
+    shares_prompts,
+)
 from loki_exp.evaluation.kv_cache import InPlaceCache, InPlaceLayer
 from loki_exp.evaluation.task_metric import generate, length_batches
 from loki_exp.models import load_model
 from tests.support.tiny_decoders import MODEL_TYPES, tiny_decoder
+from tests.support.tolerances import FLOAT32_STEPS
 
 
 def test_length_batches_take_every_prompt_once_longest_first_within_the_budget():
@@ -66,9 +74,22 @@ def test_in_place_layer_refuses_more_tokens_than_it_holds():
     with pytest.raises(RuntimeError, match="holds 4 tokens; 5 were written"):
         layer.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
     with pytest.raises(NotImplementedError, match="greedy decoding only"):
-        layer.crop(-1)
+        layer.batch_repeat_interleave(2)
     layer.batch_select_indices(torch.tensor([0]))  # greedy decoding drops ended rows
     assert layer.keys.shape == (1, 1, 4, 2) and layer._keys.shape == (1, 1, 4, 2)
+
+
+def test_in_place_layer_crop_forgets_its_last_tokens_and_writes_over_them():
+    layer = InPlaceLayer(extra=2)
+    layer.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
+    layer.update(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
+    layer.crop(-2)
+    assert layer.keys.shape[-2] == 3 and layer.get_seq_length() == 3
+    layer.update(torch.full((1, 1, 1, 2), 7.0), torch.full((1, 1, 1, 2), 7.0))
+    assert layer.values[0, 0, :, 0].tolist() == [0.0, 0.0, 0.0, 7.0]
+    for bad in (1, -5):
+        with pytest.raises(ValueError, match=f"at most 4; got {bad}"):
+            layer.crop(bad)
 
 
 def test_generation_does_not_depend_on_how_prompts_are_batched(compose_cfg):
@@ -221,3 +242,48 @@ def test_a_model_whose_generation_config_changes_the_greedy_choice_is_decoded_by
                               do_sample=False, pad_token_id=2)[:, ids.shape[1]:].tolist()
         got = greedy_decode(model, [(ids, mask)], 10, None)
     assert got == want != plain
+
+
+def _gold_nll(model, prompt: list[int], gold: list[int], scored: list[bool]) -> float:
+    """-sum log p of the scored gold tokens: one forward of prompt + gold alone, float64."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + gold])).logits[0].double(), -1)
+    return -sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(gold) if scored[k])
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_gold_continuations_are_scored_over_the_prompt_cache_and_decoding_goes_on_unchanged(
+        model_type):
+    """The join test's three batches after a shared 9-token prefix, four rows with a gold
+    continuation (one longer than max_new_tokens, one of a single token, one whose first token
+    is not scored, rows settled early so that batches join): every row's tokens are still
+    ``generate``'s on its whole prompt alone, and each gold sum equals one forward of prompt +
+    continuation alone (float64). A model with sliding windows cannot cut its cache back:
+    refused with one clear error."""
+    model = _exact(model_type)
+    rests = _prompts([6, 9, 8, 7, 9, 6], prefix=9)
+    prefix, rests = rests[0][:9], [r[9:] for r in rests]
+    expected = [_alone(model, prefix + r, 10, None) for r in rests]
+    ends = {0: 2, 2: 2, 3: 4, 4: 2}
+    expected = [e[:ends.get(row, 10)] for row, e in enumerate(expected)]
+    torch.manual_seed(2)
+    gold = {0: torch.randint(3, 49152, (14,)).tolist(), 2: [5], 3: [7, 8, 9, 10, 11],
+            5: [12, 13, 14]}
+    scored = {0: [True] * 14, 2: [True], 3: [False, True, True, True, False], 5: [True] * 3}
+    settle = lambda row, tokens: ends.get(row) == len(tokens)  # noqa: E731
+    if not shares_prompts(model):
+        batches = [_left_padded([prefix + r for r in rests[i:i + 2]]) for i in range(0, 6, 2)]
+        with pytest.raises(ValueError, match="needs shares_prompts"):
+            greedy_decode(model, batches, 10, None, settle, None, Forced(gold, scored))
+        return
+    forced = Forced(gold, scored)
+    batches = [_left_padded(rests[i:i + 2]) for i in range(0, 6, 2)]
+    with mock.patch.object(InPlaceLayer, "stack", autospec=True, side_effect=InPlaceLayer.stack
+                           ) as stack, torch.no_grad():
+        got = greedy_decode(model, batches, 10, None, settle, prefix_cache(model, prefix), forced)
+    assert got == expected
+    assert stack.call_count == 2 * model.config.num_hidden_layers  # the rows still join
+    assert forced.nll.keys() == gold.keys()
+    for row, tokens in gold.items():
+        assert forced.nll[row] == pytest.approx(
+            _gold_nll(model, prefix + rests[row], tokens, scored[row]), rel=FLOAT32_STEPS), row

@@ -14,6 +14,7 @@ from loki_exp.data import bfcl
 from loki_exp.data.sft import IGNORE, Example, PadCollator, encode, encode_all, shared_prefix
 from loki_exp.data.tasks import load_task
 from loki_exp.evaluation.gold_bpb import gold_bpb
+from loki_exp.evaluation.task_metric import gold_after_prompt
 from loki_exp.selection import node_budget, select_random
 from tests.support.tiny_decoders import MODEL_TYPES, tiny_decoder
 from tests.support.tolerances import CROSS_PATH_FP32, FLOAT32_STEPS
@@ -92,16 +93,16 @@ def test_bfcl_measures_are_category_means_and_the_leaderboard_needs_all_ten(monk
 
     generations = []
 
-    def fake_accuracy(model, tokenizer, items, max_new_tokens, batch_size):
+    def fake_accuracy(model, tokenizer, items, max_new_tokens, batch_size, gold=None):
         # Right on every simple_python item and every irrelevance item, wrong elsewhere.
         generations.append({i.category for i in items})
-        return 0.0, [{"id": i.id, "correct": i.category in ("simple_python", "irrelevance")}
-                     for i in items]
+        return 0.0, [{"id": i.id, "correct": i.category in ("simple_python", "irrelevance"),
+                      **({"gold_nll": 1.5} if gold and i.id in gold else {})} for i in items]
 
     monkeypatch.setattr(task_metric, "bfcl_accuracy", fake_accuracy)
-    scores, items = task_metric.bfcl_measures(None, None, TRAINED, 0.2,
-                                              {"trained": 4, "irrelevance": 3, "transfer": 2},
-                                              8, 4)
+    scores, items, gold_nll = task_metric.bfcl_measures(
+        None, None, TRAINED, 0.2, {"trained": 4, "irrelevance": 3, "transfer": 2}, 8, 4)
+    assert gold_nll == {}
     assert scores["trained_accuracy"] == pytest.approx(1 / 3)
     assert scores["trained_accuracy/simple_python"] == 1.0
     assert len(items["trained_accuracy/multiple"]) == 4
@@ -113,10 +114,22 @@ def test_bfcl_measures_are_category_means_and_the_leaderboard_needs_all_ten(monk
     assert scores["leaderboard_accuracy"] == pytest.approx(2 / 10)
     assert len(generations) == 1 and len(generations[0]) == 10  # one generation, all categories
     # Without the transfer categories the leaderboard is not complete: no such score.
-    scores, items = task_metric.bfcl_measures(None, None, TRAINED, 0.2,
-                                              {"trained": 2, "irrelevance": 1, "transfer": 0}, 8, 4)
+    held = task_metric.bfcl_heldout(TRAINED, 0.2, {"trained": 2})["trained"]["multiple"]
+    scores, items, gold_nll = task_metric.bfcl_measures(
+        None, None, TRAINED, 0.2, {"trained": 2, "irrelevance": 1, "transfer": 0}, 8, 4,
+        gold={held[0].id: {}, "not generated": {}})
     assert "leaderboard_accuracy" not in scores and "transfer_accuracy" not in scores
     assert not any(k.startswith("leaderboard_") for k in items)
+    assert gold_nll == {held[0].id: 1.5}  # the generated items' gold sums, by id
+
+
+def test_gold_after_prompt_splits_off_only_what_follows_the_exact_unscored_prompt():
+    gold = {"input_ids": [1, 2, 3, 4, 5], "labels": [IGNORE, IGNORE, IGNORE, 4, 5]}
+    assert gold_after_prompt([1, 2, 3], gold) == ([4, 5], [True, True])
+    assert gold_after_prompt([1, 2], gold) == ([3, 4, 5], [False, True, True])
+    assert gold_after_prompt([1, 9, 3], gold) is None  # the rendering tokenized otherwise
+    assert gold_after_prompt([1, 2, 3, 4], gold) is None  # a scored token in the prompt
+    assert gold_after_prompt([1, 2, 3, 4, 5], gold) is None  # nothing after it
 
 
 @pytest.fixture(scope="module")
