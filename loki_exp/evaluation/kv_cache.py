@@ -10,7 +10,7 @@ the part written so far, so the keys and values attention sees, and the generate
 the same as with ``DynamicCache`` (tests/evaluation/test_generation.py). README "Task
 measures" has the time it saves. For ``greedy``'s loop it can also drop rows that have ended,
 stack two batches' rows (padding the shorter where pads already sit) and begin every row with
-a prefix run once, and forget its last tokens (``crop``) to decode over them.
+a prefix run once.
 """
 
 from __future__ import annotations
@@ -84,22 +84,11 @@ class InPlaceLayer(DynamicLayer):
         self.keys = self._keys[:, :, :self.length]
         self.values = self._values[:, :, :self.length]
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Forget the last ``-tokens_to_remove`` tokens (transformers' convention: a negative
-        count); the next ones overwrite them in place (``greedy``: a gold continuation scored
-        over a prompt's cache, before decoding from the prompt)."""
-        if tokens_to_remove > 0 or -tokens_to_remove > self.length:
-            raise ValueError(f"InPlaceLayer.crop takes minus the tokens to remove, at most "
-                             f"{self.length}; got {tokens_to_remove}")
-        self.length += tokens_to_remove
-        self.keys = self._keys[:, :, :self.length]
-        self.values = self._values[:, :, :self.length]
-
     def _unsupported(self, *args, **kwargs):
-        raise NotImplementedError("InPlaceLayer serves greedy decoding only: it does not "
+        raise NotImplementedError("InPlaceLayer serves greedy decoding only: it does not crop, "
                                   "repeat or reorder the batch")
 
-    batch_repeat_interleave = reorder_cache = _unsupported
+    crop = batch_repeat_interleave = reorder_cache = _unsupported
 
 
 class InPlaceCache(DynamicCache):

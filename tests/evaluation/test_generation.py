@@ -12,6 +12,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from loki_exp.evaluation.greedy import (
     Forced,
     greedy_decode,
+    length_groups,
     pad_budget,
     plain_greedy,
     prefix_cache,
@@ -74,22 +75,9 @@ def test_in_place_layer_refuses_more_tokens_than_it_holds():
     with pytest.raises(RuntimeError, match="holds 4 tokens; 5 were written"):
         layer.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
     with pytest.raises(NotImplementedError, match="greedy decoding only"):
-        layer.batch_repeat_interleave(2)
+        layer.crop(-1)
     layer.batch_select_indices(torch.tensor([0]))  # greedy decoding drops ended rows
     assert layer.keys.shape == (1, 1, 4, 2) and layer._keys.shape == (1, 1, 4, 2)
-
-
-def test_in_place_layer_crop_forgets_its_last_tokens_and_writes_over_them():
-    layer = InPlaceLayer(extra=2)
-    layer.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
-    layer.update(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
-    layer.crop(-2)
-    assert layer.keys.shape[-2] == 3 and layer.get_seq_length() == 3
-    layer.update(torch.full((1, 1, 1, 2), 7.0), torch.full((1, 1, 1, 2), 7.0))
-    assert layer.values[0, 0, :, 0].tolist() == [0.0, 0.0, 0.0, 7.0]
-    for bad in (1, -5):
-        with pytest.raises(ValueError, match=f"at most 4; got {bad}"):
-            layer.crop(bad)
 
 
 def test_generation_does_not_depend_on_how_prompts_are_batched(compose_cfg):
@@ -254,9 +242,10 @@ def _gold_nll(model, prompt: list[int], gold: list[int], scored: list[bool]) -> 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_gold_continuations_are_scored_over_the_prompt_cache_and_decoding_goes_on_unchanged(
         model_type):
-    """The join test's three batches after a shared 9-token prefix, four rows with a gold
-    continuation (one longer than max_new_tokens, one of a single token, one whose first token
-    is not scored, rows settled early so that batches join): every row's tokens are still
+    """The join test's three batches after a shared 9-token prefix, every row with a gold
+    continuation (one longer than max_new_tokens, one of a single token, some tokens not
+    scored; rows of one batch in one group and in two; rows settled early so that batches
+    join): every row's tokens are still
     ``generate``'s on its whole prompt alone, and each gold sum equals one forward of prompt +
     continuation alone (float64). A model with sliding windows cannot cut its cache back:
     refused with one clear error."""
@@ -267,9 +256,12 @@ def test_gold_continuations_are_scored_over_the_prompt_cache_and_decoding_goes_o
     ends = {0: 2, 2: 2, 3: 4, 4: 2}
     expected = [e[:ends.get(row, 10)] for row, e in enumerate(expected)]
     torch.manual_seed(2)
-    gold = {0: torch.randint(3, 49152, (14,)).tolist(), 2: [5], 3: [7, 8, 9, 10, 11],
-            5: [12, 13, 14]}
-    scored = {0: [True] * 14, 2: [True], 3: [False, True, True, True, False], 5: [True] * 3}
+    # batch 1: 14 and 2 tokens (two groups); batch 2: 1 and 5; batch 3: 4 and 3 (one group,
+    # the shorter padded)
+    gold = {0: torch.randint(3, 49152, (14,)).tolist(), 1: [4, 6], 2: [5], 3: [7, 8, 9, 10, 11],
+            4: [15, 16, 17, 18], 5: [12, 13, 14]}
+    scored = {0: [True] * 14, 1: [True, True], 2: [True], 3: [False, True, True, True, False],
+              4: [True, False, True, True], 5: [True] * 3}
     settle = lambda row, tokens: ends.get(row) == len(tokens)  # noqa: E731
     if not shares_prompts(model):
         batches = [_left_padded([prefix + r for r in rests[i:i + 2]]) for i in range(0, 6, 2)]
@@ -287,3 +279,10 @@ def test_gold_continuations_are_scored_over_the_prompt_cache_and_decoding_goes_o
     for row, tokens in gold.items():
         assert forced.nll[row] == pytest.approx(
             _gold_nll(model, prefix + rests[row], tokens, scored[row]), rel=FLOAT32_STEPS), row
+
+
+def test_length_groups_pad_each_group_to_its_longest_within_the_slack():
+    lengths = {"a": 13, "b": 1, "c": 4, "d": 3, "e": 12}
+    assert length_groups(lengths) == [["a", "e"], ["c", "d"], ["b"]]  # 2 x 13 <= 1.25 x 25
+    assert length_groups(lengths, slack=1.0) == [["a"], ["e"], ["c"], ["d"], ["b"]]
+    assert length_groups({}) == []
