@@ -19,7 +19,8 @@ sequence per request; now: each shared context once, ``loki_exp/evaluation/logli
 the per-item scores must be equal, the bits per byte equal to float rounding) and the gold
 bits per byte of every item here, each run from its first token (now: the items' shared
 prefix once, and the generated items' from the generation's caches; equal to float rounding).
-Last line:
+So "BFCL generation" now includes scoring those gold answers and "task gold bpb" covers the
+other items: compare their sum with the sum of the two "(before)" lines. Last line:
 
     suite_seconds=<base, all parts> tuned_seconds=<...> limit=... benchmarks=... bpb_sets=...
 """

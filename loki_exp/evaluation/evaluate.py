@@ -244,14 +244,15 @@ def base_scores(cfg: RunConfig, loaded: LoadedModel, task: TaskData,
             return json.loads(path.read_text())
         cheap_path = _base_path(cfg, loaded, task, ".cheap")
         with atomic.cache_lock(cheap_path):
-            cheap = None
-            if cheap_path.exists():
-                log.info("evaluate: base scores (no generation) from cache %s", cheap_path)
-                cheap = json.loads(cheap_path.read_text())
-            base = (base_model or BaseModel(cfg))()
-            scores, computed = score_model_and_cheap(cfg, base.model, base.tokenizer, task, cheap)
-            if cheap is None:
-                atomic.write_json(cheap_path, computed)
+            cheap = json.loads(cheap_path.read_text()) if cheap_path.exists() else None
+        if cheap is not None:
+            log.info("evaluate: base scores (no generation) from cache %s", cheap_path)
+        base = (base_model or BaseModel(cfg))()
+        scores, computed = score_model_and_cheap(cfg, base.model, base.tokenizer, task, cheap)
+        if cheap is None:
+            with atomic.cache_lock(cheap_path):  # a curve's job may have written it meanwhile
+                if not cheap_path.exists():
+                    atomic.write_json(cheap_path, computed)
         atomic.write_json(path, scores)
         return scores
 

@@ -13,7 +13,7 @@ whole. Items are batched by length (less padding), the prefix they all share (a 
 prompt) runs once, and ``lm_head`` runs on the labelled positions only, as in training.
 Where the evaluation also generates from an item's prompt (BFCL), its sum comes from the
 generation's own prompt cache instead (``task_metric.generate_scored``): the same sum to float
-rounding (tests/evaluation/test_task_measures.py), one prompt pass fewer.
+rounding (tests/evaluation/test_generation.py, test_evaluate.py), one prompt pass fewer.
 """
 
 from __future__ import annotations

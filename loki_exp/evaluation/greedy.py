@@ -25,9 +25,9 @@ tests/evaluation/test_generation.py), but:
   prompt: the prompt then runs once for both measures.
 
 Joining, the shared prefix and gold continuations need every layer to attend to the whole
-sequence (``kv_cache``: a sliding window would count the pads as distance, and would have
-forgotten what a cut-back cache needs); elsewhere each batch runs alone and, where a layer
-cannot drop rows, ended rows stay in it unread. A model whose generation config
+sequence (``kv_cache``: a sliding window would count the pads as distance, and its cache
+holds only the window); elsewhere each batch runs alone and, where a layer cannot drop rows,
+ended rows stay in it unread. A model whose generation config
 changes greedy decoding's choice (a repetition penalty, banned or forced tokens: Qwen2.5's
 sets ``repetition_penalty``) is decoded by ``generate`` itself, batch by batch, with none of
 the above (``plain_greedy``).
@@ -66,8 +66,8 @@ def plain_greedy(model) -> bool:
 def shares_prompts(model) -> bool:
     """Whether ``greedy_decode`` can run a shared prefix once and score gold continuations
     over a prompt's cache: every layer attends to the whole sequence (a sliding window would
-    count pads as distance, and forgets what a cut-back cache would need) and the model is
-    decoded by this loop, not by ``generate`` (``plain_greedy``)."""
+    count pads as distance, and its cache holds only the window) and the model is decoded by
+    this loop, not by ``generate`` (``plain_greedy``)."""
     return InPlaceCache(model.config, 0).in_place_only and plain_greedy(model)
 
 
@@ -228,9 +228,16 @@ def _score_forced(model, cache: InPlaceCache, mask, start, last_logits, rows, fo
     the rest in groups of similar length (``length_groups``), each over a copy of its rows'
     cache (right-padded, masked), so decoding then starts from the prompts untouched."""
     gold = {j: forced.tokens[row] for j, row in enumerate(rows) if forced.tokens.get(row)}
-    terms: list[tuple[torch.Tensor, list[int], list[int]]] = []  # (logits, tokens, batch rows)
+    sums = torch.zeros(len(rows), dtype=torch.float64, device=mask.device)
+
+    def add(logits: torch.Tensor, tokens: list[int], owners: list[int]) -> None:
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, fp64 kept
+        token_nll = F.cross_entropy(logits, torch.tensor(tokens, device=logits.device),
+                                    reduction="none")
+        sums.index_add_(0, torch.tensor(owners, device=sums.device), token_nll.double())
+
     firsts = [j for j in gold if forced.scored[rows[j]][0]]
-    terms.append((last_logits[firsts], [gold[j][0] for j in firsts], firsts))
+    add(last_logits[firsts], [gold[j][0] for j in firsts], firsts)
     for group in length_groups({j: len(g) - 1 for j, g in gold.items() if len(g) > 1}):
         width = len(gold[group[0]]) - 1
         ids = torch.zeros((len(group), width), dtype=torch.long, device=mask.device)
@@ -250,17 +257,8 @@ def _score_forced(model, cache: InPlaceCache, mask, start, last_logits, rows, fo
         picked = [(n, k) for n, j in enumerate(group) for k in range(len(gold[j]) - 1)
                   if forced.scored[rows[j]][k + 1]]
         at = torch.tensor(picked, dtype=torch.long, device=mask.device).view(-1, 2)
-        terms.append((output_logits(model, hidden[at[:, 0], at[:, 1]]),
-                      [gold[group[n]][k + 1] for n, k in picked], [group[n] for n, _ in picked]))
-    logits = torch.cat([t[0] for t in terms])
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, fp64 kept
-    device = logits.device
-    token_nll = F.cross_entropy(logits, torch.tensor([t for term in terms for t in term[1]],
-                                                     dtype=torch.long, device=device),
-                                reduction="none")
-    sums = torch.zeros(len(rows), dtype=torch.float64, device=device)
-    sums.index_add_(0, torch.tensor([j for term in terms for j in term[2]], dtype=torch.long,
-                                    device=device), token_nll.double())
+        add(output_logits(model, hidden[at[:, 0], at[:, 1]]),
+            [gold[group[n]][k + 1] for n, k in picked], [group[n] for n, _ in picked])
     for j in gold:
         forced.nll[rows[j]] = float(sums[j])
 

@@ -93,9 +93,9 @@ def generate_scored(model, tokenizer, conversations: list[list[dict[str, str]]],
     model.eval()
     order = [i for chunk in batches for i in chunk]  # greedy_decode's rows, in order
     forced = Forced({}, {})
-    for row, i in enumerate(order):
-        split = gold_after_prompt(encoded[i], gold[i]) if gold and i in gold else None
-        if split is not None and shares_prompts(model):
+    for row, i in enumerate(order if gold and shares_prompts(model) else ()):
+        split = gold_after_prompt(encoded[i], gold[i]) if i in gold else None
+        if split is not None:
             forced.tokens[row], forced.scored[row] = split
     try:
         # The prefix all prompts share (a system prompt: BFCL's is 92 of ~450 tokens) runs once.

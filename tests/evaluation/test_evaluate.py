@@ -196,6 +196,45 @@ def test_gold_bpb_of_the_items_bfcl_prompts_comes_from_its_prompt_caches(compose
     assert scores["task"]["gold_bpb"] == pytest.approx(alone["task"]["gold_bpb"], rel=FLOAT32_STEPS)
 
 
+def test_base_scores_write_their_cheap_part_and_reuse_a_cached_one(compose_cfg, tiny_models,
+                                                                   tmp_path, monkeypatch):
+    """Uncached, the base's scores write the part a curve needs (``.cheap``) from the same pass,
+    as ``base_cheap_scores`` would compute it (gold bpb to float rounding, float64); with only
+    that part cached, it is read, not computed again."""
+    import json
+
+    from loki_exp.data.tasks import load_task
+    from loki_exp.evaluation import evaluate
+    from tests.support.caches import linked_cache
+
+    cfg = compose_cfg("model=tiny_llama", "eval.benchmarks=[]", "eval.bpb=[naturalqs]",
+                      "eval.bpb_limit=2", "eval.drift_prompts=2", "eval.drift_max_new_tokens=4",
+                      "eval.task_bpb_items=2", "eval.bfcl_trained_items=1",
+                      "eval.bfcl_irrelevance_items=0", "eval.bfcl_transfer_items=0",
+                      "eval.max_new_tokens=4", f"paths.cache_dir={linked_cache(tmp_path / 'c')}",
+                      f"paths.output_dir={tmp_path}")
+    task, loaded = load_task(cfg.dataset), tiny_models["tiny_llama"]
+    base = evaluate.BaseModel(cfg, loaded)
+    model = loaded.model.double()
+    try:
+        scores = evaluate.base_scores(cfg, loaded, task, base)
+        cheap_path = evaluate._base_path(cfg, loaded, task, ".cheap")
+        written = json.loads(cheap_path.read_text())
+        alone = evaluate.score_cheap(cfg, model, loaded.tokenizer, task, answers=True)
+        evaluate._base_path(cfg, loaded, task).unlink()
+        calls = []
+        monkeypatch.setattr(evaluate, "score_cheap", lambda *a, **k: calls.append(1))
+        again = evaluate.base_scores(cfg, loaded, task, base)
+    finally:
+        model.float()
+    key = "task/bfcl/gold_bpb"
+    assert written["items"][key] == pytest.approx(alone["items"][key], rel=FLOAT32_STEPS)
+    assert {k: v for k, v in written["items"].items() if k != key} == \
+        {k: v for k, v in alone["items"].items() if k != key}
+    assert written["drift"] == alone["drift"] and written["bpb"] == alone["bpb"]
+    assert calls == [] and again == scores  # the cheap part read back, the rest recomputed
+
+
 def test_a_curve_point_measures_in_eval_mode_and_restores_the_mode(compose_cfg, tiny_models,
                                                                    tmp_path, monkeypatch):
     """Without bpb sets nothing else switches the model to eval mode: the KL pass must not run

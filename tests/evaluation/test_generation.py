@@ -245,10 +245,11 @@ def test_gold_continuations_are_scored_over_the_prompt_cache_and_decoding_goes_o
     """The join test's three batches after a shared 9-token prefix, every row with a gold
     continuation (one longer than max_new_tokens, one of a single token, some tokens not
     scored; rows of one batch in one group and in two; rows settled early so that batches
-    join): every row's tokens are still
+    join), then the whole prompts with no prefix and two rows without one: every row's tokens
+    are still
     ``generate``'s on its whole prompt alone, and each gold sum equals one forward of prompt +
-    continuation alone (float64). A model with sliding windows cannot cut its cache back:
-    refused with one clear error."""
+    continuation alone (float64). A model with sliding windows (whose cache holds only the
+    window) is refused with one clear error."""
     model = _exact(model_type)
     rests = _prompts([6, 9, 8, 7, 9, 6], prefix=9)
     prefix, rests = rests[0][:9], [r[9:] for r in rests]
@@ -279,6 +280,12 @@ def test_gold_continuations_are_scored_over_the_prompt_cache_and_decoding_goes_o
     for row, tokens in gold.items():
         assert forced.nll[row] == pytest.approx(
             _gold_nll(model, prefix + rests[row], tokens, scored[row]), rel=FLOAT32_STEPS), row
+    # Whole prompts (no shared prefix), rows 1 and 4 without a gold answer in batches with one.
+    some = Forced({r: gold[r] for r in (0, 2, 3, 5)}, scored)
+    whole = [_left_padded([prefix + r for r in rests[i:i + 2]]) for i in range(0, 6, 2)]
+    with torch.no_grad():
+        assert greedy_decode(model, whole, 10, None, settle, None, some) == expected
+    assert some.nll == pytest.approx({r: forced.nll[r] for r in (0, 2, 3, 5)}, rel=FLOAT32_STEPS)
 
 
 def test_length_groups_pad_each_group_to_its_longest_within_the_slack():
