@@ -9,18 +9,19 @@ chat-rendered), BFCL's generated calls (trained / irrelevance / transfer items; 
 answers of the held-out items it prompts are scored over its prompt caches, as in the evaluate
 stage), the task's gold-answer bits per byte of the other held-out items (its achieved FLOP/s
 and the fraction of the matmul peak of the model's own shapes, ``benchmarks/peak.py``), the
-drift answers and the KL pass. With ``--before`` the parts this code changed are also timed the way they ran before,
-in the same process on the same items: BFCL's generation through transformers' ``generate``,
-each batch run until its last row ends (now: a row leaves its batch when it ends or its score
-is settled, ``loki_exp/evaluation/greedy.py``; every item's score must be the same and each
-text the start of the old one) and the KL pass loading the base model again (now: the base
-model loaded once per evaluation), and the benchmarks and bits-per-byte sets through lm-eval's own loop (one
-sequence per request; now: each shared context once, ``loki_exp/evaluation/loglikelihood.py``;
-the per-item scores must be equal, the bits per byte equal to float rounding) and the gold
-bits per byte of every item here, each run from its first token (now: the items' shared
-prefix once, and the generated items' from the generation's caches; equal to float rounding).
-So "BFCL generation" now includes scoring those gold answers and "task gold bpb" covers the
-other items: compare their sum with the sum of the two "(before)" lines. Last line:
+drift answers and the KL pass. With ``--before`` the parts this code changed are also timed
+the way they ran before, in the same process on the same items: BFCL's generation through
+transformers' ``generate``, each batch run until its last row ends (now: a row leaves its
+batch when it ends or its score is settled, ``loki_exp/evaluation/greedy.py``; every item's
+score must be the same and each text the start of the old one) and the KL pass loading the
+base model again (now: the base model loaded once per evaluation), and the benchmarks and
+bits-per-byte sets through lm-eval's own loop (one sequence per request; now: each shared
+context once, ``loki_exp/evaluation/loglikelihood.py``; the per-item scores must be equal, the
+bits per byte equal to float rounding) and the gold bits per byte of every item here, each run
+from its first token (now: the items' shared prefix once, and the generated items' from the
+generation's caches; equal to float rounding). So "BFCL generation" now includes scoring those
+gold answers and "task gold bpb" covers the other items: compare their sum with the sum of the
+two "(before)" lines. Last line:
 
     suite_seconds=<base, all parts> tuned_seconds=<...> limit=... benchmarks=... bpb_sets=...
 """
