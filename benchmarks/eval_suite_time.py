@@ -39,14 +39,13 @@ from hydra import compose, initialize_config_dir
 from lm_eval.models.huggingface import HFLM
 
 from loki_exp.config_check import check_config
-from loki_exp.data.sft import encode
 from loki_exp.data.tasks import load_task
 from loki_exp.evaluation import gold_bpb as gold_bpb_module
 from loki_exp.evaluation import task_metric
 from loki_exp.evaluation.bpb import score_bpb
 from loki_exp.evaluation.drift import answer_logprobs, chat_prompts, drift_questions
 from loki_exp.evaluation.evaluate import task_heldout
-from loki_exp.evaluation.gold_bpb import as_example, encode_gold, gold_bpb
+from loki_exp.evaluation.gold_bpb import encode_gold, gold_bpb
 from loki_exp.evaluation.greedy import generate_batches
 from loki_exp.evaluation.suite import make_lm, run_suite
 from loki_exp.evaluation.task_metric import bfcl_accuracy, bfcl_correct, bfcl_heldout, generate
@@ -149,7 +148,7 @@ def score(name, model, tokenizer, cfg, task, limit, before, parts=PARTS, base_mo
         start = time.perf_counter()
         gold_bpb(model, tokenizer, heldout[:16], ev.batch_size)
         rate = flops / (time.perf_counter() - start)
-        sample = [len(encode(tokenizer, as_example(i), 1 << 30)["input_ids"]) for i in heldout[:16]]
+        sample = [len(encode_gold(tokenizer, i)["input_ids"]) for i in heldout[:16]]
         tokens = ev.batch_size * sum(sample) // len(sample)  # one batch of gold_bpb's
         peak = matmul_peak(linear_shapes(model, tokens), next(model.parameters()).dtype)
         print(f"{'':34s} gold_bpb={sum(gold) / len(gold):.4f} gold_bpb_gflops={rate / 1e9:.1f} "

@@ -62,6 +62,16 @@ def gold_bpb(model, tokenizer, items: list[Any], batch_size: int = 8,
             for n, ex in enumerate(examples)]
 
 
+def add_token_nll(sums: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                  owners: torch.Tensor) -> None:
+    """Add each target token's -log p (log-softmax in at least float32: bf16 up, fp64 kept)
+    to its owner's float64 sum: how gold bpb sums, here and over a generation's prompt caches
+    (``greedy``)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    token_nll = F.cross_entropy(logits, targets, reduction="none")
+    sums.index_add_(0, owners, token_nll.double())
+
+
 @torch.no_grad()
 def gold_nll(model, tokenizer, examples: list[Example], batch_size: int) -> list[float]:
     """Per example, the sum of -log p of its labelled tokens given what precedes them."""
@@ -99,12 +109,9 @@ def gold_nll(model, tokenizer, examples: list[Example], batch_size: int) -> list
                                          cache=cache, use_cache=bool(shared)).last_hidden_state
             targets = batch["labels"][:, 1:]
             keep = targets != IGNORE
-            logits = output_logits(model, hidden[:, :-1][keep])
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, fp64 kept
-            token_nll = F.cross_entropy(logits, targets[keep], reduction="none")
-            rows = keep.nonzero()[:, 0]
             sums = torch.zeros(len(chunk), dtype=torch.float64, device=device)
-            sums.index_add_(0, rows, token_nll.double())
+            add_token_nll(sums, output_logits(model, hidden[:, :-1][keep]), targets[keep],
+                          keep.nonzero()[:, 0])
             for row, i in enumerate(chunk):
                 nll[i] = float(sums[row])
     finally:

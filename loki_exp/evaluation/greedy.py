@@ -39,10 +39,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache
 
+from loki_exp.evaluation.gold_bpb import add_token_nll
 from loki_exp.evaluation.kv_cache import InPlaceCache
 from loki_exp.model_access import output_logits
 
@@ -89,8 +89,7 @@ class Forced:
     """Gold continuations to score over their rows' prompts (teacher forcing): per row
     number, the tokens that follow its prompt and whether each one is scored. ``greedy_decode``
     fills ``nll`` with each such row's sum of -log p over its scored tokens, computed as
-    ``gold_bpb`` computes it (``lm_head`` on the scored positions, log-softmax in at least
-    float32, summed in float64)."""
+    ``gold_bpb`` computes it (``lm_head`` on the scored positions, ``add_token_nll``)."""
 
     tokens: dict[int, list[int]]
     scored: dict[int, list[bool]]
@@ -231,10 +230,8 @@ def _score_forced(model, cache: InPlaceCache, mask, start, last_logits, rows, fo
     sums = torch.zeros(len(rows), dtype=torch.float64, device=mask.device)
 
     def add(logits: torch.Tensor, tokens: list[int], owners: list[int]) -> None:
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, fp64 kept
-        token_nll = F.cross_entropy(logits, torch.tensor(tokens, device=logits.device),
-                                    reduction="none")
-        sums.index_add_(0, torch.tensor(owners, device=sums.device), token_nll.double())
+        add_token_nll(sums, logits, torch.tensor(tokens, dtype=torch.long, device=logits.device),
+                      torch.tensor(owners, dtype=torch.long, device=sums.device))
 
     firsts = [j for j in gold if forced.scored[rows[j]][0]]
     add(last_logits[firsts], [gold[j][0] for j in firsts], firsts)

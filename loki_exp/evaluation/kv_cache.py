@@ -43,9 +43,13 @@ class InPlaceLayer(DynamicLayer):
         self._keys[:, :, self.length:self.length + new] = key_states
         self._values[:, :, self.length:self.length + new] = value_states
         self.length += new
+        self._show()
+        return self.keys, self.values
+
+    def _show(self) -> None:
+        """Hand attention views of the filled part of the buffers."""
         self.keys = self._keys[:, :, :self.length]
         self.values = self._values[:, :, :self.length]
-        return self.keys, self.values
 
     def start_from(self, keys: torch.Tensor, values: torch.Tensor, rows: int, room: int) -> None:
         """Begin every one of ``rows`` rows with the same keys and values (a prefix all prompts
@@ -57,8 +61,7 @@ class InPlaceLayer(DynamicLayer):
         self._keys[:, :, :length] = keys
         self._values[:, :, :length] = values
         self.length = length
-        self.keys = self._keys[:, :, :length]
-        self.values = self._values[:, :, :length]
+        self._show()
 
     def stack(self, other: InPlaceLayer, at: int, length: int, room: int) -> None:
         """Hold ``other``'s rows then this one's, each ending at column ``length``: a side
@@ -75,14 +78,12 @@ class InPlaceLayer(DynamicLayer):
         self._keys = stacked(other._keys, self._keys)
         self._values = stacked(other._values, self._values)
         self.length = length
-        self.keys = self._keys[:, :, :length]
-        self.values = self._values[:, :, :length]
+        self._show()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep the rows ``indices`` (greedy decoding drops finished rows: ``greedy``)."""
         self._keys, self._values = self._keys[indices], self._values[indices]
-        self.keys = self._keys[:, :, :self.length]
-        self.values = self._values[:, :, :self.length]
+        self._show()
 
     def _unsupported(self, *args, **kwargs):
         raise NotImplementedError("InPlaceLayer serves greedy decoding only: it does not crop, "

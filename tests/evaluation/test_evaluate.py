@@ -191,6 +191,9 @@ def test_gold_bpb_of_the_items_bfcl_prompts_comes_from_its_prompt_caches(compose
     assert len(heldout) == 2 * len(task.categories)
     assert len(known[0]) == len(task.categories) and set(known[0]) < heldout and known[1] == {}
     key = "task/bfcl/gold_bpb"
+    # Both paths sum the same float64 log-probabilities over differently shaped batches: they
+    # differ by float64 rounding (~1e-15). FLOAT32_STEPS (tolerances.py: a few float32 steps,
+    # as Gemma's norms would add) bounds it from above; a wrong position moves it by 1e-2.
     assert cheap["items"][key] == pytest.approx(alone["items"][key], rel=FLOAT32_STEPS)
     assert scores["items"][key] == cheap["items"][key]
     assert scores["task"]["gold_bpb"] == pytest.approx(alone["task"]["gold_bpb"], rel=FLOAT32_STEPS)
@@ -228,6 +231,7 @@ def test_base_scores_write_their_cheap_part_and_reuse_a_cached_one(compose_cfg, 
     finally:
         model.float()
     key = "task/bfcl/gold_bpb"
+    # float64 on both paths, shapes differing: rounding far inside FLOAT32_STEPS (test above)
     assert written["items"][key] == pytest.approx(alone["items"][key], rel=FLOAT32_STEPS)
     assert {k: v for k, v in written["items"].items() if k != key} == \
         {k: v for k, v in alone["items"].items() if k != key}
