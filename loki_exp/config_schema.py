@@ -187,6 +187,7 @@ class Trainer:
     gradient_clip_val: float | None = _spec(1.0, ge=0.0)  # 0 or null: no clipping
     checkpoint_every_n_steps: int = _spec(50, ge=0)  # 0: no checkpoints
     deterministic: bool = False
+    compile: bool = False  # decoder layers compiled for training (loki_exp/implant/compiled.py)
     resume_from: str | None = None  # checked with the implant stage (a file, or "last")
     callbacks: list[Any] | None = field(default_factory=list)
     lightning: dict[str, Any] | None = field(default_factory=dict)

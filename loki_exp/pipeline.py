@@ -163,6 +163,10 @@ def validate(cfg: RunConfig) -> None:
     """What only a stage's inputs can tell (the groups were checked into ``cfg``)."""
     if "implant" in cfg.stages:
         resume_checkpoint(cfg, Path(cfg.paths.output_dir))
+    if cfg.trainer.compile and cfg.parallelism.mode == "fsdp2":
+        raise LokiError("trainer.compile=true is not available with parallelism fsdp (untested "
+                        "with FSDP2's per-layer hooks): set trainer.compile=false or use "
+                        "parallelism single or ddp")
     if curve_wanted(cfg) and cfg.parallelism.mode == "fsdp2":
         what = (f"eval.every_n_steps={cfg.eval.every_n_steps}" if cfg.eval.every_n_steps
                 else f"eval.curve_steps={cfg.eval.curve_steps}")

@@ -32,6 +32,7 @@ from loki_exp.data.tasks import TaskData
 from loki_exp.evaluation.curve_records import FILE, read_records
 from loki_exp.evaluation.drift import answer_logprobs, chat_prompts, drift_questions, kl_per_item
 from loki_exp.evaluation.evaluate import BaseModel, base_cheap_scores, flat_metrics, score_cheap
+from loki_exp.implant.compiled import eager_layers
 from loki_exp.models import LoadedModel
 
 if TYPE_CHECKING:
@@ -76,14 +77,16 @@ class CurveEvaluator:
         model goes back to the mode it was in (lm-eval's wrapper switches it to eval)."""
         was_training = model.training
         model.eval()
-        try:
-            after = score_cheap(self.cfg, model, self.tokenizer, self.task)
-            if self.answers:
-                after["items"]["drift/kl"] = kl_per_item(
-                    self.base_logprobs, answer_logprobs(model, self.tokenizer, self.prompts,
-                                                        self.answers))
-        finally:
-            model.train(was_training)
+        # trainer.compile: uncompiled here, generation's caches would compile a graph per layer
+        with eager_layers(model):
+            try:
+                after = score_cheap(self.cfg, model, self.tokenizer, self.task)
+                if self.answers:
+                    after["items"]["drift/kl"] = kl_per_item(
+                        self.base_logprobs, answer_logprobs(model, self.tokenizer, self.prompts,
+                                                            self.answers))
+            finally:
+                model.train(was_training)
         after["bench"] = {}
         return {"metrics": self._metrics(after), "items": after["items"]}
 

@@ -7,6 +7,7 @@ import math
 import pickle
 import re
 import zipfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from loki_exp.data.sft import EncodedCounts, SFTDataModule, encode_all, pad_id
 from loki_exp.data.tasks import TaskData
 from loki_exp.errors import LokiError
 from loki_exp.implant import methods
+from loki_exp.implant.compiled import compiled_layers
 from loki_exp.implant.loki_linear import trainable_parameters
 from loki_exp.implant.module import CausalLMTuner, is_fsdp_sharded
 from loki_exp.implant.run_identity import check_resume, run_identity
@@ -185,8 +187,9 @@ def run_implant(cfg: RunConfig, loaded: LoadedModel, positions: list[list[int]] 
                          pad_id(loaded.tokenizer),
                          seed=cfg.seed, group_by_length=cfg.trainer.group_by_length)
     trainer = build_trainer(cfg, output_dir, loggers, callbacks)
-    trainer.fit(tuner, datamodule=data, ckpt_path=resume,
-                weights_only=True)  # a checkpoint never needs arbitrary unpickling
+    with compiled_layers(model, tuner.lm) if cfg.trainer.compile else nullcontext():
+        trainer.fit(tuner, datamodule=data, ckpt_path=resume,
+                    weights_only=True)  # a checkpoint never needs arbitrary unpickling
     if is_fsdp_sharded(tuner.lm):
         loaded.model = unsharded_copy(cfg, tuner.model, positions)
     loss = trainer.callback_metrics.get("train/loss")

@@ -85,9 +85,11 @@ class FrozenLinear(nn.Linear):
     backward pass (autocast caches casts only of weights that require grad); with every
     weight but a few rows frozen that is a second, half-size copy of the model. This one
     keeps the stored weight and casts again in backward. The class is swapped in place by
-    ``apply_loki`` and back by ``merge_loki``.
+    ``apply_loki`` and back by ``merge_loki``. Never compiled (``implant/compiled.py``: a
+    compiled graph would save the weight for backward).
     """
 
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() or not x.requires_grad:
             return F.linear(x, self.weight, self.bias)
@@ -141,6 +143,7 @@ class LoKILinear(nn.Module):
             bias = self.base_layer.bias
             bias.index_copy_(0, self.rows, self.bias_rows.detach().to(bias.dtype))
 
+    @torch.compiler.disable  # writes its rows in place: implant/compiled.py
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value = self.rows_value()
         self.sync_rows(value)

@@ -18,7 +18,7 @@ REFUSED = [
      "['max_steps', 'max_epochs', 'batch_size', 'group_by_length', 'accumulate_grad_batches', "
      "'warmup_ratio', "
      "'weight_decay', 'precision', 'log_every_n_steps', 'gradient_clip_val', "
-     "'checkpoint_every_n_steps', 'deterministic', 'resume_from', 'callbacks', 'lightning']"),
+     "'checkpoint_every_n_steps', 'deterministic', 'compile', 'resume_from', 'callbacks', 'lightning']"),
     (["+kva.probe.sampels=3"], "kva.probe.sampels is not a known key; expected one of "
      "['source', 'hub_id', 'samples_per_subject', 'pick', 'seed', 'subjects', 'shots']"),
     (["method=lora", "+method.rnak=8"], "method.rnak is not a known key; expected one of "

@@ -1,0 +1,101 @@
+"""``trainer.compile=true``: training runs through decoder layers compiled one by one.
+
+Regional compilation (torch's recipe for models built of repeated blocks): each decoder layer
+is compiled on its own and all share one compiled graph, so compiling costs one layer's trace
+(seconds), not the whole model's. Inside a layer, torch's inductor fuses the norms, rotary
+embeddings, the activation and the attention into generated kernels; the attention runs as
+transformers' ``eager`` implementation (explicit matmuls and softmax, which inductor fuses),
+not as ``sdpa``, whose CPU flash kernel stays a call inductor cannot fuse and, in bf16, runs
+at a tenth of the matmul peak (README "Measured here": 31% of a bf16 LoKI step's time for 6%
+of its FLOPs). Measured by ``benchmarks/train_step.py --compile`` (README "Compiled layers").
+
+What stays eager, and why:
+
+- ``FrozenLinear`` and ``LoKILinear`` (``torch.compiler.disable`` on their forwards): their
+  autograd functions keep no weight copy for backward and LoKI writes its rows into the base
+  weight in place; a compiled graph would save the weight, and a module called twice in a
+  step would then fail autograd's version check.
+- the batch's shared prefix (``ResponseLM.share_prefix``) is off: its cache update inside a
+  layer reads the layer's index, so each layer would compile its own graph (measured: three
+  minutes of compiling on SmolLM2 before the first step).
+
+Evaluations during training (curve points) run the layers uncompiled (``eager_layers``), with
+the model's own attention implementation: generation's caches would compile a graph per
+layer and per length.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+# model -> the attention implementation it had before compiling
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's layers, whatever the method made of their Linears (``ResponseLM`` reaches
+    the decoder the same way)."""
+    return model.get_decoder().layers
+
+
+def _set_compiled(layers: list[nn.Module], compiled: list | None) -> list:
+    """Give each layer its compiled forward (or with None its own again); return what they
+    had (the forward, not ``nn.Module.compile``'s ``__call__``, whose code every module
+    shares)."""
+    before = [layer.__dict__.get("forward") for layer in layers]
+    for layer, forward in zip(layers, compiled or [None] * len(layers)):
+        if forward is not None:
+            layer.forward = forward
+        else:
+            layer.__dict__.pop("forward", None)
+    return before
+
+
+@contextmanager
+def compiled_layers(model: nn.Module, lm: nn.Module | None = None) -> Iterator[None]:
+    """Within the block ``model``'s decoder layers run compiled with ``eager`` attention, and
+    ``lm`` (the ``ResponseLM`` training it) runs shared prefixes as one pass; afterwards the
+    model is as it was."""
+    layers = _layers(model)
+    attention = model.config._attn_implementation
+    share = getattr(lm, "share_prefix", None)
+    model.set_attn_implementation("eager")
+    _COMPILED[model] = attention
+    if lm is not None:
+        lm.share_prefix = False
+    _set_compiled(layers, [torch.compile(layer.forward) for layer in layers])
+    try:
+        yield
+    finally:
+        _set_compiled(layers, None)
+        # transformers wraps every decoder layer's forward in the same few functions, and
+        # torch keeps a handful of graphs per function (recompile_limit) before running it
+        # eagerly: drop this training's graphs, so that a sweep's next job compiles afresh.
+        torch._dynamo.reset()
+        model.set_attn_implementation(attention)
+        _COMPILED.pop(model, None)
+        if lm is not None:
+            lm.share_prefix = share
+
+
+@contextmanager
+def eager_layers(model: nn.Module) -> Iterator[None]:
+    """``model`` as it runs uncompiled, within the block (a no-op for a model that is not
+    inside ``compiled_layers``)."""
+    attention = _COMPILED.get(model)
+    if attention is None:
+        yield
+        return
+    layers = _layers(model)
+    compiled = _set_compiled(layers, None)
+    model.set_attn_implementation(attention)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("eager")
+        _set_compiled(layers, compiled)
