@@ -21,7 +21,12 @@ step's precision, timed in this process. Last lines:
     loki_vs_split_time=... loki_vs_full_time=...
     peak_gflops=<matmul peak> loki_peak_fraction=<f> lora_peak_fraction=... full_peak_fraction=...
 
-    .venv/bin/python benchmarks/train_step.py [--repeats 5 --steps 3]
+    .venv/bin/python benchmarks/train_step.py [--repeats 5 --steps 3] [--compile]
+
+``--compile`` adds a fifth arm, LoKI with its decoder layers compiled as ``trainer.compile=true``
+trains (``loki_exp/implant/compiled.py``; compiled in the warm-up step, not timed), and the line
+
+    loki_compiled_vs_loki_time=<median> [<min>, <max>] loki_compiled_vs_loki_step_mem=...
 
 Precision: bf16 autocast where the CPU has bf16 hardware, else fp32 (``--autocast``).
 On a GPU: ``--device cuda --arch llama-1b --batch 8 --seq 1024`` (a random model of
@@ -43,6 +48,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/peak.py
 from peak import CPU_ATTENTION, count_flops, linear_shapes, matmul_peak  # noqa: E402
+
+from loki_exp.implant.compiled import compiled_layers, eager_layers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("loki", "lora", "full", "split")
@@ -157,7 +164,8 @@ def _state_mb(model: nn.Module, optimizer) -> float:
 
 
 class Arm:
-    def __init__(self, method: str, args: argparse.Namespace, batch: dict):
+    def __init__(self, method: str, args: argparse.Namespace, batch: dict,
+                 compiled: contextlib.ExitStack):
         from loki_exp.implant.module import CausalLMTuner
         from loki_exp.model_access import node_grid
         from loki_exp.selection import select_layer_balanced
@@ -165,12 +173,21 @@ class Arm:
         model = _model(args.arch)
         # q=10 rows from random scores: cost does not depend on which rows are chosen.
         scores = np.random.default_rng(0).normal(size=(8, *node_grid(model)))
-        self.model = _prepare(method, model, select_layer_balanced(scores, 10)).to(args.device)
+        self.model = _prepare(method.removesuffix("_compiled"), model,
+                              select_layer_balanced(scores, 10)).to(args.device)
         self.model.train()
         self.tuner = CausalLMTuner(self.model, lr=1e-4, max_steps=1000)
         self.optimizer = self.tuner.configure_optimizers()["optimizer"]
+        if method.endswith("_compiled"):  # as trainer.compile=true trains; to the end
+            compiled.enter_context(compiled_layers(self.model, self.tuner.lm))
         self.batch, self.device, self.autocast = batch, torch.device(args.device), args.autocast
         self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def step_flops(self) -> int:
+        """The FLOPs the step needs, counted on the uncompiled step (compiled, the attention
+        also computes its masked half: not counted)."""
+        with eager_layers(self.model):
+            return count_flops(self.step)
 
     def step(self) -> None:
         ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast == "bf16"
@@ -203,7 +220,10 @@ def main() -> None:
                         help="default: bf16 on a GPU or a CPU with bf16 hardware, else none")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one LoKI step: where its time goes")
+    parser.add_argument("--compile", action="store_true",
+                        help="also LoKI with its decoder layers compiled, as trainer.compile=true")
     args = parser.parse_args()
+    methods = METHODS + ("loki_compiled",) if args.compile else METHODS
     if args.autocast is None:
         args.autocast = "bf16" if args.device != "cpu" or cpu_has_native_bf16() else "none"
     gen = torch.Generator().manual_seed(0)
@@ -212,14 +232,15 @@ def main() -> None:
     labels[:, : args.seq * 3 // 4] = -100  # loss on the last quarter, like prompt + response
     batch = {k: v.to(args.device) for k, v in
              {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}.items()}
-    arms = {m: Arm(m, args, batch) for m in METHODS}
+    compiled = contextlib.ExitStack()
+    arms = {m: Arm(m, args, batch, compiled) for m in methods}
     for arm in arms.values():  # warm-up: allocates AdamW's state, fills caches
         arm.step()
     peak = StepPeak(torch.device(args.device))
-    ms = {m: [] for m in METHODS}
-    mem = {m: [] for m in METHODS}
+    ms = {m: [] for m in methods}
+    mem = {m: [] for m in methods}
     for r in range(args.repeats):
-        order = METHODS[r % len(METHODS):] + METHODS[: r % len(METHODS)]
+        order = methods[r % len(methods):] + methods[: r % len(methods)]
         for m in order:
             times = []
             for _ in range(args.steps):
@@ -229,14 +250,14 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
             ms[m].append(1000 * float(np.median(times)))
     state = {m: _state_mb(a.model, a.optimizer) for m, a in arms.items()}
-    flops = {m: count_flops(a.step) for m, a in arms.items()}
+    flops = {m: a.step_flops() for m, a in arms.items()}
     dtype = torch.bfloat16 if args.autocast == "bf16" else torch.float32
     peak_flops = matmul_peak(linear_shapes(arms["full"].model, args.batch * args.seq), dtype,
                              args.device)
-    achieved = {m: flops[m] / (np.median(ms[m]) / 1000) for m in METHODS}
+    achieved = {m: flops[m] / (np.median(ms[m]) / 1000) for m in methods}
     print(f"{args.arch}, batch {args.batch} x {args.seq}, autocast {args.autocast}, "
           f"{args.repeats} interleaved repeats x {args.steps} steps")
-    for m in METHODS:
+    for m in methods:
         print(f"{m:6s} {np.median(ms[m]):8.0f} ms/step [{min(ms[m]):.0f}, {max(ms[m]):.0f}]  "
               f"step peak {np.median(mem[m]):7.0f} MiB  state {state[m]:7.0f} MiB  "
               f"trainable {arms[m].trainable:,}  {flops[m] / 1e9:8.3f} GFLOP/step "
@@ -247,7 +268,7 @@ def main() -> None:
 
     steps_per_repeat = args.steps
     mem_r = {m: [float(np.median(mem[m][i:i + steps_per_repeat]))
-                 for i in range(0, len(mem[m]), steps_per_repeat)] for m in METHODS}
+                 for i in range(0, len(mem[m]), steps_per_repeat)] for m in methods}
     print(f"loki_vs_lora_time={ratio('loki', 'lora', ms)} "
           f"loki_vs_lora_step_mem={ratio('loki', 'lora', mem_r)} "
           f"loki_vs_lora_state={state['loki'] / state['lora']:.3f} "
@@ -255,7 +276,10 @@ def main() -> None:
           f"loki_vs_full_time={ratio('loki', 'full', ms)}")
     print(f"peak_gflops={peak_flops / 1e9:.1f} ({dtype}, torch.matmul on the model's Linear "
           f"shapes) " + " ".join(f"{m}_peak_fraction={achieved[m] / peak_flops:.3g}"
-                                 for m in METHODS))
+                                 for m in methods))
+    if args.compile:
+        print(f"loki_compiled_vs_loki_time={ratio('loki_compiled', 'loki', ms)} "
+              f"loki_compiled_vs_loki_step_mem={ratio('loki_compiled', 'loki', mem_r)}")
     if args.profile:
         print(profile_line(arms["loki"], peak_flops))
 
