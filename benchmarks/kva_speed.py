@@ -3,6 +3,8 @@
 Runs every side in one process on the same MMLU probe prompts (fp32) and prints, last line:
 
     kva_speedup_exact=<x> max_rel_err=<e> published_speedup=<y> published_max_rel_err=<f>
+        published_peak_fraction=<p> exact_peak_fraction=<q> captum_peak_fraction=<r>
+        captum_flop_ratio=<n>
 
 x: Captum per-layer reference time / fast engine time on the all-positions definition
 (``--method``, ``--steps``, ``--baseline``); e: max over prompts of max|fast - ref| / max|ref|.
@@ -13,7 +15,9 @@ f: the same error measure between those two. Also on that line: ``published_peak
 the fast published path's achieved FLOP/s (its matmul and attention FLOPs per prompt, forward
 and backward, counted by torch's FlopCounterMode) over the FLOP/s of ``torch.matmul`` on the
 model's own Linear shapes at the prompts' mean length, in the model's dtype, timed in this process
-(``benchmarks/peak.py``).
+(``benchmarks/peak.py``). q and r: the same for the exact engine and the Captum reference on
+the all-positions definition; n: the reference's FLOPs over the engine's, so x = n * q / r:
+the speedup the FLOPs allow at equal efficiency, and what each side's efficiency adds.
 
     .venv/bin/python benchmarks/kva_speed.py --prompts 3 [--baseline zero|token] [--skip-captum]
         [--model smollm2] [--all-logits]
@@ -148,6 +152,18 @@ def main() -> None:
     ref, t_ref = timed(CaptumKVA(loaded.model, KVASettings(engine="captum", **kw)), prompts)
     print(f"captum reference   : {t_ref / len(prompts):7.2f} s/prompt")
     err = max(rel_err(a.scores, b.scores) for a, b in zip(fast, ref))
+    # FLOPs each side runs (another call of each, counted; the engine's shared prefix, built
+    # once in the timed run, is not counted again): their ratio is the speedup the engine
+    # would have if both ran at the same fraction of the peak.
+    exact_flops = sum(count_flops(lambda ids=ids: exact(ids)) for ids in prompts)
+    captum = CaptumKVA(loaded.model, KVASettings(engine="captum", **kw))
+    ref_flops = sum(count_flops(lambda ids=ids: captum(ids)) for ids in prompts)
+    print(f"fast exact (all)   : {exact_flops / len(prompts) / 1e9:7.1f} GFLOP/prompt, "
+          f"{exact_flops / t_fast / 1e9:.1f} GFLOP/s; captum reference "
+          f"{ref_flops / len(prompts) / 1e9:.1f} GFLOP/prompt, {ref_flops / t_ref / 1e9:.1f} GFLOP/s")
+    tail += (f" exact_peak_fraction={exact_flops / t_fast / peak:.3g} "
+             f"captum_peak_fraction={ref_flops / t_ref / peak:.3g} "
+             f"captum_flop_ratio={ref_flops / exact_flops:.2f}")
     same = overlap(select_layer_balanced(np.stack([a.scores.numpy() for a in fast]), 10),
                    select_layer_balanced(np.stack([a.scores.numpy() for a in ref]), 10))
     print(f"fast vs captum layer_balanced q=10 overlap: {same:.4f}")

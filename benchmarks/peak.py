@@ -38,8 +38,24 @@ CPU_ATTENTION = {
 }
 
 
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's module tracker, whose backward hooks fail under
+    ``torch.autograd.grad`` with leaf inputs (Captum's integrated gradients do that): only the
+    global total is read here."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
 def count_flops(fn: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
+    counter.mod_tracker = _GlobalOnly()
+    with counter:
         fn()
     return int(counter.get_total_flops())
 

@@ -61,6 +61,19 @@ def test_train_step(capsys, monkeypatch):
     assert all(0 < float(peak[f"{m}_peak_fraction"]) for m in arms)
 
 
+def test_train_step_compiled_arm(capsys, monkeypatch):
+    """``--compile``: a fifth arm, LoKI as ``trainer.compile=true`` trains it, with the same
+    step FLOPs as LoKI's (counted uncompiled) and its own ratio line."""
+    out = run_benchmark("train_step.py", "--arch", "tiny_llama", "--repeats", "1", "--steps", "1",
+                        "--batch", "2", "--seq", "32", "--compile", capsys=capsys,
+                        monkeypatch=monkeypatch)
+    flops = {line.split()[0]: re.search(r"([\d.]+) GFLOP/step", line)[1] for line in out
+             if line.split()[0] in ("loki", "loki_compiled")}
+    assert flops["loki_compiled"] == flops["loki"]
+    assert set(fields(out[-1])) == {"loki_compiled_vs_loki_time", "loki_compiled_vs_loki_step_mem"}
+    assert float(fields(out[-2])["loki_compiled_peak_fraction"]) > 0
+
+
 def test_adapter_size(capsys, monkeypatch):
     last = fields(run_benchmark("adapter_size.py", "--model", "tiny_llama",
                                 capsys=capsys, monkeypatch=monkeypatch)[-1])
@@ -77,6 +90,9 @@ def test_kva_speed_fast_paths_equal_their_references(capsys, monkeypatch):
     assert float(last["max_rel_err"]) < CROSS_PATH_FP32
     assert float(last["published_max_rel_err"]) < CROSS_PATH_FP32
     assert float(last["published_peak_fraction"]) > 0
+    assert float(last["exact_peak_fraction"]) > 0 and float(last["captum_peak_fraction"]) > 0
+    # The reference re-runs every layer below l and backpropagates through every position.
+    assert float(last["captum_flop_ratio"]) > 1
 
 
 def test_kva_speed_presets(capsys, monkeypatch):
