@@ -5,10 +5,10 @@ tokens, AdamW.
 Like with like: all four models live in this one process and their steps are interleaved
 (repeat r runs every method once, in a rotated order), so machine noise hits every arm
 alike; every arm's frozen ``nn.Linear`` weights are handled the same way (``FrozenLinear``,
-as ``apply_loki`` does for LoKI); memory is each training step's own peak above what was
-allocated before it (CPU: the peak RSS, reset before the step through
-``/proc/self/clear_refs``, after giving freed heap back with ``malloc_trim``; GPU:
-``torch.cuda.max_memory_allocated``), plus the persistent training state (trainable
+as ``apply_loki`` does for LoKI); memory is a training step's own peak above what was
+allocated before it, measured in one more step per repeat that is not timed (CPU: the peak
+RSS, reset before the step through ``/proc/self/clear_refs``, after giving freed heap back
+with ``malloc_trim``; GPU: ``torch.cuda.max_memory_allocated``), plus the persistent training state (trainable
 parameters, their gradients and AdamW's moments) counted from the tensors. Each ratio is
 the median over repeats of the per-repeat ratio, with its min and max. Each arm's achieved
 FLOP/s is the matmul and attention FLOPs of one of its steps (``benchmarks/peak.py``: torch's
@@ -28,7 +28,9 @@ trains (``loki_exp/implant/compiled.py``; compiled in the warm-up step, not time
 
     loki_compiled_vs_loki_time=<median> [<min>, <max>] loki_compiled_vs_loki_step_mem=...
 
-Precision: bf16 autocast where the CPU has bf16 hardware, else fp32 (``--autocast``).
+Precision: bf16 autocast where the CPU has bf16 hardware, else fp32 (``--autocast``); the
+model's weights in fp32, or in bf16 with ``--dtype bfloat16`` (then autocast casts no frozen
+weight: each step of an fp32 model under bf16 autocast casts every frozen weight to bf16).
 On a GPU: ``--device cuda --arch llama-1b --batch 8 --seq 1024`` (a random model of
 Llama-3.2-1B's shape; cost does not depend on the weights' values).
 """
@@ -170,7 +172,7 @@ class Arm:
         from loki_exp.model_access import node_grid
         from loki_exp.selection import select_layer_balanced
 
-        model = _model(args.arch)
+        model = _model(args.arch).to(getattr(torch, args.dtype))
         # q=10 rows from random scores: cost does not depend on which rows are chosen.
         scores = np.random.default_rng(0).normal(size=(8, *node_grid(model)))
         self.model = _prepare(method.removesuffix("_compiled"), model,
@@ -216,6 +218,9 @@ def main() -> None:
                         help="a conf/model choice, or llama-1b (random, Llama-3.2-1B's shape)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the model's weights (bfloat16: as LlamaFactory loads them; LoKI's "
+                             "rows and the adapters stay fp32)")
     parser.add_argument("--autocast", choices=["bf16", "none"], default=None,
                         help="default: bf16 on a GPU or a CPU with bf16 hardware, else none")
     parser.add_argument("--profile", action="store_true",
@@ -245,17 +250,21 @@ def main() -> None:
             times = []
             for _ in range(args.steps):
                 start = time.perf_counter()
-                with peak.measure(mem[m]):
-                    arms[m].step()
+                arms[m].step()
                 times.append(time.perf_counter() - start)
             ms[m].append(1000 * float(np.median(times)))
+            # Memory in a step of its own, untimed: measuring gives the freed heap back to the
+            # OS first, and the step then pays page faults for its whole working set, which
+            # the training loop's steps never do (it was 0.3 s of a 1.6 s bf16 step).
+            with peak.measure(mem[m]):
+                arms[m].step()
     state = {m: _state_mb(a.model, a.optimizer) for m, a in arms.items()}
     flops = {m: a.step_flops() for m, a in arms.items()}
     dtype = torch.bfloat16 if args.autocast == "bf16" else torch.float32
     peak_flops = matmul_peak(linear_shapes(arms["full"].model, args.batch * args.seq), dtype,
                              args.device)
     achieved = {m: flops[m] / (np.median(ms[m]) / 1000) for m in methods}
-    print(f"{args.arch}, batch {args.batch} x {args.seq}, autocast {args.autocast}, "
+    print(f"{args.arch} in {args.dtype}, batch {args.batch} x {args.seq}, autocast {args.autocast}, "
           f"{args.repeats} interleaved repeats x {args.steps} steps")
     for m in methods:
         print(f"{m:6s} {np.median(ms[m]):8.0f} ms/step [{min(ms[m]):.0f}, {max(ms[m]):.0f}]  "
@@ -266,11 +275,8 @@ def main() -> None:
     def ratio(a: str, b: str, series: dict) -> str:
         return _spread([x / y for x, y in zip(series[a], series[b])])
 
-    steps_per_repeat = args.steps
-    mem_r = {m: [float(np.median(mem[m][i:i + steps_per_repeat]))
-                 for i in range(0, len(mem[m]), steps_per_repeat)] for m in methods}
     print(f"loki_vs_lora_time={ratio('loki', 'lora', ms)} "
-          f"loki_vs_lora_step_mem={ratio('loki', 'lora', mem_r)} "
+          f"loki_vs_lora_step_mem={ratio('loki', 'lora', mem)} "
           f"loki_vs_lora_state={state['loki'] / state['lora']:.3f} "
           f"loki_vs_split_time={ratio('loki', 'split', ms)} "
           f"loki_vs_full_time={ratio('loki', 'full', ms)}")
@@ -279,7 +285,7 @@ def main() -> None:
                                  for m in methods))
     if args.compile:
         print(f"loki_compiled_vs_loki_time={ratio('loki_compiled', 'loki', ms)} "
-              f"loki_compiled_vs_loki_step_mem={ratio('loki_compiled', 'loki', mem_r)}")
+              f"loki_compiled_vs_loki_step_mem={ratio('loki_compiled', 'loki', mem)}")
     if args.profile:
         print(profile_line(arms["loki"], peak_flops))
 

@@ -35,9 +35,23 @@ def fields(line: str) -> dict[str, str]:
 
 
 def test_train_step(capsys, monkeypatch):
-    out = run_benchmark("train_step.py", "--arch", "tiny_llama", "--repeats", "2", "--steps", "1",
+    """Also: memory is measured in a step of its own, untimed (measuring gives the heap back
+    to the OS first, and the timed steps would pay its page faults): one ``malloc_trim`` per
+    arm and repeat, not one per timed step."""
+    import ctypes
+
+    trims, libc = [], ctypes.CDLL("libc.so.6")
+
+    class Libc:
+        def malloc_trim(self, pad):
+            trims.append(pad)
+            return libc.malloc_trim(pad)
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    out = run_benchmark("train_step.py", "--arch", "tiny_llama", "--repeats", "2", "--steps", "2",
                         "--batch", "2", "--seq", "32", "--profile", capsys=capsys,
                         monkeypatch=monkeypatch)
+    assert len(trims) == 4 * 2
     profile = fields(out.pop())
     assert set(profile) == {"matmul_time_share", "matmul_peak_fraction", "attention_time_share",
                             "attention_flop_share"}
