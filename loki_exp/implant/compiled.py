@@ -6,8 +6,9 @@ is compiled on its own and all share one compiled graph, so compiling costs one 
 embeddings, the activation and the attention into generated kernels; the attention runs as
 transformers' ``eager`` implementation (explicit matmuls and softmax, which inductor fuses),
 not as ``sdpa``, whose CPU flash kernel stays a call inductor cannot fuse and, in bf16, runs
-at a tenth of the matmul peak (README "Measured here": 31% of a bf16 LoKI step's time for 6%
-of its FLOPs). Measured by ``benchmarks/train_step.py --compile`` (README "Compiled layers").
+at a tenth of the matmul peak (README "Measured here": about a third of a bf16 LoKI step's
+time for 6% of its FLOPs). Measured by ``benchmarks/train_step.py --compile`` (README
+"Compiled layers").
 
 What stays eager, and why:
 
