@@ -28,9 +28,7 @@ trains (``loki_exp/implant/compiled.py``; compiled in the warm-up step, not time
 
     loki_compiled_vs_loki_time=<median> [<min>, <max>] loki_compiled_vs_loki_step_mem=...
 
-Precision: bf16 autocast where the CPU has bf16 hardware, else fp32 (``--autocast``); the
-model's weights in fp32, or in bf16 with ``--dtype bfloat16`` (then autocast casts no frozen
-weight: each step of an fp32 model under bf16 autocast casts every frozen weight to bf16).
+Precision: bf16 autocast where the CPU has bf16 hardware, else fp32 (``--autocast``).
 On a GPU: ``--device cuda --arch llama-1b --batch 8 --seq 1024`` (a random model of
 Llama-3.2-1B's shape; cost does not depend on the weights' values).
 """
@@ -172,7 +170,7 @@ class Arm:
         from loki_exp.model_access import node_grid
         from loki_exp.selection import select_layer_balanced
 
-        model = _model(args.arch).to(getattr(torch, args.dtype))
+        model = _model(args.arch)
         # q=10 rows from random scores: cost does not depend on which rows are chosen.
         scores = np.random.default_rng(0).normal(size=(8, *node_grid(model)))
         self.model = _prepare(method.removesuffix("_compiled"), model,
@@ -218,9 +216,6 @@ def main() -> None:
                         help="a conf/model choice, or llama-1b (random, Llama-3.2-1B's shape)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="the model's weights (bfloat16: as LlamaFactory loads them; LoKI's "
-                             "rows and the adapters stay fp32)")
     parser.add_argument("--autocast", choices=["bf16", "none"], default=None,
                         help="default: bf16 on a GPU or a CPU with bf16 hardware, else none")
     parser.add_argument("--profile", action="store_true",
@@ -264,7 +259,7 @@ def main() -> None:
     peak_flops = matmul_peak(linear_shapes(arms["full"].model, args.batch * args.seq), dtype,
                              args.device)
     achieved = {m: flops[m] / (np.median(ms[m]) / 1000) for m in methods}
-    print(f"{args.arch} in {args.dtype}, batch {args.batch} x {args.seq}, autocast {args.autocast}, "
+    print(f"{args.arch}, batch {args.batch} x {args.seq}, autocast {args.autocast}, "
           f"{args.repeats} interleaved repeats x {args.steps} steps")
     for m in methods:
         print(f"{m:6s} {np.median(ms[m]):8.0f} ms/step [{min(ms[m]):.0f}, {max(ms[m]):.0f}]  "

@@ -163,7 +163,7 @@ def validate(cfg: RunConfig) -> None:
     """What only a stage's inputs can tell (the groups were checked into ``cfg``)."""
     if "implant" in cfg.stages:
         resume_checkpoint(cfg, Path(cfg.paths.output_dir))
-    if cfg.trainer.compile and cfg.parallelism.mode == "fsdp2":
+    if "implant" in cfg.stages and cfg.trainer.compile and cfg.parallelism.mode == "fsdp2":
         raise LokiError("trainer.compile=true is not available with parallelism fsdp (untested "
                         "with FSDP2's per-layer hooks): set trainer.compile=false or use "
                         "parallelism single or ddp")

@@ -1,12 +1,13 @@
 """``trainer.compile=true``: training runs through decoder layers compiled one by one.
 
 Regional compilation (torch's recipe for models built of repeated blocks): each decoder layer
-is compiled on its own and all share one compiled graph, so compiling costs one layer's trace
-(seconds), not the whole model's. Inside a layer, torch's inductor fuses the norms, rotary
-embeddings, the activation and the attention into generated kernels; the attention runs as
-transformers' ``eager`` implementation (explicit matmuls and softmax, which inductor fuses),
-not as ``sdpa``, whose CPU flash kernel stays a call inductor cannot fuse and, in bf16, runs
-at a tenth of the matmul peak (README "Measured here": about a third of a bf16 LoKI step's
+is compiled on its own and all layers share the compiled graphs (a layer splits into a few at
+its uncompiled Linears), so compiling costs one layer's traces (seconds), not the whole
+model's. Inside a layer, torch's inductor fuses the norms, rotary embeddings, the activation
+and the attention into generated kernels. On a CPU the attention runs as transformers'
+``eager`` implementation (explicit matmuls and softmax, which inductor fuses), not as
+``sdpa``, whose CPU flash kernel stays a call inductor cannot fuse and, in bf16, runs at a
+tenth of the matmul peak (README "Measured here": about a third of a bf16 LoKI step's
 time for 6% of its FLOPs). Measured by ``benchmarks/train_step.py --compile`` (README
 "Compiled layers").
 
@@ -19,6 +20,11 @@ What stays eager, and why:
 - the batch's shared prefix (``ResponseLM.share_prefix``) is off: its cache update inside a
   layer reads the layer's index, so each layer would compile its own graph (measured: three
   minutes of compiling on SmolLM2 before the first step).
+
+On a GPU the model's own attention stays (flash kernels there are fast, and ``eager`` would
+keep every layer's attention matrix for backward); nothing here was measured on a GPU.
+peft's DoRA layers compile poorly (graph breaks, then torch's recompile limit runs them
+uncompiled, with a warning): the same training, little gain.
 
 Evaluations during training (curve points) run the layers uncompiled (``eager_layers``), with
 the model's own attention implementation: generation's caches would compile a graph per
@@ -45,9 +51,8 @@ def _layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _set_compiled(layers: list[nn.Module], compiled: list | None) -> list:
-    """Give each layer its compiled forward (or with None its own again); return what they
-    had (the forward, not ``nn.Module.compile``'s ``__call__``, whose code every module
-    shares)."""
+    """Give each layer the forward in ``compiled`` (None: its class's); return what they had
+    (the forward, not ``nn.Module.compile``'s ``__call__``, whose code every module shares)."""
     before = [layer.__dict__.get("forward") for layer in layers]
     for layer, forward in zip(layers, compiled or [None] * len(layers)):
         if forward is not None:
@@ -58,22 +63,26 @@ def _set_compiled(layers: list[nn.Module], compiled: list | None) -> list:
 
 
 @contextmanager
-def compiled_layers(model: nn.Module, lm: nn.Module | None = None) -> Iterator[None]:
-    """Within the block ``model``'s decoder layers run compiled with ``eager`` attention, and
-    ``lm`` (the ``ResponseLM`` training it) runs shared prefixes as one pass; afterwards the
-    model is as it was."""
+def compiled_layers(model: nn.Module, lm: nn.Module | None = None,
+                    eager_attention: bool = True) -> Iterator[None]:
+    """Within the block ``model``'s decoder layers run compiled (in ``eager`` attention where
+    ``eager_attention``: on a CPU), and ``lm`` (the ``ResponseLM`` training it) runs shared
+    prefixes as one pass; afterwards the model is as it was."""
     layers = _layers(model)
     attention = model.config._attn_implementation
     share = getattr(lm, "share_prefix", None)
-    model.set_attn_implementation("eager")
-    _COMPILED[model] = attention
-    if lm is not None:
-        lm.share_prefix = False
-    _set_compiled(layers, [torch.compile(layer.forward) for layer in layers])
+    own = None
     try:
+        _COMPILED[model] = attention
+        if eager_attention:
+            model.set_attn_implementation("eager")
+        if lm is not None:
+            lm.share_prefix = False
+        own = _set_compiled(layers, [torch.compile(layer.forward) for layer in layers])
         yield
     finally:
-        _set_compiled(layers, None)
+        if own is not None:
+            _set_compiled(layers, own)
         # transformers wraps every decoder layer's forward in the same few functions, and
         # torch keeps a handful of graphs per function (recompile_limit) before running it
         # eagerly: drop this training's graphs, so that a sweep's next job compiles afresh.
@@ -93,10 +102,11 @@ def eager_layers(model: nn.Module) -> Iterator[None]:
         yield
         return
     layers = _layers(model)
+    compiling = model.config._attn_implementation
     compiled = _set_compiled(layers, None)
     model.set_attn_implementation(attention)
     try:
         yield
     finally:
-        model.set_attn_implementation("eager")
+        model.set_attn_implementation(compiling)
         _set_compiled(layers, compiled)

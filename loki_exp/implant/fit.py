@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -187,7 +188,10 @@ def run_implant(cfg: RunConfig, loaded: LoadedModel, positions: list[list[int]] 
                          pad_id(loaded.tokenizer),
                          seed=cfg.seed, group_by_length=cfg.trainer.group_by_length)
     trainer = build_trainer(cfg, output_dir, loggers, callbacks)
-    with compiled_layers(model, tuner.lm) if cfg.trainer.compile else nullcontext():
+    compiled = (compiled_layers(model, tuner.lm,
+                                eager_attention=isinstance(trainer.accelerator, CPUAccelerator))
+                if cfg.trainer.compile else nullcontext())
+    with compiled:
         trainer.fit(tuner, datamodule=data, ckpt_path=resume,
                     weights_only=True)  # a checkpoint never needs arbitrary unpickling
     if is_fsdp_sharded(tuner.lm):

@@ -37,8 +37,9 @@ def _loss_and_grads(lm, model, batch):
     return total.detach() / count, grads
 
 
-# Llama: the plain decoder; Qwen 2: sliding windows (through the eager attention's mask);
-# Gemma 2: attention soft-capping, which only the eager attention applies.
+# Llama: the plain decoder, sdpa uncompiled; Qwen 2: sliding windows (through the eager
+# attention's mask); Gemma 2: attention soft-capping (its tiny config runs eager attention
+# uncompiled too).
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma2"])
 def test_compiled_layers_train_like_eager_and_restore_the_model(model_type):
     """Loss and every trained row's gradient within ``CROSS_PATH_FP32`` (float32: inductor's
@@ -62,6 +63,42 @@ def test_compiled_layers_train_like_eager_and_restore_the_model(model_type):
     assert model.config._attn_implementation == attention and lm.share_prefix
 
 
+def test_a_peft_model_trains_like_eager_compiled():
+    """LoRA (a peft ``PeftModel``, its base Linears frozen): the same loss and gradients, and
+    the model restored; the layers and the attention are reached through the peft wrapper."""
+    from omegaconf import OmegaConf
+
+    from loki_exp.implant import methods
+
+    cfg = OmegaConf.create({"name": "lora", "lr": 1e-3, "rank": 4, "alpha": 8,
+                            "target_modules": "all-linear"})
+    model = methods.prepare(cfg, tiny_decoder("llama").train(), None)
+    lm = ResponseLM(model)
+    batch = _batch()
+    loss, grads = _loss_and_grads(lm, model, batch)
+    with compiled_layers(model, lm):
+        compiled_loss, compiled_grads = _loss_and_grads(lm, model, batch)
+    assert_close_fp32(compiled_loss, loss, "loss")
+    nonzero = [name for name, grad in grads.items() if grad.abs().max() > 0]
+    assert len(nonzero) > 10  # B starts at zero, so A's gradients are zero: compare the rest
+    for name in nonzero:
+        assert_close_fp32(compiled_grads[name], grads[name], name)
+    assert model.config._attn_implementation == "sdpa" and lm.share_prefix
+    assert all("forward" not in vars(layer) for layer in model.get_decoder().layers)
+
+
+def test_a_layers_own_forward_and_a_gpus_attention_are_kept():
+    """A forward set on a layer before (a user's patch) is put back afterwards, and with
+    ``eager_attention=False`` (training on a GPU) the model's attention stays."""
+    model = tiny_decoder("llama")
+    layer = decoder_layers(model)[0]
+    layer.forward = patched = layer.forward
+    with compiled_layers(model, eager_attention=False):
+        assert model.config._attn_implementation == "sdpa"
+        assert vars(layer)["forward"] is not patched
+    assert vars(layer)["forward"] is patched
+
+
 def test_eager_layers_pause_the_compiled_layers():
     model = tiny_decoder("llama")
     attention = model.config._attn_implementation
@@ -81,7 +118,7 @@ def test_eager_layers_pause_the_compiled_layers():
 def test_the_implant_stage_trains_the_same_rows_compiled(compose_cfg, tmp_path):
     """Two steps of the implant stage (Lightning's loop, AdamW, clipping) with and without
     ``trainer.compile``: the same trained rows within ``CROSS_PATH_FP32``, and the model that
-    comes back runs uncompiled."""
+    comes back runs uncompiled in its own attention."""
     from loki_exp.implant.fit import run_implant
     from loki_exp.models import load_model
 
@@ -98,6 +135,7 @@ def test_the_implant_stage_trains_the_same_rows_compiled(compose_cfg, tmp_path):
         run_implant(cfg, loaded, rows, task, tmp_path / str(compile_), loggers=[])
         assert all("forward" not in vars(layer) for layer in decoder_layers(loaded.model))
         assert (counters["stats"]["unique_graphs"] > graphs) == compile_
+        assert loaded.model.config._attn_implementation == "sdpa"
         trained.append([layer.mlp.down_proj.weight_rows.detach().clone()
                         for layer in decoder_layers(loaded.model)])
     for eager, compiled in zip(*trained):
