@@ -149,14 +149,14 @@ def main() -> None:
     exact.set_shared_prefix(torch.tensor(common_prefix([p[0].tolist() for p in prompts])))
     fast, t_fast = timed(exact, prompts)
     print(f"fast exact (all)   : {t_fast / len(prompts):7.2f} s/prompt")
-    ref, t_ref = timed(CaptumKVA(loaded.model, KVASettings(engine="captum", **kw)), prompts)
+    captum = CaptumKVA(loaded.model, KVASettings(engine="captum", **kw))
+    ref, t_ref = timed(captum, prompts)
     print(f"captum reference   : {t_ref / len(prompts):7.2f} s/prompt")
     err = max(rel_err(a.scores, b.scores) for a, b in zip(fast, ref))
     # FLOPs each side runs (another call of each, counted; the engine's shared prefix, built
     # once in the timed run, is not counted again): their ratio is the speedup the engine
     # would have if both ran at the same fraction of the peak.
     exact_flops = sum(count_flops(lambda ids=ids: exact(ids)) for ids in prompts)
-    captum = CaptumKVA(loaded.model, KVASettings(engine="captum", **kw))
     ref_flops = sum(count_flops(lambda ids=ids: captum(ids)) for ids in prompts)
     print(f"fast exact (all)   : {exact_flops / len(prompts) / 1e9:7.1f} GFLOP/prompt, "
           f"{exact_flops / t_fast / 1e9:.1f} GFLOP/s; captum reference "

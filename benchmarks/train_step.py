@@ -2,20 +2,21 @@
 fine-tuning and a reconstruction of the original LoKI code's split module; batch 4 x 256
 tokens, AdamW.
 
-Like with like: all four models live in this one process and their steps are interleaved
-(repeat r runs every method once, in a rotated order), so machine noise hits every arm
-alike; every arm's frozen ``nn.Linear`` weights are handled the same way (``FrozenLinear``,
-as ``apply_loki`` does for LoKI); memory is a training step's own peak above what was
-allocated before it, measured in one more step per repeat that is not timed (CPU: the peak
-RSS, reset before the step through ``/proc/self/clear_refs``, after giving freed heap back
-with ``malloc_trim``; GPU: ``torch.cuda.max_memory_allocated``), plus the persistent training state (trainable
-parameters, their gradients and AdamW's moments) counted from the tensors. Each ratio is
-the median over repeats of the per-repeat ratio, with its min and max. Each arm's achieved
-FLOP/s is the matmul and attention FLOPs of one of its steps (``benchmarks/peak.py``: torch's
-FlopCounterMode, forward and backward as executed; LoKI and LoRA compute no weight gradient
-for a frozen weight, so what runs is what they need) over its median step time, and its
-fraction of the peak that ``torch.matmul`` reaches on the model's own Linear shapes in the
-step's precision, timed in this process. Last lines:
+Like with like: all four models (five with ``--compile``) live in this one process and their
+steps are interleaved (repeat r runs every method once, in a rotated order), so machine
+noise hits every arm alike; every arm's frozen ``nn.Linear`` weights are handled the same
+way (``FrozenLinear``, as ``apply_loki`` does for LoKI); memory is a training step's own
+peak above what was allocated before it, measured in one more step per repeat that is not
+timed (CPU: the peak RSS, reset before the step through ``/proc/self/clear_refs``, after
+giving freed heap back with ``malloc_trim``; GPU: ``torch.cuda.max_memory_allocated``), plus
+the persistent training state (trainable parameters, their gradients and AdamW's moments)
+counted from the tensors. Each ratio is the median over repeats of the per-repeat ratio,
+with its min and max. Each arm's achieved FLOP/s is the matmul and attention FLOPs of one of
+its steps (``benchmarks/peak.py``: torch's FlopCounterMode, forward and backward as
+executed; LoKI and LoRA compute no weight gradient for a frozen weight, so what runs is what
+they need) over its median step time, and its fraction of the peak that ``torch.matmul``
+reaches on the model's own Linear shapes in the step's precision, timed in this process.
+Last lines:
 
     loki_vs_lora_time=<median> [<min>, <max>] loki_vs_lora_step_mem=... loki_vs_lora_state=...
     loki_vs_split_time=... loki_vs_full_time=...

@@ -205,20 +205,25 @@ def _prefill(model, ids, mask, rows, max_new_tokens, prefix, forced) -> _Running
                     out.logits[:, -1].float().argmax(-1), [False] * len(rows))
 
 
+def longest_first(lengths: dict[int, int], fits: Callable[[list[int], int], bool]
+                  ) -> list[list[int]]:
+    """Keys longest first, each joining the last group while ``fits(group, key)``, else
+    starting the next one (groups padded to their first, longest, member)."""
+    groups: list[list[int]] = []
+    for key in sorted(lengths, key=lambda k: -lengths[k]):
+        if groups and fits(groups[-1], key):
+            groups[-1].append(key)
+        else:
+            groups.append([key])
+    return groups
+
+
 def length_groups(lengths: dict[int, int], slack: float = 1.25) -> list[list[int]]:
     """Keys longest first, cut into groups padded to their first one's length with at most
     ``slack`` times their real positions: gold answers run 10 to 300 tokens, and a batch
     padded to its longest would compute ~2.4x the real ones (BFCL's, in ``cpu_demo``)."""
-    order = sorted(lengths, key=lambda k: -lengths[k])
-    groups: list[list[int]] = []
-    for key in order:
-        group = groups[-1] if groups else None
-        if group and (len(group) + 1) * lengths[group[0]] <= slack * (
-                sum(lengths[k] for k in group) + lengths[key]):
-            group.append(key)
-        else:
-            groups.append([key])
-    return groups
+    return longest_first(lengths, lambda group, key: (len(group) + 1) * lengths[group[0]]
+                         <= slack * (sum(lengths[k] for k in group) + lengths[key]))
 
 
 def _score_forced(model, cache: InPlaceCache, mask, start, last_logits, rows, forced: Forced

@@ -28,7 +28,7 @@ from loki_exp.data.bfcl import BFCLItem
 from loki_exp.data.sft import IGNORE, pad_id
 from loki_exp.evaluation.bfcl_match import matches, never_parses, parse_calls
 from loki_exp.evaluation.drift import looks_like_call
-from loki_exp.evaluation.greedy import Forced, greedy_decode, prefix_cache, shares_prompts
+from loki_exp.evaluation.greedy import Forced, greedy_decode, longest_first, prefix_cache, shares_prompts
 from loki_exp.evaluation.loglikelihood import common_prefix
 from loki_exp.progress import track
 
@@ -38,14 +38,8 @@ def length_batches(lengths: list[int], extra: int, batch_tokens: int) -> list[li
     ``extra`` new tokens)) stays within ``batch_tokens``; a prompt too long for it goes alone.
     Decoding on a CPU is bound by memory traffic: the weights once per step (so the more rows
     the better) and each row's cache (so the less padding the better)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * (lengths[batches[-1][0]] + extra) <= batch_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
+    return longest_first(dict(enumerate(lengths)), lambda batch, i: (len(batch) + 1) * (
+        lengths[batch[0]] + extra) <= batch_tokens)
 
 
 def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_new_tokens: int,

@@ -33,6 +33,7 @@ layer and per length.
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,19 @@ from torch import nn
 
 # model -> the attention implementation it had before compiling
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def separate_kernel_cache() -> None:
+    """Under ``ATEN_CPU_CAPABILITY`` (e.g. ``avx2`` on an AVX-512 CPU), compile into a cache of
+    its own: torch's compile cache does not tell its CPU kernels apart by that setting, and
+    kernels built without it, run under ``avx2``, gave NaN from the first layer norm on (tiny
+    Llama, torch 2.13)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if capability and os.environ.get("TORCHINDUCTOR_CACHE_DIR",
+                                     default_cache_dir()) == default_cache_dir():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_{capability}"
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
@@ -72,6 +86,7 @@ def compiled_layers(model: nn.Module, lm: nn.Module | None = None,
     attention = model.config._attn_implementation
     share = getattr(lm, "share_prefix", None)
     own = None
+    separate_kernel_cache()
     try:
         _COMPILED[model] = attention
         if eager_attention:

@@ -3,6 +3,8 @@ gradients, and leaves the model as it was."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -97,6 +99,23 @@ def test_a_layers_own_forward_and_a_gpus_attention_are_kept():
         assert model.config._attn_implementation == "sdpa"
         assert vars(layer)["forward"] is not patched
     assert vars(layer)["forward"] is patched
+
+
+def test_a_cpu_capability_compiles_into_its_own_cache(monkeypatch):
+    """Kernels compiled natively and then run under ``ATEN_CPU_CAPABILITY=avx2`` from the same
+    cache gave NaN (every test above, on an AVX-512 CPU): each capability gets its own cache;
+    a cache the user chose stays."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from loki_exp.implant.compiled import separate_kernel_cache
+
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    separate_kernel_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default_cache_dir() + "_avx2"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mine")
+    separate_kernel_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mine"
 
 
 def test_eager_layers_pause_the_compiled_layers():
