@@ -181,16 +181,20 @@ class FastKVA(AllPositions, LastPosition):
 
     # -- attribution ---------------------------------------------------------------------
     def attribute(self, input_ids: torch.Tensor,
-                  record: dict[int, torch.Tensor] | None = None) -> Attribution:
+                  record: dict[int, torch.Tensor] | None = None,
+                  layers: list[int] | None = None) -> Attribution:
         """Attributions [L, D] for one prompt ``input_ids`` [1, S] (no padding).
 
         ``record``: filled with each layer's target probability at the m points (self-check).
+        ``layers``: attribute only these (sorted; scores [len(layers), D] in that order), so
+        the self-check runs only the streams it compares.
         """
+        layers = list(range(len(self.layers))) if layers is None else layers
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError("FastKVA.attribute takes one prompt of shape [1, S]")
         self._follow(input_ids.device)
         if self.settings.scale_positions == "last":
-            return self._attribute_last([input_ids[0]], record)[0]
+            return self._attribute_last([input_ids[0]], record, layers)[0]
         clean = self._clean(input_ids)
         target, prob = target_of(clean.logits_last[0])
         if self.settings.baseline == "zero":
@@ -202,11 +206,16 @@ class FastKVA(AllPositions, LastPosition):
         mids = [out - view.residual_add(layer, z)
                 for layer, (out, z) in enumerate(zip(clean.layer_out, clean.z))]
         deltas = [z - zb for z, zb in zip(clean.z, z_base)]
-        grads = self._grads_all_positions(input_ids, mids, z_base, deltas, clean, target, record)
+        grads = self._grads_all_positions(input_ids, mids, z_base, deltas, clean, target, record,
+                                          layers)
         m = self.alphas.numel()
-        scores = [d[0, -1].float() * (g[:, 0].float() * self.weights.view(m, 1)).sum(0)
-                  for d, g in zip(deltas, grads)]
+        scores = [deltas[layer][0, -1].float() * (g[:, 0].float() * self.weights.view(m, 1)).sum(0)
+                  for layer, g in zip(layers, grads)]
         return Attribution(torch.stack(scores), target, prob)
+
+    def _groups(self, layers: list[int]) -> list[list[int]]:
+        """``layers`` in groups whose scaled last tokens run as one batch."""
+        return [layers[i:i + self.STREAM_GROUP] for i in range(0, len(layers), self.STREAM_GROUP)]
 
     def _follow(self, device: torch.device) -> None:
         if self.alphas.device != device:  # Lightning moved the model
@@ -227,7 +236,8 @@ class FastKVA(AllPositions, LastPosition):
         """Refuse the model (one line, before any work) unless the engine's target
         probabilities at every integration point equal the model's own forward with that
         layer's down_proj output replaced, on a short random input (first and last layer;
-        every stream from the first layer runs every later block and the logits path)."""
+        every stream from the first layer runs every later block and the logits path). Only
+        those two layers' streams run."""
         windows = [w for w in self.view.windows if w is not None]
         if windows and min(windows) + 4 <= 64:  # long enough to exercise the window
             length = max(length, min(windows) + 4)
@@ -236,13 +246,14 @@ class FastKVA(AllPositions, LastPosition):
         ids = torch.randint(3, self.view.lm_head.out_features, (1, length), generator=gen)
         ids = ids.to(param.device)
         record: dict[int, torch.Tensor] = {}
+        checked = sorted({0, len(self.layers) - 1})
         saved, self._prefix_ids = self._prefix_ids, None
         try:
             with torch.enable_grad():
-                target = self.attribute(ids, record).target_token
+                target = self.attribute(ids, record, checked).target_token
         finally:
             self._prefix_ids = saved
-        for layer in sorted({0, len(self.layers) - 1}):
+        for layer in checked:
             ref = self._reference_probs(ids, layer, target)
             err = float((record[layer].float() - ref).abs().max() / ref.abs().max())
             if not err <= self.CHECK_TOLERANCE.get(param.dtype, 1e-1):

@@ -12,10 +12,12 @@ from transformers import DynamicCache
 
 
 class AllPositions:
-    def _grads_all_positions(self, input_ids, mids, z_base, deltas, clean, target, record):
-        """Per layer l: the scaled prefix once without autograd, for the keys/values it leaves
-        in layers l+1..L (points at alpha = 1 are the clean run: their keys/values come from
-        the clean cache). Then the last tokens of a group of layers run together."""
+    def _grads_all_positions(self, input_ids, mids, z_base, deltas, clean, target, record,
+                             layers):
+        """Per layer l of ``layers``: the scaled prefix once without autograd, for the
+        keys/values it leaves in layers l+1..L (points at alpha = 1 are the clean run: their
+        keys/values come from the clean cache). Then the last tokens of a group of layers run
+        together."""
         seq = input_ids.shape[1]
         device = input_ids.device
         m = self.alphas.numel()
@@ -23,8 +25,7 @@ class AllPositions:
         shared = self._shared_prefix_len(input_ids)
         n_layers = len(self.layers)
         grads: list[torch.Tensor] = []
-        for group_start in range(0, n_layers, self.STREAM_GROUP):
-            group = list(range(group_start, min(group_start + self.STREAM_GROUP, n_layers)))
+        for group in self._groups(layers):
             caches: dict[int, DynamicCache] = {}
             for layer in group:
                 if seq == 1 or layer + 1 == n_layers:
@@ -52,7 +53,7 @@ class AllPositions:
 
     def _stream_last_tokens(self, group, prefix_kv, seq, mids, z_base, deltas, tables, target,
                             record):
-        """Scaled last tokens of the layers in ``group`` as one batch of streams.
+        """Scaled last tokens of the layers in ``group`` (sorted) as one batch of streams.
 
         Stream (l, k) joins at layer l+1 with ``mid_l + branch_l(z_l(a_k))`` at the last
         position and attends to its own prefix keys/values ``prefix_kv(l, j)`` (cropped to the

@@ -11,7 +11,8 @@ from loki_exp.kva.settings import Attribution
 
 
 class LastPosition:
-    def _attribute_last(self, prompts: list[torch.Tensor], record=None) -> list[Attribution]:
+    def _attribute_last(self, prompts: list[torch.Tensor], record=None,
+                        layers: list[int] | None = None) -> list[Attribution]:
         """The last-position definition for a batch of prompts (left-padded to one length).
 
         Only the last position is scaled, so every stream of a prompt attends to the same clean
@@ -50,15 +51,15 @@ class LastPosition:
             seen = view.visible_prefix(j, keep[:, None, :-1, None])
             prefixes.append((view.visible_prefix(j, kv.keys[:, :, :-1]) * seen,
                              view.visible_prefix(j, kv.values[:, :, :-1]) * seen, seen[:, 0, :, 0]))
+        layers = list(range(n_layers)) if layers is None else layers
         grads: list[torch.Tensor] = []
-        for start in range(0, n_layers, self.STREAM_GROUP):
-            group = list(range(start, min(start + self.STREAM_GROUP, n_layers)))
+        for group in self._groups(layers):
             grads += self._last_position_streams(group, mids, z_base, deltas, prefixes,
                                                  clean.tables, positions, targets, record)
         out = []
         for row in range(batch):
-            scores = [d[row, 0].float() * (g[row].float() * self.weights.view(m, 1)).sum(0)
-                      for d, g in zip(deltas, grads)]
+            scores = [deltas[layer][row, 0].float() * (g[row].float() * self.weights.view(m, 1)).sum(0)
+                      for layer, g in zip(layers, grads)]
             target = int(targets[row])
             out.append(Attribution(torch.stack(scores), target, float(probs[row, target])))
         return out

@@ -14,7 +14,7 @@ from loki_exp.kva.lightning import common_prefix
 from loki_exp.model_access import down_projs
 from tests.support.prompts import mmlu_prompts
 from tests.support.tiny_decoders import tiny_decoder
-from tests.support.tolerances import CROSS_PATH_FP32
+from tests.support.tolerances import CROSS_PATH_FP32, assert_close_fp32
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +125,41 @@ def test_a_left_padded_batch_equals_one_prompt_at_a_time(model_type, baseline, t
         assert batched.target_token == one.target_token
         assert batched.target_prob == pytest.approx(one.target_prob, rel=tolerance)
         assert (batched.scores - one.scores).abs().max() <= tolerance * one.scores.abs().max()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+@pytest.mark.parametrize("scale_positions", ["all", "last"])
+def test_some_layers_attributed_alone_equal_those_rows_of_all(model_type, scale_positions,
+                                                               prompts):
+    """Streams of non-adjacent layers in one group (what the self-check runs) give the rows
+    and integration points of a full attribution: two float32 paths, as the batches differ."""
+    model = tiny_decoder(model_type)
+    fast = FastKVA(model, KVASettings(method="riemann_trapezoid", steps=4,
+                                      scale_positions=scale_positions))
+    last = len(fast.layers) - 1
+    full_points, some_points = {}, {}
+    with torch.enable_grad():
+        full = fast.attribute(prompts[0], full_points)
+        some = fast.attribute(prompts[0], some_points, layers=[0, last])
+    assert some.target_token == full.target_token and sorted(some_points) == [0, last]
+    assert_close_fp32(some.scores, full.scores[[0, last]], "scores")
+    for layer in (0, last):
+        assert_close_fp32(some_points[layer], full_points[layer], f"points of layer {layer}")
+
+
+@pytest.mark.parametrize("scale_positions", ["all", "last"])
+def test_the_self_check_runs_only_the_layers_it_compares(scale_positions, monkeypatch):
+    """Its cost: the first layer's streams (through every later block) and the last's, not
+    every layer's (it compares only those two)."""
+    model = tiny_decoder("llama")
+    groups = []
+    for name in ("_stream_last_tokens", "_last_position_streams"):
+        real = getattr(FastKVA, name)
+
+        def spy(self, group, *args, real=real):
+            groups.append(list(group))
+            return real(self, group, *args)
+
+        monkeypatch.setattr(FastKVA, name, spy)
+    fast = FastKVA(model, KVASettings(scale_positions=scale_positions))
+    assert len(fast.layers) == 4 and groups == [[0, 3]]

@@ -250,10 +250,10 @@ def test_killed_after_k_samples_then_rerun_is_bit_identical(compose_cfg, tiny_mo
     computed = []
     attribute = FastKVA.attribute
 
-    def counted(self, ids, record=None):
+    def counted(self, ids, record=None, layers=None):
         if record is None:  # not the engine's self-check
             computed.append(1)
-        return attribute(self, ids, record)
+        return attribute(self, ids, record, layers)
 
     monkeypatch.setattr(FastKVA, "attribute", counted)
     resumed = run_analyse(cfg, loaded)
