@@ -1,6 +1,7 @@
 """KVA speed on the real SmolLM2-135M-Instruct: each fast path against the reference it must equal.
 
-Runs every side in one process on the same MMLU probe prompts (fp32) and prints, last line:
+Runs every side in one process on the same MMLU probe prompts (fp32), side by side prompt by
+prompt with the order rotating, and prints, last line:
 
     kva_speedup_exact=<x> max_rel_err=<e> published_speedup=<y> published_max_rel_err=<f>
         published_peak_fraction=<p> exact_peak_fraction=<q> captum_peak_fraction=<r>
@@ -17,7 +18,9 @@ and backward, counted by torch's FlopCounterMode) over the FLOP/s of ``torch.mat
 model's own Linear shapes at the prompts' mean length, in the model's dtype, timed in this process
 (``benchmarks/peak.py``). q and r: the same for the exact engine and the Captum reference on
 the all-positions definition; n: the reference's FLOPs over the engine's, so x = n * q / r:
-the speedup the FLOPs allow at equal efficiency, and what each side's efficiency adds.
+the speedup the FLOPs allow at equal efficiency, and what each side's efficiency adds. Each
+fast engine's self-check (``FastKVA.self_check``, once per engine, outside the timed prompts) is
+printed with its seconds.
 
     .venv/bin/python benchmarks/kva_speed.py --prompts 3 [--baseline zero|token] [--skip-captum]
         [--model smollm2] [--all-logits]
@@ -61,6 +64,21 @@ def timed(engine, prompts):
     for ids in prompts:
         out.append(engine(ids))
     return out, time.perf_counter() - start
+
+
+def timed_side_by_side(sides: dict, prompts) -> tuple[dict[str, list], dict[str, float]]:
+    """Each prompt through every side before the next prompt, the order rotating from prompt to
+    prompt: this machine's speed drifts by up to a third within minutes, and sides timed one
+    after another would carry that drift into their ratio."""
+    names = list(sides)
+    out = {name: [] for name in names}
+    seconds = {name: 0.0 for name in names}
+    for i, ids in enumerate(prompts):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            out[name].append(sides[name](ids))
+            seconds[name] += time.perf_counter() - start
+    return out, seconds
 
 
 def overlap(a: list[list[int]], b: list[list[int]]) -> float:
@@ -121,12 +139,14 @@ def main() -> None:
           f"baseline={args.baseline}")
 
     # The published quantity: the fast engine vs the first commit's algorithm.
-    published = FastKVA(loaded.model, PUBLISHED)
-    fast_pub, t_pub = timed(published, prompts)
-    print(f"fast published     : {t_pub / len(prompts):7.2f} s/prompt")
     start = time.perf_counter()
-    first = [first_commit_kva(loaded.model, ids, PUBLISHED.steps) for ids in prompts]
-    t_first = time.perf_counter() - start
+    published = FastKVA(loaded.model, PUBLISHED)
+    print(f"fast published     : self-check {time.perf_counter() - start:.2f} s (once per engine)")
+    out, seconds = timed_side_by_side(
+        {"fast": published,
+         "first": lambda ids: first_commit_kva(loaded.model, ids, PUBLISHED.steps)}, prompts)
+    (fast_pub, t_pub), (first, t_first) = ((out[k], seconds[k]) for k in ("fast", "first"))
+    print(f"fast published     : {t_pub / len(prompts):7.2f} s/prompt")
     print(f"first-commit code  : {t_first / len(prompts):7.2f} s/prompt")
     assert all(a.target_token == target for a, (_, target) in zip(fast_pub, first))
     pub_err = max(rel_err(a.scores, ref) for a, (ref, _) in zip(fast_pub, first))
@@ -143,14 +163,20 @@ def main() -> None:
 
     # The all-positions definition: the fast engine vs Captum's per-layer reference.
     kw = dict(method=args.method, steps=args.steps, baseline=args.baseline)
+    start = time.perf_counter()
     exact = FastKVA(loaded.model, KVASettings(**kw))
+    print(f"fast exact (all)   : self-check {time.perf_counter() - start:.2f} s (once per engine)")
     # As the analyse stage does: the template prefix all probe prompts share is computed
-    # once (inside the timed region, on first use).
+    # once (inside the timed region, on first use). The sides run side by side, prompt by
+    # prompt (``timed_side_by_side``).
     exact.set_shared_prefix(torch.tensor(common_prefix([p[0].tolist() for p in prompts])))
-    fast, t_fast = timed(exact, prompts)
-    print(f"fast exact (all)   : {t_fast / len(prompts):7.2f} s/prompt")
     captum = CaptumKVA(loaded.model, KVASettings(engine="captum", **kw))
-    ref, t_ref = timed(captum, prompts)
+    sides = {"exact": exact, "captum": captum}
+    if args.all_logits:
+        sides["all_logits"] = AllLogitsCaptumKVA(loaded.model, KVASettings(engine="captum", **kw))
+    out, seconds = timed_side_by_side(sides, prompts)
+    (fast, t_fast), (ref, t_ref) = ((out[k], seconds[k]) for k in ("exact", "captum"))
+    print(f"fast exact (all)   : {t_fast / len(prompts):7.2f} s/prompt")
     print(f"captum reference   : {t_ref / len(prompts):7.2f} s/prompt")
     err = max(rel_err(a.scores, b.scores) for a, b in zip(fast, ref))
     # FLOPs each side runs (another call of each, counted; the engine's shared prefix, built
@@ -168,8 +194,7 @@ def main() -> None:
                    select_layer_balanced(np.stack([a.scores.numpy() for a in ref]), 10))
     print(f"fast vs captum layer_balanced q=10 overlap: {same:.4f}")
     if args.all_logits:
-        before, t_before = timed(AllLogitsCaptumKVA(loaded.model, KVASettings(engine="captum", **kw)),
-                                 prompts)
+        before, t_before = out["all_logits"], seconds["all_logits"]
         same = max(rel_err(a.scores, b.scores) for a, b in zip(before, ref))
         print(f"captum all logits  : {t_before / len(prompts):7.2f} s/prompt "
               f"(same scores to {same:.1e}): kva_speedup_exact_vs_all_logits={t_before / t_fast:.2f}")

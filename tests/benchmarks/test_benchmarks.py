@@ -109,6 +109,17 @@ def test_kva_speed_fast_paths_equal_their_references(capsys, monkeypatch):
     assert float(last["captum_flop_ratio"]) > 1
 
 
+def test_kva_engine_then_now_loads_an_earlier_engine_beside_todays(capsys, monkeypatch):
+    # HEAD's engine taken from git history beside the imported one: the same code, the same
+    # scores (a clean clone's HEAD is the working tree).
+    out = run_benchmark("kva_engine_then_now.py", "--model", "tiny_llama", "--commit", "HEAD",
+                        "--prompts", "1", "--repeats", "1", "--steps", "2",
+                        capsys=capsys, monkeypatch=monkeypatch)
+    last = fields(out[-1])
+    assert float(last["max_rel_err"]) < CROSS_PATH_FP32
+    assert float(last["then_over_now_time"]) > 0
+
+
 def test_kva_speed_presets(capsys, monkeypatch):
     out = run_benchmark("kva_speed.py", "--model", "tiny_llama", "--prompts", "1", "--presets",
                         capsys=capsys, monkeypatch=monkeypatch)
