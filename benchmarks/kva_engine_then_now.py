@@ -10,15 +10,16 @@ today's on the same probe prompts, alternating which runs first. Last line:
     then_over_now_time=<t> max_rel_err=<e>
 
 t: the earlier engine's seconds over today's, summed over prompts and repeats (each engine's
-shared template prefix is computed once before timing, as the analyse stage does before its
-prompts); e: max over prompts of max|now - then| / max|then|.
+shared template prefix is computed before timing; the analyse stage computes it inside its
+first prompt, so these seconds per prompt are a little below ``kva_speed.py``'s); e: max over
+prompts of max|now - then| / max|then|.
 
     .venv/bin/python benchmarks/kva_engine_then_now.py [--commit a4d7ca7] [--prompts 2]
-        [--repeats 2] [--model smollm2]
+        [--repeats 2] [--steps 7] [--model smollm2]
 
 The default commit is a90620d's parent, the last one before the engine learned every
-architecture. Any commit whose ``loki_exp/kva/engine.py`` has ``FastKVA(model, settings)`` and
-``KVASettings`` works.
+architecture. Any commit whose ``loki_exp/kva/engine.py`` has ``FastKVA(model, settings)``,
+``KVASettings`` and ``FastKVA.set_shared_prefix`` (64baf07 on) works.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def engine_module_at(commit: str, into: Path, name: str = "loki_then"):
     (into / "loki_exp").rename(package)
     for path in package.rglob("*.py"):
         path.write_text(re.sub(r"\bloki_exp\b", name, path.read_text()))
+    for module in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
+        del sys.modules[module]  # an earlier call's commit, from a directory since removed
     sys.path.insert(0, str(into))
     try:
         return importlib.import_module(f"{name}.kva.engine")

@@ -1,7 +1,7 @@
 """KVA speed on the real SmolLM2-135M-Instruct: each fast path against the reference it must equal.
 
 Runs every side in one process on the same MMLU probe prompts (fp32), side by side prompt by
-prompt with the order rotating, and prints, last line:
+prompt with the order rotating (the peak is timed once, before them), and prints, last line:
 
     kva_speedup_exact=<x> max_rel_err=<e> published_speedup=<y> published_max_rel_err=<f>
         published_peak_fraction=<p> exact_peak_fraction=<q> captum_peak_fraction=<r>
@@ -19,16 +19,16 @@ model's own Linear shapes at the prompts' mean length, in the model's dtype, tim
 (``benchmarks/peak.py``). q and r: the same for the exact engine and the Captum reference on
 the all-positions definition; n: the reference's FLOPs over the engine's, so x = n * q / r:
 the speedup the FLOPs allow at equal efficiency, and what each side's efficiency adds. Each
-fast engine's self-check (``FastKVA.self_check``, once per engine, outside the timed prompts) is
-printed with its seconds.
+fast engine's construction (its self-check, ``FastKVA.self_check``, once per engine, outside
+the timed prompts) is printed with its seconds.
 
     .venv/bin/python benchmarks/kva_speed.py --prompts 3 [--baseline zero|token] [--skip-captum]
         [--model smollm2] [--all-logits]
 
-``--presets`` instead times each KVA preset (``kva=published|reference_captum|paper_text``)
-as the analyse stage runs it (the preset's engine settings and compute dtype, on its own
-copy of the model), on the same prompts, and prints one ``preset=...`` line each; the
-published preset also in fp32 (the CPU experiments run it so).
+``--presets`` instead times each KVA preset (``kva=published|reference_captum|paper_text``),
+one after another, as the analyse stage runs it (the preset's engine settings and compute
+dtype, on its own copy of the model), on the same prompts, and prints one ``preset=...`` line
+each; the published preset also in fp32 (the CPU experiments run it so).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def main() -> None:
     # The published quantity: the fast engine vs the first commit's algorithm.
     start = time.perf_counter()
     published = FastKVA(loaded.model, PUBLISHED)
-    print(f"fast published     : self-check {time.perf_counter() - start:.2f} s (once per engine)")
+    print(f"fast published     : built and self-checked in {time.perf_counter() - start:.2f} s")
     out, seconds = timed_side_by_side(
         {"fast": published,
          "first": lambda ids: first_commit_kva(loaded.model, ids, PUBLISHED.steps)}, prompts)
@@ -165,7 +165,7 @@ def main() -> None:
     kw = dict(method=args.method, steps=args.steps, baseline=args.baseline)
     start = time.perf_counter()
     exact = FastKVA(loaded.model, KVASettings(**kw))
-    print(f"fast exact (all)   : self-check {time.perf_counter() - start:.2f} s (once per engine)")
+    print(f"fast exact (all)   : built and self-checked in {time.perf_counter() - start:.2f} s")
     # As the analyse stage does: the template prefix all probe prompts share is computed
     # once (inside the timed region, on first use). The sides run side by side, prompt by
     # prompt (``timed_side_by_side``).

@@ -186,10 +186,10 @@ class FastKVA(AllPositions, LastPosition):
         """Attributions [L, D] for one prompt ``input_ids`` [1, S] (no padding).
 
         ``record``: filled with each layer's target probability at the m points (self-check).
-        ``layers``: attribute only these (sorted; scores [len(layers), D] in that order), so
-        the self-check runs only the streams it compares.
+        ``layers``: attribute only these (increasing; scores [len(layers), D] in that order),
+        so the self-check runs only the streams it needs.
         """
-        layers = list(range(len(self.layers))) if layers is None else layers
+        layers = self._layer_list(layers)
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError("FastKVA.attribute takes one prompt of shape [1, S]")
         self._follow(input_ids.device)
@@ -213,6 +213,14 @@ class FastKVA(AllPositions, LastPosition):
                   for layer, g in zip(layers, grads)]
         return Attribution(torch.stack(scores), target, prob)
 
+    def _layer_list(self, layers: list[int] | None) -> list[int]:
+        n = len(self.layers)
+        if layers is None:
+            return list(range(n))
+        if list(layers) != sorted(set(layers)) or not all(0 <= i < n for i in layers):
+            raise ValueError(f"layers={layers!r}: expected increasing layer numbers in 0..{n - 1}")
+        return list(layers)
+
     def _groups(self, layers: list[int]) -> list[list[int]]:
         """``layers`` in groups whose scaled last tokens run as one batch."""
         return [layers[i:i + self.STREAM_GROUP] for i in range(0, len(layers), self.STREAM_GROUP)]
@@ -228,7 +236,7 @@ class FastKVA(AllPositions, LastPosition):
         if self.settings.scale_positions != "last":
             return [self.attribute(p.view(1, -1)) for p in prompts]
         self._follow(prompts[0].device)
-        return self._attribute_last(prompts)
+        return self._attribute_last(prompts, None, self._layer_list(None))
 
     # -- checking the whole path against the model's own forward ----------------------------
     @torch.no_grad()
@@ -237,7 +245,8 @@ class FastKVA(AllPositions, LastPosition):
         probabilities at every integration point equal the model's own forward with that
         layer's down_proj output replaced, on a short random input (first and last layer;
         every stream from the first layer runs every later block and the logits path). Only
-        those two layers' streams run."""
+        their streams run, and the second layer's, which join the first's at block 2 as a
+        group's streams do (one batch over several layers' prefixes)."""
         windows = [w for w in self.view.windows if w is not None]
         if windows and min(windows) + 4 <= 64:  # long enough to exercise the window
             length = max(length, min(windows) + 4)
@@ -247,10 +256,11 @@ class FastKVA(AllPositions, LastPosition):
         ids = ids.to(param.device)
         record: dict[int, torch.Tensor] = {}
         checked = sorted({0, len(self.layers) - 1})
+        run = sorted({0, min(1, len(self.layers) - 1), len(self.layers) - 1})
         saved, self._prefix_ids = self._prefix_ids, None
         try:
             with torch.enable_grad():
-                target = self.attribute(ids, record, checked).target_token
+                target = self.attribute(ids, record, run).target_token
         finally:
             self._prefix_ids = saved
         for layer in checked:

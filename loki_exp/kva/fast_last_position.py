@@ -11,8 +11,8 @@ from loki_exp.kva.settings import Attribution
 
 
 class LastPosition:
-    def _attribute_last(self, prompts: list[torch.Tensor], record=None,
-                        layers: list[int] | None = None) -> list[Attribution]:
+    def _attribute_last(self, prompts: list[torch.Tensor], record,
+                        layers: list[int]) -> list[Attribution]:
         """The last-position definition for a batch of prompts (left-padded to one length).
 
         Only the last position is scaled, so every stream of a prompt attends to the same clean
@@ -42,7 +42,7 @@ class LastPosition:
         mids = [out[:, -1:] - view.residual_add(layer, z[:, -1:])
                 for layer, (out, z) in enumerate(zip(clean.layer_out, clean.z))]
         deltas = [z[:, -1:] - zb for z, zb in zip(clean.z, z_base)]  # [B, 1, D]
-        n_layers, m = len(self.layers), self.alphas.numel()
+        m = self.alphas.numel()
         # Each layer's visible clean prefix, once for all groups of layers: keys and values
         # [B, H, P, d] and which of them are real tokens [B, 1, P, 1]. Left padding's
         # keys/values are zeroed so nothing undefined meets a zero attention weight.
@@ -51,7 +51,6 @@ class LastPosition:
             seen = view.visible_prefix(j, keep[:, None, :-1, None])
             prefixes.append((view.visible_prefix(j, kv.keys[:, :, :-1]) * seen,
                              view.visible_prefix(j, kv.values[:, :, :-1]) * seen, seen[:, 0, :, 0]))
-        layers = list(range(n_layers)) if layers is None else layers
         grads: list[torch.Tensor] = []
         for group in self._groups(layers):
             grads += self._last_position_streams(group, mids, z_base, deltas, prefixes,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import runpy
+import subprocess
 import sys
 
 import pytest
@@ -96,9 +97,12 @@ def test_adapter_size(capsys, monkeypatch):
 
 
 def test_kva_speed_fast_paths_equal_their_references(capsys, monkeypatch):
-    out = run_benchmark("kva_speed.py", "--model", "tiny_llama", "--prompts", "1", "--steps", "2",
-                        capsys=capsys, monkeypatch=monkeypatch)
-    assert "layer_balanced q=10 overlap: 1.0000" in out[-2]
+    # Two prompts sharing a prefix (the engine's shared-prefix path), every side side by side.
+    out = run_benchmark("kva_speed.py", "--model", "tiny_llama", "--prompts", "2", "--steps", "2",
+                        "--all-logits", capsys=capsys, monkeypatch=monkeypatch)
+    assert "layer_balanced q=10 overlap: 1.0000" in out[-3]
+    assert float(fields(out[-2])["kva_speedup_exact_vs_all_logits"]) > 0
+    assert float(re.search(r"same scores to (\S+)\)", out[-2]).group(1)) < CROSS_PATH_FP32
     last = fields(out[-1])
     # Float32 paths against their references: tests/support/tolerances.py.
     assert float(last["max_rel_err"]) < CROSS_PATH_FP32
@@ -110,14 +114,28 @@ def test_kva_speed_fast_paths_equal_their_references(capsys, monkeypatch):
 
 
 def test_kva_engine_then_now_loads_an_earlier_engine_beside_todays(capsys, monkeypatch):
-    # HEAD's engine taken from git history beside the imported one: the same code, the same
-    # scores (a clean clone's HEAD is the working tree).
+    # HEAD's engine taken from git history beside the imported one: the same code (a clean
+    # clone's HEAD is its working tree), the same scores. Two prompts share a prefix, so the
+    # shared-prefix path runs on both sides.
     out = run_benchmark("kva_engine_then_now.py", "--model", "tiny_llama", "--commit", "HEAD",
-                        "--prompts", "1", "--repeats", "1", "--steps", "2",
+                        "--prompts", "2", "--repeats", "1", "--steps", "2",
                         capsys=capsys, monkeypatch=monkeypatch)
     last = fields(out[-1])
-    assert float(last["max_rel_err"]) < CROSS_PATH_FP32
+    assert float(last["max_rel_err"]) == 0
     assert float(last["then_over_now_time"]) > 0
+
+
+def test_kva_engine_then_now_runs_the_engine_it_cites(capsys, monkeypatch):
+    """The default commit (the README's row) still runs on today's libraries, and its scores
+    are today's to float32 rounding."""
+    script = (ROOT / "benchmarks" / "kva_engine_then_now.py").read_text()
+    commit = re.search(r'BEFORE_EVERY_ARCHITECTURE = "(\w+)"', script).group(1)
+    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", commit],
+                      capture_output=True).returncode:
+        pytest.skip("a shallow clone: the commit is not in its history")
+    out = run_benchmark("kva_engine_then_now.py", "--model", "tiny_llama", "--prompts", "2",
+                        "--repeats", "1", "--steps", "2", capsys=capsys, monkeypatch=monkeypatch)
+    assert float(fields(out[-1])["max_rel_err"]) < CROSS_PATH_FP32
 
 
 def test_kva_speed_presets(capsys, monkeypatch):

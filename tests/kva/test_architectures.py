@@ -148,9 +148,9 @@ def test_some_layers_attributed_alone_equal_those_rows_of_all(model_type, scale_
 
 
 @pytest.mark.parametrize("scale_positions", ["all", "last"])
-def test_the_self_check_runs_only_the_layers_it_compares(scale_positions, monkeypatch):
-    """Its cost: the first layer's streams (through every later block) and the last's, not
-    every layer's (it compares only those two)."""
+def test_the_self_check_runs_only_the_streams_it_needs(scale_positions, monkeypatch):
+    """Its cost: the first layer's streams (through every later block), the second's (they
+    join the first's, as a group's streams do) and the last's, not every layer's."""
     model = tiny_decoder("llama")
     groups = []
     for name in ("_stream_last_tokens", "_last_position_streams"):
@@ -162,4 +162,11 @@ def test_the_self_check_runs_only_the_layers_it_compares(scale_positions, monkey
 
         monkeypatch.setattr(FastKVA, name, spy)
     fast = FastKVA(model, KVASettings(scale_positions=scale_positions))
-    assert len(fast.layers) == 4 and groups == [[0, 3]]
+    assert len(fast.layers) == 4 and groups == [[0, 1, 3]]
+
+
+@pytest.mark.parametrize("layers", [[3, 0], [0, 0], [-1], [4]])
+def test_layers_out_of_order_or_range_are_refused(layers, prompts):
+    fast = FastKVA(tiny_decoder("llama"), KVASettings(scale_positions="last"))
+    with pytest.raises(ValueError, match=r"layers=.*: expected increasing layer numbers in 0\.\.3"):
+        fast.attribute(prompts[0], layers=layers)
