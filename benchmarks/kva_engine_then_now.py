@@ -54,8 +54,12 @@ def engine_module_at(commit: str, into: Path, name: str = "loki_then"):
     git archive gives the files; the package is renamed (its imports of ``loki_exp`` too) so it
     does not shadow today's. Not a general loader: the earlier code must run on today's
     installed libraries."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "loki_exp"],
-                             capture_output=True, check=True).stdout
+    done = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "loki_exp"],
+                          capture_output=True)
+    if done.returncode:
+        raise SystemExit(f"--commit {commit!r}: expected a commit of this repository that has "
+                         f"loki_exp/ ({done.stderr.decode().strip()})")
+    archive = done.stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(into, filter="data")
     package = into / name

@@ -125,6 +125,13 @@ def test_kva_engine_then_now_loads_an_earlier_engine_beside_todays(capsys, monke
     assert float(last["then_over_now_time"]) > 0
 
 
+def test_kva_engine_then_now_names_a_bad_commit(capsys, monkeypatch):
+    with pytest.raises(SystemExit, match=r"--commit 'no-such-commit': expected a commit of this "
+                                         r"repository that has loki_exp/ \(.+\)"):
+        run_benchmark("kva_engine_then_now.py", "--model", "tiny_llama", "--commit",
+                      "no-such-commit", capsys=capsys, monkeypatch=monkeypatch)
+
+
 def test_kva_engine_then_now_runs_the_engine_it_cites(capsys, monkeypatch):
     """The default commit (the README's row) still runs on today's libraries, and its scores
     are today's to float32 rounding."""
