@@ -102,6 +102,8 @@ def test_kva_speed_fast_paths_equal_their_references(capsys, monkeypatch):
                         "--all-logits", capsys=capsys, monkeypatch=monkeypatch)
     assert "layer_balanced q=10 overlap: 1.0000" in out[-3]
     assert float(fields(out[-2])["kva_speedup_exact_vs_all_logits"]) > 0
+    # Every position's logits or the last one's: the same attribution in float32 through
+    # differently shaped matmuls, the case CROSS_PATH_FP32 bounds (tests/support/tolerances.py).
     assert float(re.search(r"same scores to (\S+)\)", out[-2]).group(1)) < CROSS_PATH_FP32
     last = fields(out[-1])
     # Float32 paths against their references: tests/support/tolerances.py.
@@ -121,6 +123,7 @@ def test_kva_engine_then_now_loads_an_earlier_engine_beside_todays(capsys, monke
                         "--prompts", "2", "--repeats", "1", "--steps", "2",
                         capsys=capsys, monkeypatch=monkeypatch)
     last = fields(out[-1])
+    # One code, one input, one process: the same kernels in the same order, bit for bit.
     assert float(last["max_rel_err"]) == 0
     assert float(last["then_over_now_time"]) > 0
 
@@ -142,6 +145,8 @@ def test_kva_engine_then_now_runs_the_engine_it_cites(capsys, monkeypatch):
         pytest.skip("a shallow clone: the commit is not in its history")
     out = run_benchmark("kva_engine_then_now.py", "--model", "tiny_llama", "--prompts", "2",
                         "--repeats", "1", "--steps", "2", capsys=capsys, monkeypatch=monkeypatch)
+    # Two implementations of one float32 computation (their batches may differ): the bound of
+    # tests/support/tolerances.py. On SmolLM2 they agreed bit for bit (README).
     assert float(fields(out[-1])["max_rel_err"]) < CROSS_PATH_FP32
 
 
